@@ -1,0 +1,1 @@
+"""Keras training package: config, input pipeline, model, losses, thresholds, training and prediction."""

@@ -1,0 +1,43 @@
+"""Packaging of the project: `schemas`, `pipelines` and `model`.
+
+Dataflow workers install the project from this file (`--setup_file ./setup.py`). Exact versions that are
+known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[test]`).
+"""
+
+import sys
+
+import setuptools
+
+if sys.version_info[:2] != (3, 11):
+    sys.exit(
+        f"This project needs Python 3.11 (TF 2.21 + Beam 2.77 + tf.Transform 1.21 are pinned for it); "
+        f"this is Python {sys.version.split()[0]}. Use e.g. `make setup PYTHON=python3.11`."
+    )
+
+REQUIRED = [
+    "apache-beam[gcp]>=2.77,<2.78",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-transform>=1.21,<1.22",
+    "numpy",
+    "pillow",
+    "scikit-multilearn",
+    "scikit-learn",
+    "matplotlib",
+]
+TEST = [
+    "pytest",
+    "hypothesis",
+    "ruff",
+    "iterative-stratification",
+    "gcp-storage-emulator",
+]
+
+setuptools.setup(
+    name="hpa-protein-localization",
+    version="0.1.0",
+    description="Beam preprocessing and Keras training for the Human Protein Atlas image classification task",
+    packages=setuptools.find_packages(include=["schemas", "schemas.*", "pipelines", "pipelines.*", "model", "model.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=REQUIRED,
+    extras_require={"test": TEST},
+)

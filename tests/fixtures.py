@@ -1,0 +1,76 @@
+"""Small datasets generated at test time: a few samples of tiny four-stain images in the competition's layout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+import schemas
+
+
+def stain_array(seed: int, size: int = 16) -> np.ndarray:
+    """A deterministic 8-bit grayscale image of `size` x `size`."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(size, size), dtype=np.uint8)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    """Encodes an array as PNG (mode `L` for uint8 2-D arrays unless given)."""
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG") if mode else Image.fromarray(array).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+def write_sample_images(
+    image_dir: str, sample_id: str, seed: int, size: int = 16, ext: str = "png"
+) -> dict[str, np.ndarray]:
+    """Writes `{image_dir}/{sample_id}_{stain}.{ext}` for the four stains; returns the arrays by stain."""
+    os.makedirs(image_dir, exist_ok=True)
+    arrays = {}
+    for k, stain in enumerate(schemas.STAINS):
+        arr = stain_array(seed * 10 + k, size)
+        arrays[stain] = arr
+        path = os.path.join(image_dir, f"{sample_id}_{stain}.{ext}")
+        fmt = {"png": "PNG", "jpg": "JPEG", "tif": "TIFF", "tiff": "TIFF"}[ext]
+        Image.fromarray(arr).save(path, format=fmt)
+    return arrays
+
+
+def write_labels_csv(path: str, rows: list[tuple[str, str]], header=(schemas.CSV_ID, schemas.CSV_TARGET)) -> None:
+    """Writes a label file of (Id, Target) rows."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def make_dataset(
+    root: str,
+    num_samples: int = 12,
+    size: int = 16,
+    seed: int = 0,
+    prefix: str = "s",
+    ext: str = "png",
+) -> tuple[str, str, dict[str, list[int]]]:
+    """Writes a labeled dataset: `{root}/train/` images and `{root}/train.csv`.
+
+    Labels cycle through all 28 classes (1-3 per sample). Returns (labels_csv, input_dir, {id: labels}).
+    """
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(root, "train")
+    labels: dict[str, list[int]] = {}
+    for i in range(num_samples):
+        sid = f"{prefix}{i:04d}"
+        k = int(rng.integers(1, 4))
+        labs = sorted({i % schemas.NUM_CLASSES, *rng.choice(schemas.NUM_CLASSES, size=k - 1, replace=False).tolist()})
+        labels[sid] = labs
+        write_sample_images(image_dir, sid, seed=seed * 1000 + i, size=size, ext=ext)
+    csv_path = os.path.join(root, "train.csv")
+    write_labels_csv(csv_path, [(sid, " ".join(map(str, labs))) for sid, labs in labels.items()])
+    return csv_path, image_dir, labels
