@@ -1,0 +1,164 @@
+"""Validation of one sample's four stain images: pure PIL/numpy, no Beam or TF.
+
+`validate_stains` takes the raw bytes of the four stain files of one sample and either returns what the
+record needs (bytes to store, size, pixel statistics) or raises `Rejected` with a reason code that ends up
+in rejected.csv and the manifest.
+
+Policy:
+- PNG and JPEG streams of 8-bit single-channel images are stored untouched (no re-encode: smallest and
+  cheapest, see FACTS.md) unless a resize is asked for.
+- Other modes are converted to 8-bit single channel unless `strict_modes`: RGB/RGBA take the per-pixel
+  maximum over colour channels (lossless for gray stored as RGB and for the atlas' colour-coded single-stain
+  downloads), 16-bit and 32-bit integer images are scaled to 0..255 (x / 257), palette images are expanded.
+  Converted or resized stains are re-encoded as PNG. TIFF is always re-encoded as PNG (TensorFlow cannot
+  decode TIFF). Every conversion is counted by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+import schemas
+
+# Reason codes of rejected samples (rejected.csv `reason` column).
+MISSING_STAIN = "missing_stain"
+EMPTY_IMAGE = "empty_image"
+CORRUPT_IMAGE = "corrupt_image"
+SIZE_MISMATCH = "size_mismatch"
+UNSUPPORTED_MODE = "unsupported_mode"
+TOO_SMALL = "image_too_small"
+
+# Formats stored as they are (TensorFlow's decode_image reads them).
+_KEEP_FORMATS = {"PNG", "JPEG"}
+_MIN_SIDE = 8
+
+
+class Rejected(Exception):
+    """A sample that cannot be written; `reason` is a short code, `detail` says what was wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidStains:
+    """What a record needs from one sample's stains.
+
+    Attributes:
+      images: bytes to store per stain (the source stream or a PNG re-encoding).
+      height, width: pixel size of the stored images.
+      mean, sq_mean: per-stain mean and mean of squares of the stored pixels, in schemas.STAINS order.
+      conversions: per-stain notes of what was converted (`"rgb"`, `"16bit"`, `"tiff"`, `"resized"`, ...).
+    """
+
+    images: dict[str, bytes]
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    sq_mean: tuple[float, ...]
+    conversions: tuple[str, ...]
+
+
+def _decode(stain: str, data: bytes) -> tuple[Image.Image, str]:
+    if not data:
+        raise Rejected(EMPTY_IMAGE, f"{stain} stain file is empty")
+    try:
+        # PIL warns above ~89 MP and refuses above ~179 MP (decompression bombs); full-size HPA images are
+        # 2048x2048 or 3072x3072, far below: treat the warning as an error too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # forces a full decode: truncated or corrupt streams fail here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Rejected(CORRUPT_IMAGE, f"{stain} stain cannot be decoded: {e}") from None
+    return img, img.format or "?"
+
+
+def _to_gray8(stain: str, img: Image.Image, strict: bool) -> tuple[np.ndarray, str]:
+    """Returns the 8-bit single-channel pixels and a conversion note ('' when none was needed)."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8), ""
+    if strict:
+        raise Rejected(UNSUPPORTED_MODE, f"{stain} stain has mode {mode}, expected 8-bit grayscale (L)")
+    if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LA", "P", "PA"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return rgb.max(axis=2), "rgb" if mode != "P" else "palette"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise Rejected(UNSUPPORTED_MODE, f"{stain} stain has {mode} values outside 0..65535")
+        return ((arr * 255 + 32767) // 65535).astype(np.uint8), "16bit"
+    if mode == "1":
+        return (np.asarray(img, dtype=np.uint8) * 255).astype(np.uint8), "1bit"
+    raise Rejected(UNSUPPORTED_MODE, f"{stain} stain has unsupported mode {mode}")
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Encodes 8-bit grayscale pixels as PNG (deterministic for the same pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resizes 8-bit grayscale pixels to size x size with area averaging (box filter) when shrinking."""
+    img = Image.fromarray(pixels, mode="L")
+    method = Image.Resampling.BOX if size < max(pixels.shape) else Image.Resampling.BILINEAR
+    return np.asarray(img.resize((size, size), method), dtype=np.uint8)
+
+
+def validate_stains(
+    data: dict[str, bytes], image_size: int | None = None, strict_modes: bool = False
+) -> ValidStains:
+    """Checks and prepares the four stains of one sample.
+
+    Args:
+      data: raw file bytes per stain name (all of schemas.STAINS).
+      image_size: if set, resize every stain to image_size x image_size (re-encoded as PNG).
+      strict_modes: reject instead of converting stains that are not 8-bit single channel.
+
+    Returns:
+      ValidStains.
+
+    Raises:
+      Rejected: a stain is missing, empty, corrupt, of an unsupported mode, or the stains differ in size.
+    """
+    missing = [s for s in schemas.STAINS if s not in data]
+    if missing:
+        raise Rejected(MISSING_STAIN, f"no file for stain(s) {', '.join(missing)}")
+    decoded = {}
+    for stain in schemas.STAINS:
+        img, fmt = _decode(stain, data[stain])
+        pixels, note = _to_gray8(stain, img, strict_modes)
+        if fmt not in _KEEP_FORMATS:
+            note = note or fmt.lower()
+        decoded[stain] = (pixels, note)
+    sizes = {s: p.shape for s, (p, _) in decoded.items()}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{s} {w}x{h}" for s, (h, w) in sizes.items())
+        raise Rejected(SIZE_MISMATCH, f"stains differ in size: {detail}")
+    height, width = next(iter(sizes.values()))
+    if min(height, width) < _MIN_SIDE:
+        raise Rejected(TOO_SMALL, f"stains are {width}x{height}, smaller than {_MIN_SIDE}x{_MIN_SIDE}")
+
+    images, means, sq_means, notes = {}, [], [], []
+    for stain in schemas.STAINS:
+        pixels, note = decoded[stain]
+        if image_size is not None and (height, width) != (image_size, image_size):
+            pixels = resize(pixels, image_size)
+            note = "+".join(filter(None, [note, "resized"]))
+        images[stain] = encode_png(pixels) if note else data[stain]
+        p = pixels.astype(np.float64)
+        means.append(float(p.mean()))
+        sq_means.append(float(np.mean(p * p)))
+        notes.append(note)
+    out_h, out_w = (image_size, image_size) if image_size is not None else (height, width)
+    return ValidStains(images, out_h, out_w, tuple(means), tuple(sq_means), tuple(notes))
