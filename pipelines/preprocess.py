@@ -205,8 +205,9 @@ def _join_files(item):
     rows = list(grouped["rows"])
     files = list(grouped["files"])
     if not rows:
-        beam.metrics.Metrics.counter("preprocess", "unlisted_images").inc()
-        yield beam.pvalue.TaggedOutput("unlisted", (source, sample_id))
+        if not list(grouped["listed"]):  # images whose Id has no row at all (a rejected row is no reason)
+            beam.metrics.Metrics.counter("preprocess", "unlisted_images").inc()
+            yield beam.pvalue.TaggedOutput("unlisted", (source, sample_id))
         return
     (row,) = rows  # DropDuplicateIds left one row per Id
     by_stain: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
@@ -233,13 +234,21 @@ def _key_by_source_id(row: labels_lib.CheckedRow):
     return (row.source, row.id), row
 
 
+def _listed_key(row: labels_lib.LabelRow):
+    return (row.source, row.id), None
+
+
 @beam.ptransform_fn
-def MatchFiles(rows_and_files):  # noqa: N802
-    """(rows, files) -> Candidate per row with all four stains; `rejected` (missing stain), `unlisted`."""
-    rows, files = rows_and_files
+def MatchFiles(inputs):  # noqa: N802
+    """(usable rows, all label rows, files) -> Candidate per usable row with all four stains.
+
+    Side outputs: `rejected` (a stain is missing) and `unlisted` (image files whose Id has no label row).
+    """
+    rows, all_rows, files = inputs
     keyed_rows = rows | "KeyBySourceId" >> beam.Map(_key_by_source_id)
+    listed = all_rows | "KeyListed" >> beam.Map(_listed_key)
     return (
-        {"rows": keyed_rows, "files": files}
+        {"rows": keyed_rows, "listed": listed, "files": files}
         | "JoinById" >> beam.CoGroupByKey()
         | "Join" >> beam.FlatMap(_join_files).with_outputs("rejected", "unlisted", main="candidates")
     )
@@ -579,7 +588,7 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, wor
     checked = rows | "CheckRows" >> CheckRows()
     unique = checked.valid | "DropDuplicateIds" >> DropDuplicateIds()
     files = file_parts | "AllFiles" >> beam.Flatten()
-    matched = (unique.unique, files) | "MatchFiles" >> MatchFiles()
+    matched = (unique.unique, rows, files) | "MatchFiles" >> MatchFiles()
     fold_of = matched.candidates | "AssignFolds" >> AssignFolds(cfg.num_folds, cfg.seed, cfg.fold_order, groups)
     byte_scale = 1.0
     if cfg.image_size:  # written PNGs scale with pixel count; planned from the competition's 512 px

@@ -1,0 +1,59 @@
+"""Label files and row checks (pipelines.labels)."""
+
+import pytest
+
+from pipelines import labels
+
+
+def test_parse_labeled_and_unlabeled_tables():
+    rows = labels.parse_label_table("Id,Target\na,0 25\nb,3\n\n", "train", "/in")
+    assert [(r.id, r.target, r.line) for r in rows] == [("a", "0 25", 2), ("b", "3", 3)]
+    rows = labels.parse_label_table("\ufeffId,Predicted\nx,\ny,0\n", "test", "/in")
+    assert [(r.id, r.target) for r in rows] == [("x", None), ("y", None)]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("", "empty"), ("   \n", "empty"), ("Name,Target\na,1\n", "no `Id`"), ("Id,Label\na,1\n", "neither"),
+     ("Id,Target\n", "no rows")],
+)
+def test_bad_tables_raise_before_work(text, match):
+    with pytest.raises(labels.LabelFileError, match=match):
+        labels.parse_label_table(text, "s", "/in")
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/x", "a/b", "a\\b", "..", ".hidden", "", "a b", "x\0y", "a..b"])
+def test_hostile_ids_rejected(bad):
+    with pytest.raises(labels.RowRejected) as e:
+        labels.check_id(bad)
+    assert e.value.reason == labels.BAD_ID
+
+
+@pytest.mark.parametrize("good", ["00070df0-bbc3-11e8-b2bc-ac1f6b6435d0", "10580_1610_C1_1", "s0001", "a.b"])
+def test_plain_ids_accepted(good):
+    labels.check_id(good)
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [("", labels.MALFORMED_TARGET), ("a b", labels.MALFORMED_TARGET), ("1,2", labels.MALFORMED_TARGET),
+     ("28", labels.LABEL_OUT_OF_RANGE), ("-1", labels.LABEL_OUT_OF_RANGE), ("0 99", labels.LABEL_OUT_OF_RANGE)],
+)
+def test_bad_targets(target, reason):
+    with pytest.raises(labels.RowRejected) as e:
+        labels.parse_target(target)
+    assert e.value.reason == reason
+
+
+def test_parse_target_sorts_and_dedupes():
+    assert labels.parse_target(" 25  0 25 ") == (0, 25)
+
+
+def test_duplicates_resolved_independently_of_order():
+    a = labels.CheckedRow("train", "/in", "x", (1,), True)
+    b = labels.CheckedRow("train", "/in", "x", (2,), True)
+    kept, rejected = labels.resolve_duplicates([a, a, a])
+    assert kept == a and len(rejected) == 2
+    for order in ([a, b], [b, a]):
+        kept, rejected = labels.resolve_duplicates(order)
+        assert kept is None and len(rejected) == 2
