@@ -29,10 +29,11 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from importlib import metadata
@@ -139,7 +140,9 @@ def _resolve_duplicates(item):
     kept, rejected = labels_lib.resolve_duplicates(sorted(rows, key=lambda r: (r.source, r.labels)))
     for row, detail in rejected:
         beam.metrics.Metrics.counter("preprocess", f"rejected_{labels_lib.DUPLICATE_ID}").inc()
-        yield beam.pvalue.TaggedOutput("rejected", _rejection(row.source, row.id, labels_lib.DUPLICATE_ID, detail))
+        yield beam.pvalue.TaggedOutput(
+            "rejected", _rejection(row.source, row.id, labels_lib.DUPLICATE_ID, detail)
+        )
     if kept is not None:
         yield kept
 
@@ -217,7 +220,9 @@ def _join_files(item):
     if missing:
         beam.metrics.Metrics.counter("preprocess", f"rejected_{stains_lib.MISSING_STAIN}").inc()
         detail = f"no {', '.join(missing)} file for Id {sample_id!r} in {row.input_dir}"
-        yield beam.pvalue.TaggedOutput("rejected", _rejection(source, sample_id, stains_lib.MISSING_STAIN, detail))
+        yield beam.pvalue.TaggedOutput(
+            "rejected", _rejection(source, sample_id, stains_lib.MISSING_STAIN, detail)
+        )
         return
     chosen = [min(by_stain[s], key=lambda f: (_EXTENSIONS.index(f[0]), f[1])) for s in schemas.STAINS]
     yield Candidate(
@@ -298,7 +303,11 @@ def AssignFolds(candidates, num_folds: int, seed: int, order: int = 2, groups=No
 
 
 def plan_fold_shards(
-    fold: int, samples: Iterable[Candidate], shard_bytes: float, num_shards: int | None, byte_scale: float = 1.0
+    fold: int,
+    samples: Iterable[Candidate],
+    shard_bytes: float,
+    num_shards: int | None,
+    byte_scale: float = 1.0,
 ) -> list[ShardSpec]:
     """Cuts one fold's samples (sorted by Id) into contiguous shards of about `shard_bytes` each.
 
@@ -318,10 +327,7 @@ def plan_fold_shards(
     n = min(n, len(ordered))
     mid = np.cumsum(sizes) - sizes / 2  # each sample goes where its middle byte falls
     index = np.minimum((mid * n / max(total, 1e-9)).astype(np.int64), n - 1)
-    return [
-        ShardSpec(fold, i, n, tuple(s for s, k in zip(ordered, index) if k == i))
-        for i in range(n)
-    ]
+    return [ShardSpec(fold, i, n, tuple(s for s, k in zip(ordered, index) if k == i)) for i in range(n)]
 
 
 class _PlanFn(beam.DoFn):
@@ -483,7 +489,9 @@ def StainStatistics(stats, transform_dir: str, temp_dir: str):  # noqa: N802
     import tensorflow_transform.beam as tft_beam
 
     with tft_beam.Context(temp_dir=temp_dir):
-        transform_fn = (stats, _stats_metadata()) | "Analyze" >> tft_beam.AnalyzeDataset(stats_preprocessing_fn)
+        transform_fn = (stats, _stats_metadata()) | "Analyze" >> tft_beam.AnalyzeDataset(
+            stats_preprocessing_fn
+        )
         return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_dir)
 
 
@@ -567,7 +575,8 @@ def Summarise(pbegin, written, rejected, unlisted, summary_path, rejected_path, 
     return (
         pbegin
         | "Once" >> beam.Create([None])
-        | "Write" >> beam.ParDo(
+        | "Write"
+        >> beam.ParDo(
             _SummaryFn(summary_path, rejected_path, num_folds), side(written), side(rejected), side(unlisted)
         )
     )
@@ -577,9 +586,11 @@ def Summarise(pbegin, written, rejected, unlisted, summary_path, rejected_path, 
 # The job
 
 
-def build_pipeline(p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, work_dir: str, progress_dir):
-    """Wires the job's transforms into `p`. Returns nothing; outputs land in work_dir."""
-    rejected_parts, unique_parts, file_parts = [], [], []
+def build_pipeline(
+    p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, work_dir: str, stats_dir: str, progress_dir
+):
+    """Wires the job's transforms into `p`. Outputs land in work_dir, tf.Transform's in stats_dir."""
+    file_parts = []
     all_rows = []
     for source, input_dir, rows in rows_by_source:
         all_rows.append(p | f"ReadLabels[{source}]" >> beam.Create(rows, reshuffle=False))
@@ -589,7 +600,9 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, wor
     unique = checked.valid | "DropDuplicateIds" >> DropDuplicateIds()
     files = file_parts | "AllFiles" >> beam.Flatten()
     matched = (unique.unique, rows, files) | "MatchFiles" >> MatchFiles()
-    fold_of = matched.candidates | "AssignFolds" >> AssignFolds(cfg.num_folds, cfg.seed, cfg.fold_order, groups)
+    fold_of = matched.candidates | "AssignFolds" >> AssignFolds(
+        cfg.num_folds, cfg.seed, cfg.fold_order, groups
+    )
     byte_scale = 1.0
     if cfg.image_size:  # written PNGs scale with pixel count; planned from the competition's 512 px
         byte_scale = min(1.0, (cfg.image_size / _REFERENCE_SIDE) ** 2)
@@ -600,7 +613,7 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, wor
         posixpath.join(work_dir, schemas.TFRECORD_DIR), cfg.image_size, cfg.strict_modes, progress_dir
     )
     _ = written.stats | "StainStatistics" >> StainStatistics(
-        posixpath.join(work_dir, schemas.TRANSFORM_DIR), posixpath.join(work_dir, "tft_tmp")
+        posixpath.join(stats_dir, schemas.TRANSFORM_DIR), posixpath.join(stats_dir, "tft_tmp")
     )
     rejected_parts = [checked.rejected, unique.rejected, matched.rejected, written.rejected]
     rejected = rejected_parts | "AllRejected" >> beam.Flatten()
@@ -622,27 +635,54 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         "Any Beam option (--runner DataflowRunner --project P --region R --temp_location gs://...) passes "
         "through.",
     )
-    parser.add_argument("--labels_csv", action="append", required=True,
-                        help="Id,Target label file (or Id,Predicted for an unlabeled set); repeat with "
-                        "--input_dir to combine sets")
-    parser.add_argument("--input_dir", action="append", required=True,
-                        help="folder of {Id}_{red,green,blue,yellow}.{png,jpg,tif} files; one per --labels_csv")
-    parser.add_argument("--source", action="append", default=None,
-                        help="name of each set in the records (default: the label file's name)")
+    parser.add_argument(
+        "--labels_csv",
+        action="append",
+        required=True,
+        help="Id,Target label file (or Id,Predicted for an unlabeled set); repeat with "
+        "--input_dir to combine sets",
+    )
+    parser.add_argument(
+        "--input_dir",
+        action="append",
+        required=True,
+        help="folder of {Id}_{red,green,blue,yellow}.{png,jpg,tif} files; one per --labels_csv",
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        help="name of each set in the records (default: the label file's name)",
+    )
     parser.add_argument("--output_dir", required=True, help="where tfrecords/, manifest.json etc. go")
     parser.add_argument("--num_folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    parser.add_argument("--fold_order", type=int, default=2, choices=(1, 2),
-                        help="stratify on labels (1) or label pairs too (2, default)")
-    parser.add_argument("--groups_csv", default=None,
-                        help="Id,Group file: samples of one group land in one fold (e.g. near-duplicates)")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="resize every stain to N x N (re-encoded as PNG); default: keep source bytes")
+    parser.add_argument(
+        "--fold_order",
+        type=int,
+        default=2,
+        choices=(1, 2),
+        help="stratify on labels (1) or label pairs too (2, default)",
+    )
+    parser.add_argument(
+        "--groups_csv",
+        default=None,
+        help="Id,Group file: samples of one group land in one fold (e.g. near-duplicates)",
+    )
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="resize every stain to N x N (re-encoded as PNG); default: keep source bytes",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard_mb", type=float, default=150.0, help="target shard size in MB (default 150)")
     size.add_argument("--num_shards", type=int, default=None, help="exact number of shards per fold")
-    parser.add_argument("--strict_modes", action="store_true",
-                        help="reject stains that are not 8-bit grayscale instead of converting them")
+    parser.add_argument(
+        "--strict_modes",
+        action="store_true",
+        help="reject stains that are not 8-bit grayscale instead of converting them",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output_dir")
     parser.add_argument("--progress_seconds", type=float, default=10.0, help="progress print interval")
     args, beam_args = parser.parse_known_args(argv)
@@ -652,7 +692,9 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     if sources and len(sources) != len(args.labels_csv):
         parser.error("give one --source per --labels_csv, or none")
     if not sources:
-        stems = [posixpath.splitext(posixpath.basename(p.rstrip("/")))[0] or "labels" for p in args.labels_csv]
+        stems = [
+            posixpath.splitext(posixpath.basename(p.rstrip("/")))[0] or "labels" for p in args.labels_csv
+        ]
         sources = [s if stems.count(s) == 1 else f"{s}{i}" for i, s in enumerate(stems)]
     if len(set(sources)) != len(sources):
         parser.error(f"source names must differ: {sources}")
@@ -712,7 +754,7 @@ def _exists_dataset(output_dir: str) -> bool:
 
 
 def _list_files(root: str) -> list[str]:
-    if not FileSystems.exists(root):
+    if "://" not in root and not os.path.isdir(root):  # object stores have prefixes, not directories
         return []
     return sorted(m.path for m in FileSystems.match([posixpath.join(root, "**")])[0].metadata_list)
 
@@ -727,6 +769,18 @@ def _move_tree(src: str, dst: str) -> None:
             os.makedirs(parent, exist_ok=True)
     if files:
         FileSystems.rename(files, targets)
+
+
+def _upload_tree(src: str, dst: str) -> None:
+    """Copies a local folder's files to dst through Beam's FileSystems (any scheme, e.g. gs://)."""
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            local = os.path.join(dirpath, name)
+            target = posixpath.join(dst, os.path.relpath(local, src).replace(os.sep, "/"))
+            if "://" not in target:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(local, "rb") as f_in, FileSystems.create(target) as f_out:
+                shutil.copyfileobj(f_in, f_out)
 
 
 def _delete(path: str) -> None:
@@ -751,7 +805,9 @@ def _pipeline_options(beam_args: list[str], cfg: JobConfig) -> tuple[PipelineOpt
     else:
         setup = options.view_as(SetupOptions)
         if not setup.setup_file:
-            setup.setup_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+            setup.setup_file = os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
+            )
     return options, local
 
 
@@ -815,12 +871,14 @@ def run(argv: list[str] | None = None):
     t0 = time.time()
     out = cfg.output_dir
     if _exists_dataset(out) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite")
+        raise FileExistsError(
+            f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite"
+        )
     rows_by_source = []
     input_rows = 0
     for csv_path, input_dir, source in zip(cfg.labels_csv, cfg.input_dir, cfg.sources):
         rows = labels_lib.parse_label_table(_read_text(csv_path, "label file"), source, input_dir, csv_path)
-        if not FileSystems.match([posixpath.join(input_dir, "*")])[0].metadata_list:
+        if not FileSystems.match([posixpath.join(input_dir, "*")], limits=[1])[0].metadata_list:
             raise FileNotFoundError(f"input folder {input_dir} holds no files (or does not exist)")
         rows_by_source.append((source, input_dir, rows))
         input_rows += len(rows)
@@ -829,85 +887,107 @@ def run(argv: list[str] | None = None):
     work = posixpath.join(out, INCOMPLETE_DIR)
     _delete(work)  # leftovers of a failed run
     options, local = _pipeline_options(beam_args, cfg)
-    progress_dir = None
-    if local:
-        progress_dir = os.path.join(work if "://" not in work else "/tmp", _PROGRESS_DIR)
-        os.makedirs(progress_dir, exist_ok=True)
+    # Local runs keep progress files and the tf.Transform output (which TensorFlow's own file system writes)
+    # in a local staging folder and upload the output at the end; remote workers write it in place.
+    stage = tempfile.mkdtemp(prefix="hpa-preprocess-") if local else None
+    progress_dir = os.path.join(stage, _PROGRESS_DIR) if local else None
+    if progress_dir:
+        os.makedirs(progress_dir)
+    stats_dir = stage if local else work
+    transform_dir = posixpath.join(stats_dir, schemas.TRANSFORM_DIR)
     print(
         f"preprocess: {input_rows} label rows from {len(rows_by_source)} set(s) -> {out} "
         f"({cfg.num_folds} folds, seed {cfg.seed}, image size {cfg.image_size or 'as is'})",
         file=sys.stderr,
         flush=True,
     )
-    p = beam.Pipeline(options=options)
-    build_pipeline(p, cfg, rows_by_source, groups, work, progress_dir)
-    if local:
-        with _Progress(progress_dir, input_rows, cfg.progress_seconds):
+    try:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, cfg, rows_by_source, groups, work, stats_dir, progress_dir)
+        if local:
+            with _Progress(progress_dir, input_rows, cfg.progress_seconds):
+                result = p.run()
+                result.wait_until_finish()
+        else:
             result = p.run()
             result.wait_until_finish()
-    else:
-        result = p.run()
-        result.wait_until_finish()
 
-    with FileSystems.open(posixpath.join(work, _SUMMARY_FILE)) as f:
-        summary = json.loads(f.read().decode("utf-8"))
-    accounted = summary["written"] + summary["rejected"]
-    if accounted != input_rows:
-        raise RuntimeError(
-            f"invariant broken: {summary['written']} written + {summary['rejected']} rejected != {input_rows} "
-            f"input rows; output left in {work}"
-        )
-    if len(summary["image_sizes"]) > 1:
-        raise ValueError(
-            f"the written samples differ in size ({summary['image_sizes']}); pass --image_size to resize "
-            f"them to one size. Output left in {work}"
-        )
-    if summary["written"] == 0:
-        raise ValueError(f"no sample could be written (all {input_rows} rejected: see {work}/{schemas.REJECTED_FILE})")
-    stain_stats = read_stain_stats(posixpath.join(work, schemas.TRANSFORM_DIR))
-    (size_str,) = summary["image_sizes"]
-    height, width = (int(v) for v in size_str.split("x"))
+        with FileSystems.open(posixpath.join(work, _SUMMARY_FILE)) as f:
+            summary = json.loads(f.read().decode("utf-8"))
+        accounted = summary["written"] + summary["rejected"]
+        if accounted != input_rows:
+            raise RuntimeError(
+                f"invariant broken: {summary['written']} written + {summary['rejected']} rejected "
+                f"!= {input_rows} input rows; output left in {work}"
+            )
+        if len(summary["image_sizes"]) > 1:
+            raise ValueError(
+                f"the written samples differ in size ({summary['image_sizes']}); pass --image_size to resize "
+                f"them to one size. Output left in {work}"
+            )
+        if summary["written"] == 0:
+            raise ValueError(
+                f"no sample could be written (all {input_rows} rejected: see {work}/{schemas.REJECTED_FILE})"
+            )
+        stain_stats = read_stain_stats(transform_dir)
+        (size_str,) = summary["image_sizes"]
+        height, width = (int(v) for v in size_str.split("x"))
 
-    # Publish: old dataset out (only with --overwrite, checked above), new one in, manifest last.
-    for name in (schemas.MANIFEST_FILE, schemas.TFRECORD_DIR, schemas.TRANSFORM_DIR, schemas.REJECTED_FILE):
-        _delete(posixpath.join(out, name))
-    _move_tree(posixpath.join(work, schemas.TFRECORD_DIR), posixpath.join(out, schemas.TFRECORD_DIR))
-    _move_tree(posixpath.join(work, schemas.TRANSFORM_DIR), posixpath.join(out, schemas.TRANSFORM_DIR))
-    FileSystems.rename([posixpath.join(work, schemas.REJECTED_FILE)], [posixpath.join(out, schemas.REJECTED_FILE)])
-    shards = sorted(posixpath.basename(f) for f in _list_files(posixpath.join(out, schemas.TFRECORD_DIR)))
-    manifest = {
-        schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
-        schemas.MANIFEST_IMAGE_SIZE: [height, width],
-        schemas.MANIFEST_NUM_FOLDS: cfg.num_folds,
-        schemas.MANIFEST_WRITTEN: summary["written_per_fold"],
-        schemas.MANIFEST_STAIN_STATS: stain_stats,
-        "stains": list(schemas.STAINS),
-        "class_names": list(schemas.CLASS_NAMES),
-        "input_rows": input_rows,
-        "input_rows_per_source": {s: len(r) for s, _, r in rows_by_source},
-        "written": summary["written"],
-        "rejected": summary["rejected"],
-        "rejected_per_reason": summary["rejected_per_reason"],
-        "unlisted_images": summary["unlisted_images"],
-        "unlisted_examples": summary["unlisted_examples"],
-        "converted_stains": summary["conversions"],
-        "class_counts_per_fold": summary["class_counts_per_fold"],
-        "fold_quality": summary["fold_quality"],
-        "shards": shards,
-        "arguments": dataclasses.asdict(cfg),
-        "beam_args": beam_args,
-        "package_versions": _versions(),
-        "wall_time_s": round(time.time() - t0, 2),
-    }
-    with FileSystems.create(posixpath.join(out, schemas.MANIFEST_FILE)) as f:
-        f.write(json.dumps(manifest, indent=1).encode("utf-8"))
-    _delete(work)
+        # Publish: old dataset out (only with --overwrite, checked above), new one in, manifest last.
+        for name in (
+            schemas.MANIFEST_FILE,
+            schemas.TFRECORD_DIR,
+            schemas.TRANSFORM_DIR,
+            schemas.REJECTED_FILE,
+        ):
+            _delete(posixpath.join(out, name))
+        _move_tree(posixpath.join(work, schemas.TFRECORD_DIR), posixpath.join(out, schemas.TFRECORD_DIR))
+        if local:
+            _upload_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
+        else:
+            _move_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
+        FileSystems.rename(
+            [posixpath.join(work, schemas.REJECTED_FILE)], [posixpath.join(out, schemas.REJECTED_FILE)]
+        )
+        shards = sorted(posixpath.basename(f) for f in _list_files(posixpath.join(out, schemas.TFRECORD_DIR)))
+        manifest = {
+            schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
+            schemas.MANIFEST_IMAGE_SIZE: [height, width],
+            schemas.MANIFEST_NUM_FOLDS: cfg.num_folds,
+            schemas.MANIFEST_WRITTEN: summary["written_per_fold"],
+            schemas.MANIFEST_STAIN_STATS: stain_stats,
+            "stains": list(schemas.STAINS),
+            "class_names": list(schemas.CLASS_NAMES),
+            "input_rows": input_rows,
+            "input_rows_per_source": {s: len(r) for s, _, r in rows_by_source},
+            "written": summary["written"],
+            "rejected": summary["rejected"],
+            "rejected_per_reason": summary["rejected_per_reason"],
+            "unlisted_images": summary["unlisted_images"],
+            "unlisted_examples": summary["unlisted_examples"],
+            "converted_stains": summary["conversions"],
+            "class_counts_per_fold": summary["class_counts_per_fold"],
+            "fold_quality": summary["fold_quality"],
+            "shards": shards,
+            "arguments": dataclasses.asdict(cfg),
+            "beam_args": beam_args,
+            "package_versions": _versions(),
+            "wall_time_s": round(time.time() - t0, 2),
+        }
+        with FileSystems.create(posixpath.join(out, schemas.MANIFEST_FILE)) as f:
+            f.write(json.dumps(manifest, indent=1).encode("utf-8"))
+        _delete(work)
+    finally:
+        if stage:
+            shutil.rmtree(stage, ignore_errors=True)
     rate = input_rows / max(manifest["wall_time_s"], 1e-9)
     print(
-        f"preprocess: done in {manifest['wall_time_s']:.1f} s ({rate:.1f} samples/s): {summary['written']} written "
-        f"{summary['written_per_fold']}, {summary['rejected']} rejected {summary['rejected_per_reason']}, "
+        f"preprocess: done in {manifest['wall_time_s']:.1f} s ({rate:.1f} samples/s): "
+        f"{summary['written']} written {summary['written_per_fold']}, "
+        f"{summary['rejected']} rejected {summary['rejected_per_reason']}, "
         f"{sum(summary['unlisted_images'].values())} unlisted image sets; stain mean "
-        f"{[round(v, 2) for v in stain_stats['mean']]} std {[round(v, 2) for v in stain_stats['std']]} -> {out}",
+        f"{[round(v, 2) for v in stain_stats['mean']]} std {[round(v, 2) for v in stain_stats['std']]} "
+        f"-> {out}",
         file=sys.stderr,
         flush=True,
     )

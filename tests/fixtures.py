@@ -1,4 +1,4 @@
-"""Small datasets generated at test time: a few samples of tiny four-stain images in the competition's layout."""
+"""Small datasets generated at test time: a few tiny four-stain samples in the competition's layout."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def write_sample_images(
     return arrays
 
 
-def write_labels_csv(path: str, rows: list[tuple[str, str]], header=(schemas.CSV_ID, schemas.CSV_TARGET)) -> None:
+def write_labels_csv(
+    path: str, rows: list[tuple[str, str]], header=(schemas.CSV_ID, schemas.CSV_TARGET)
+) -> None:
     """Writes a label file of (Id, Target) rows."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -68,7 +70,9 @@ def make_dataset(
     for i in range(num_samples):
         sid = f"{prefix}{i:04d}"
         k = int(rng.integers(1, 4))
-        labs = sorted({i % schemas.NUM_CLASSES, *rng.choice(schemas.NUM_CLASSES, size=k - 1, replace=False).tolist()})
+        labs = sorted(
+            {i % schemas.NUM_CLASSES, *rng.choice(schemas.NUM_CLASSES, size=k - 1, replace=False).tolist()}
+        )
         labels[sid] = labs
         write_sample_images(image_dir, sid, seed=seed * 1000 + i, size=size, ext=ext)
     csv_path = os.path.join(root, "train.csv")

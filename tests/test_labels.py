@@ -14,8 +14,13 @@ def test_parse_labeled_and_unlabeled_tables():
 
 @pytest.mark.parametrize(
     "text, match",
-    [("", "empty"), ("   \n", "empty"), ("Name,Target\na,1\n", "no `Id`"), ("Id,Label\na,1\n", "neither"),
-     ("Id,Target\n", "no rows")],
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("Name,Target\na,1\n", "no `Id`"),
+        ("Id,Label\na,1\n", "neither"),
+        ("Id,Target\n", "no rows"),
+    ],
 )
 def test_bad_tables_raise_before_work(text, match):
     with pytest.raises(labels.LabelFileError, match=match):
@@ -36,8 +41,14 @@ def test_plain_ids_accepted(good):
 
 @pytest.mark.parametrize(
     "target, reason",
-    [("", labels.MALFORMED_TARGET), ("a b", labels.MALFORMED_TARGET), ("1,2", labels.MALFORMED_TARGET),
-     ("28", labels.LABEL_OUT_OF_RANGE), ("-1", labels.LABEL_OUT_OF_RANGE), ("0 99", labels.LABEL_OUT_OF_RANGE)],
+    [
+        ("", labels.MALFORMED_TARGET),
+        ("a b", labels.MALFORMED_TARGET),
+        ("1,2", labels.MALFORMED_TARGET),
+        ("28", labels.LABEL_OUT_OF_RANGE),
+        ("-1", labels.LABEL_OUT_OF_RANGE),
+        ("0 99", labels.LABEL_OUT_OF_RANGE),
+    ],
 )
 def test_bad_targets(target, reason):
     with pytest.raises(labels.RowRejected) as e:

@@ -27,8 +27,18 @@ IN_PROCESS = ["--direct_num_workers", "1"]  # faster start for tests; one test r
 
 def _run(csv_path, input_dir, out, *extra):
     return preprocess.run(
-        ["--labels_csv", csv_path, "--input_dir", input_dir, "--output_dir", out, "--progress_seconds", "1",
-         *IN_PROCESS, *extra]
+        [
+            "--labels_csv",
+            csv_path,
+            "--input_dir",
+            input_dir,
+            "--output_dir",
+            out,
+            "--progress_seconds",
+            "1",
+            *IN_PROCESS,
+            *extra,
+        ]
     )
 
 
@@ -49,7 +59,9 @@ def _rejected(out: str) -> dict[str, str]:
 
 def _png(arr, mode=None) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr, mode).save(buf, format="PNG") if mode else Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr, mode).save(buf, format="PNG") if mode else Image.fromarray(arr).save(
+        buf, format="PNG"
+    )
     return buf.getvalue()
 
 
@@ -77,7 +89,12 @@ def dirty(tmp_path_factory):
     add("sizes", writer=lambda: put("sizes", "blue", _png(fixtures.stain_array(1, 24))))
     rgb = np.stack([fixtures.stain_array(2, 16)] * 3, axis=-1)
     add("rgb", writer=lambda: put("rgb", "red", _png(rgb, "RGB")))
-    add("deep", writer=lambda: put("deep", "green", _png(fixtures.stain_array(3, 16).astype(np.uint16) * 257, "I;16")))
+    add(
+        "deep",
+        writer=lambda: put(
+            "deep", "green", _png(fixtures.stain_array(3, 16).astype(np.uint16) * 257, "I;16")
+        ),
+    )
     add("outofrange", target="28")
     add("malformed", target="1;2")
     add("notarget", target="")
@@ -185,8 +202,12 @@ def test_folds_in_records_match_files_and_manifest(dirty):
 def test_stain_stats_from_tf_transform(dirty):
     records = _read_records(dirty["out"])
     pixels = np.stack(
-        [np.stack([tf.io.decode_image(r.images[s], channels=1).numpy()[..., 0] for s in schemas.STAINS], -1)
-         for r in records.values()]
+        [
+            np.stack(
+                [tf.io.decode_image(r.images[s], channels=1).numpy()[..., 0] for s in schemas.STAINS], -1
+            )
+            for r in records.values()
+        ]
     ).astype(np.float64)
     manifest = schemas.read_manifest(dirty["out"])
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
@@ -209,9 +230,10 @@ def test_existing_output_refused_then_overwrite_is_byte_identical_whatever_row_o
     names = sorted(os.listdir(os.path.join(dirty["out"], schemas.TFRECORD_DIR)))
     assert names == sorted(os.listdir(os.path.join(out2, schemas.TFRECORD_DIR)))
     for name in names:
-        with open(os.path.join(dirty["out"], schemas.TFRECORD_DIR, name), "rb") as a, open(
-            os.path.join(out2, schemas.TFRECORD_DIR, name), "rb"
-        ) as b:
+        with (
+            open(os.path.join(dirty["out"], schemas.TFRECORD_DIR, name), "rb") as a,
+            open(os.path.join(out2, schemas.TFRECORD_DIR, name), "rb") as b,
+        ):
             assert a.read() == b.read(), name
 
 
@@ -234,8 +256,19 @@ def test_wrong_paths_give_clear_errors(tmp_path):
         _run(str(tmp_path / "nope.csv"), image_dir, str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="holds no files"):
         _run(csv_path, str(tmp_path / "no_such_dir"), str(tmp_path / "out"))
-    assert preprocess.main(["--labels_csv", csv_path, "--input_dir", str(tmp_path / "x"),
-                            "--output_dir", str(tmp_path / "out")]) == 1
+    assert (
+        preprocess.main(
+            [
+                "--labels_csv",
+                csv_path,
+                "--input_dir",
+                str(tmp_path / "x"),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
 
 
 def test_mixed_sizes_fail_without_publishing(tmp_path):
@@ -250,19 +283,49 @@ def test_mixed_sizes_fail_without_publishing(tmp_path):
 def test_multiple_sources_resized_unlabeled_and_multiprocess(tmp_path):
     """Competition PNGs + an external JPEG/TIFF set of another size + an unlabeled set, resized, 2 workers."""
     csv_a, dir_a, labs_a = fixtures.make_dataset(str(tmp_path / "a"), num_samples=8, size=16, prefix="a")
-    csv_b, dir_b, labs_b = fixtures.make_dataset(str(tmp_path / "b"), num_samples=4, size=32, prefix="b", ext="tif")
+    csv_b, dir_b, labs_b = fixtures.make_dataset(
+        str(tmp_path / "b"), num_samples=4, size=32, prefix="b", ext="tif"
+    )
     fixtures.write_sample_images(dir_b, "b0000", seed=3, size=32, ext="jpg")  # a JPEG next to the TIFF
     test_dir = str(tmp_path / "t" / "test")
     for i in range(3):
         fixtures.write_sample_images(test_dir, f"t{i}", seed=50 + i, size=16)
     csv_t = str(tmp_path / "t" / "sample_submission.csv")
-    fixtures.write_labels_csv(csv_t, [(f"t{i}", "0") for i in range(3)], header=(schemas.CSV_ID, schemas.CSV_PREDICTED))
+    fixtures.write_labels_csv(
+        csv_t, [(f"t{i}", "0") for i in range(3)], header=(schemas.CSV_ID, schemas.CSV_PREDICTED)
+    )
     out = str(tmp_path / "out")
     preprocess.run(
-        ["--labels_csv", csv_a, "--input_dir", dir_a, "--labels_csv", csv_b, "--input_dir", dir_b,
-         "--labels_csv", csv_t, "--input_dir", test_dir, "--source", "train", "--source", "hpav18",
-         "--source", "test", "--output_dir", out, "--image_size", "8", "--num_folds", "2",
-         "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+        [
+            "--labels_csv",
+            csv_a,
+            "--input_dir",
+            dir_a,
+            "--labels_csv",
+            csv_b,
+            "--input_dir",
+            dir_b,
+            "--labels_csv",
+            csv_t,
+            "--input_dir",
+            test_dir,
+            "--source",
+            "train",
+            "--source",
+            "hpav18",
+            "--source",
+            "test",
+            "--output_dir",
+            out,
+            "--image_size",
+            "8",
+            "--num_folds",
+            "2",
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ]
     )
     records = _read_records(out)
     assert {r.source for r in records.values()} == {"train", "hpav18", "test"}
@@ -271,7 +334,9 @@ def test_multiple_sources_resized_unlabeled_and_multiprocess(tmp_path):
         assert (r.height, r.width) == (8, 8)
         assert (r.fold == schemas.UNLABELED_FOLD) == (r.source == "test")
     assert os.listdir(os.path.join(out, schemas.TFRECORD_DIR)).count("test-00000-of-00001.tfrecord") == 1
-    image = schemas.decode_stains(schemas.parse_example(tf.constant(schemas.to_example(records["b0001"]).SerializeToString())), 8)
+    image = schemas.decode_stains(
+        schemas.parse_example(tf.constant(schemas.to_example(records["b0001"]).SerializeToString())), 8
+    )
     assert image.shape == (8, 8, 4)
     manifest = schemas.read_manifest(out)
     assert manifest[schemas.MANIFEST_IMAGE_SIZE] == [8, 8]
@@ -279,7 +344,10 @@ def test_multiple_sources_resized_unlabeled_and_multiprocess(tmp_path):
 
 
 def test_plan_fold_shards_balances_bytes_and_keeps_id_order():
-    cands = [preprocess.Candidate("s", f"id{i:03d}", (0,), True, ("p",) * 4, 100 + (i % 7) * 10) for i in range(100)]
+    cands = [
+        preprocess.Candidate("s", f"id{i:03d}", (0,), True, ("p",) * 4, 100 + (i % 7) * 10)
+        for i in range(100)
+    ]
     random.Random(0).shuffle(cands)
     shards = preprocess.plan_fold_shards(1, cands, shard_bytes=2000, num_shards=None)
     assert len(shards) == round(sum(c.num_bytes for c in cands) / 2000)
@@ -309,7 +377,11 @@ def test_check_rows_transform():
     rows = [labels.LabelRow("train", "/in", 2, "ok", "1 2"), labels.LabelRow("train", "/in", 3, "../x", "1")]
     with test_pipeline.TestPipeline() as p:
         out = p | beam.Create(rows) | preprocess.CheckRows()
-        assert_that(out.valid, equal_to([labels.CheckedRow("train", "/in", "ok", (1, 2), True)]), label="Valid")
         assert_that(
-            out.rejected | beam.Map(lambda r: (r[0], r[1])), equal_to([("../x", labels.BAD_ID)]), label="Rejected"
+            out.valid, equal_to([labels.CheckedRow("train", "/in", "ok", (1, 2), True)]), label="Valid"
+        )
+        assert_that(
+            out.rejected | beam.Map(lambda r: (r[0], r[1])),
+            equal_to([("../x", labels.BAD_ID)]),
+            label="Rejected",
         )

@@ -35,7 +35,7 @@ def test_parse_batched_and_decode():
     single = schemas.parse_example(ser[0])
     image = schemas.decode_stains(single, image_size=8)
     assert image.dtype == tf.uint8 and image.shape == (8, 8, schemas.NUM_STAINS)
-    for k, stain in enumerate(schemas.STAINS):
+    for k in range(schemas.NUM_STAINS):
         np.testing.assert_array_equal(image[:, :, k].numpy(), fixtures.stain_array(k, 8))
 
 

@@ -26,7 +26,7 @@ def test_png_bytes_kept_untouched_and_stats():
     out = stains.validate_stains(data)
     assert out.images == data
     assert (out.height, out.width) == (16, 16)
-    for k, s in enumerate(schemas.STAINS):
+    for k in range(schemas.NUM_STAINS):
         arr = fixtures.stain_array(k, 16).astype(np.float64)
         assert out.mean[k] == pytest.approx(arr.mean())
         assert out.sq_mean[k] == pytest.approx((arr**2).mean())
@@ -40,9 +40,14 @@ def test_png_bytes_kept_untouched_and_stats():
         (lambda d: d.__setitem__("red", b""), stains.EMPTY_IMAGE),
         (lambda d: d.__setitem__("green", d["green"][: len(d["green"]) // 2]), stains.CORRUPT_IMAGE),
         (lambda d: d.__setitem__("blue", b"not an image at all"), stains.CORRUPT_IMAGE),
-        (lambda d: d.__setitem__("blue", fixtures.png_bytes(fixtures.stain_array(9, 20))), stains.SIZE_MISMATCH),
-        (lambda d: d.update({s: fixtures.png_bytes(fixtures.stain_array(1, 4)) for s in schemas.STAINS}),
-         stains.TOO_SMALL),
+        (
+            lambda d: d.__setitem__("blue", fixtures.png_bytes(fixtures.stain_array(9, 20))),
+            stains.SIZE_MISMATCH,
+        ),
+        (
+            lambda d: d.update({s: fixtures.png_bytes(fixtures.stain_array(1, 4)) for s in schemas.STAINS}),
+            stains.TOO_SMALL,
+        ),
     ],
     ids=["missing", "empty", "truncated", "garbage", "size_mismatch", "tiny"],
 )
@@ -75,7 +80,9 @@ def test_16bit_scaled_to_8bit():
     data["red"] = _encode(Image.fromarray(arr16, "I;16"))
     out = stains.validate_stains(data)
     assert out.conversions[0] == "16bit"
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(out.images["red"]))), fixtures.stain_array(5, 16))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(out.images["red"]))), fixtures.stain_array(5, 16)
+    )
     with pytest.raises(stains.Rejected):
         stains.validate_stains(data, strict_modes=True)
 
@@ -88,7 +95,9 @@ def test_tiff_reencoded_as_png_jpeg_kept():
     out = stains.validate_stains(data)
     assert out.images["yellow"][:8] == b"\x89PNG\r\n\x1a\n"
     assert out.images["blue"] == jpeg
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(out.images["yellow"]))), fixtures.stain_array(7, 16))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(out.images["yellow"]))), fixtures.stain_array(7, 16)
+    )
 
 
 def test_resize_reencodes_all_stains():
