@@ -1,0 +1,93 @@
+"""Shared helpers of the benchmarks: real-PNG datasets of any size, timing, table printing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import sys
+import time
+
+# Benchmarks run as scripts (`python bench/x.py`) or modules (`python -m bench.x`) from the repo root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+
+import schemas  # noqa: E402
+
+SHARED_DATA = os.path.join(_ROOT, "..", "shared", "data")
+REAL_SMOKE = os.path.join(SHARED_DATA, "hpa-real-smoke")
+REAL_LABELS = os.path.join(SHARED_DATA, "hpa-labels", "train.csv")
+
+
+def read_label_rows(path: str) -> list[tuple[str, str]]:
+    """(Id, Target) rows of a competition label file."""
+    with open(path, newline="") as f:
+        return [(r[schemas.CSV_ID], r[schemas.CSV_TARGET]) for r in csv.DictReader(f)]
+
+
+def build_real_dataset(
+    root: str, num_samples: int, smoke_dir: str = REAL_SMOKE, labels_csv: str = REAL_LABELS, seed: int = 0
+) -> tuple[str, str, int]:
+    """Replicates the real four-stain samples of `smoke_dir` under new Ids into `root/train/`.
+
+    Stain files are hard-linked when possible (copied otherwise), so every sample has real competition PNG
+    bytes. Labels are drawn from the real label file (whole rows), so folds look like the real ones.
+
+    Returns:
+      (labels_csv path, image folder, total bytes of the stain files).
+    """
+    src_dir = os.path.join(smoke_dir, "train")
+    if not os.path.isdir(src_dir):
+        sys.exit(f"{src_dir} not found: these benchmarks need the real sample images (../shared/data)")
+    base_ids = sorted({name.rsplit("_", 1)[0] for name in os.listdir(src_dir) if name.endswith(".png")})
+    rng = np.random.default_rng(seed)
+    targets = [t for _, t in read_label_rows(labels_csv)] if os.path.exists(labels_csv) else ["0"]
+    image_dir = os.path.join(root, "train")
+    os.makedirs(image_dir, exist_ok=True)
+    rows, total = [], 0
+    for i in range(num_samples):
+        base = base_ids[i % len(base_ids)]
+        sid = f"{base[:8]}-r{i:06d}"
+        for stain in schemas.STAINS:
+            src = os.path.join(src_dir, f"{base}_{stain}.png")
+            dst = os.path.join(image_dir, f"{sid}_{stain}.png")
+            if not os.path.exists(dst):
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    with open(src, "rb") as f_in, open(dst, "wb") as f_out:
+                        f_out.write(f_in.read())
+            total += os.path.getsize(dst)
+        rows.append((sid, targets[int(rng.integers(len(targets)))]))
+    csv_path = os.path.join(root, "train.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([schemas.CSV_ID, schemas.CSV_TARGET])
+        w.writerows(rows)
+    return csv_path, image_dir, total
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def print_table(headers: list[str], rows: list[list], title: str | None = None) -> None:
+    """Prints a Markdown table (pasteable into notes)."""
+    if title:
+        print(f"\n{title}")
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join("-" * w for w in widths) + " |")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
