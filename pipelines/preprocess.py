@@ -536,7 +536,7 @@ def summarise(written, rejected, unlisted, num_folds: int) -> dict:
         fold_arr = np.array([f for f, _ in labeled])
         for i, (_, labels) in enumerate(labeled):
             matrix[i, list(labels)] = 1
-        quality = {k: float(v) for k, v in folds_lib.fold_quality(matrix, fold_arr).items()}
+        quality = {k: float(v) for k, v in folds_lib.fold_quality(matrix, fold_arr, n_folds=num_folds).items()}
     return {
         "written_per_fold": dict(sorted(per_fold.items())),
         "written": len(written),
