@@ -131,7 +131,9 @@ def parse_target(target: str) -> tuple[int, ...]:
         raise RowRejected(MALFORMED_TARGET, f"Target {target!r} is not space-separated integers") from None
     bad = [v for v in values if not 0 <= v < schemas.NUM_CLASSES]
     if bad:
-        raise RowRejected(LABEL_OUT_OF_RANGE, f"Target {target!r} has labels outside 0..{schemas.NUM_CLASSES - 1}")
+        raise RowRejected(
+            LABEL_OUT_OF_RANGE, f"Target {target!r} has labels outside 0..{schemas.NUM_CLASSES - 1}"
+        )
     return tuple(sorted(set(values)))
 
 
@@ -158,4 +160,6 @@ def resolve_duplicates(rows: list[CheckedRow]) -> tuple[CheckedRow | None, list[
     if len(distinct) == 1:
         return rows[0], [(r, f"repeated row of Id {r.id!r} ({len(rows)} copies, one kept)") for r in rows[1:]]
     desc = "; ".join(f"{s}: {' '.join(map(str, lab)) or '-'}" for s, lab, _ in sorted(distinct))
-    return None, [(r, f"Id {r.id!r} appears {len(rows)} times with different sources or labels ({desc})") for r in rows]
+    return None, [
+        (r, f"Id {r.id!r} appears {len(rows)} times with different sources or labels ({desc})") for r in rows
+    ]
