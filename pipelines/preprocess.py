@@ -536,7 +536,9 @@ def summarise(written, rejected, unlisted, num_folds: int) -> dict:
         fold_arr = np.array([f for f, _ in labeled])
         for i, (_, labels) in enumerate(labeled):
             matrix[i, list(labels)] = 1
-        quality = {k: float(v) for k, v in folds_lib.fold_quality(matrix, fold_arr, n_folds=num_folds).items()}
+        quality = {
+            k: float(v) for k, v in folds_lib.fold_quality(matrix, fold_arr, n_folds=num_folds).items()
+        }
     return {
         "written_per_fold": dict(sorted(per_fold.items())),
         "written": len(written),
@@ -865,6 +867,53 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _read_inputs(cfg: JobConfig) -> list[tuple[str, str, list[labels_lib.LabelRow]]]:
+    """Reads and checks every label file and input folder before any work: [(source, input_dir, rows)]."""
+    rows_by_source = []
+    for csv_path, input_dir, source in zip(cfg.labels_csv, cfg.input_dir, cfg.sources):
+        rows = labels_lib.parse_label_table(_read_text(csv_path, "label file"), source, input_dir, csv_path)
+        if not FileSystems.match([posixpath.join(input_dir, "*")], limits=[1])[0].metadata_list:
+            raise FileNotFoundError(f"input folder {input_dir} holds no files (or does not exist)")
+        rows_by_source.append((source, input_dir, rows))
+    return rows_by_source
+
+
+def _check_summary(summary: dict, input_rows: int, work: str) -> tuple[int, int]:
+    """The job's own end checks. Returns the (height, width) shared by every record."""
+    if summary["written"] + summary["rejected"] != input_rows:
+        raise RuntimeError(
+            f"invariant broken: {summary['written']} written + {summary['rejected']} rejected "
+            f"!= {input_rows} input rows; output left in {work}"
+        )
+    if summary["written"] == 0:
+        raise ValueError(
+            f"no sample could be written (all {input_rows} rejected: see {work}/{schemas.REJECTED_FILE})"
+        )
+    if len(summary["image_sizes"]) > 1:
+        raise ValueError(
+            f"the written samples differ in size ({summary['image_sizes']}); pass --image_size to resize "
+            f"them to one size. Output left in {work}"
+        )
+    (size,) = summary["image_sizes"]
+    height, width = (int(v) for v in size.split("x"))
+    return height, width
+
+
+def _publish(out: str, work: str, transform_dir: str, transform_is_local: bool) -> list[str]:
+    """Moves the finished dataset from work/ into out/ (replacing an old one). Returns the shard names."""
+    for name in (schemas.MANIFEST_FILE, schemas.TFRECORD_DIR, schemas.TRANSFORM_DIR, schemas.REJECTED_FILE):
+        _delete(posixpath.join(out, name))
+    _move_tree(posixpath.join(work, schemas.TFRECORD_DIR), posixpath.join(out, schemas.TFRECORD_DIR))
+    if transform_is_local:
+        _upload_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
+    else:
+        _move_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
+    FileSystems.rename(
+        [posixpath.join(work, schemas.REJECTED_FILE)], [posixpath.join(out, schemas.REJECTED_FILE)]
+    )
+    return sorted(posixpath.basename(f) for f in _list_files(posixpath.join(out, schemas.TFRECORD_DIR)))
+
+
 def run(argv: list[str] | None = None):
     """Runs the job. Returns the PipelineResult; raises on bad input or a broken invariant."""
     cfg, beam_args = parse_args(argv)
@@ -874,14 +923,8 @@ def run(argv: list[str] | None = None):
         raise FileExistsError(
             f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite"
         )
-    rows_by_source = []
-    input_rows = 0
-    for csv_path, input_dir, source in zip(cfg.labels_csv, cfg.input_dir, cfg.sources):
-        rows = labels_lib.parse_label_table(_read_text(csv_path, "label file"), source, input_dir, csv_path)
-        if not FileSystems.match([posixpath.join(input_dir, "*")], limits=[1])[0].metadata_list:
-            raise FileNotFoundError(f"input folder {input_dir} holds no files (or does not exist)")
-        rows_by_source.append((source, input_dir, rows))
-        input_rows += len(rows)
+    rows_by_source = _read_inputs(cfg)
+    input_rows = sum(len(rows) for _, _, rows in rows_by_source)
     groups = _read_groups(cfg.groups_csv) if cfg.groups_csv else None
 
     work = posixpath.join(out, INCOMPLETE_DIR)
@@ -890,19 +933,17 @@ def run(argv: list[str] | None = None):
     # Local runs keep progress files and the tf.Transform output (which TensorFlow's own file system writes)
     # in a local staging folder and upload the output at the end; remote workers write it in place.
     stage = tempfile.mkdtemp(prefix="hpa-preprocess-") if local else None
-    progress_dir = os.path.join(stage, _PROGRESS_DIR) if local else None
-    if progress_dir:
-        os.makedirs(progress_dir)
     stats_dir = stage if local else work
     transform_dir = posixpath.join(stats_dir, schemas.TRANSFORM_DIR)
-    print(
-        f"preprocess: {input_rows} label rows from {len(rows_by_source)} set(s) -> {out} "
-        f"({cfg.num_folds} folds, seed {cfg.seed}, image size {cfg.image_size or 'as is'})",
-        file=sys.stderr,
-        flush=True,
+    _log(
+        f"{input_rows} label rows from {len(rows_by_source)} set(s) -> {out} "
+        f"({cfg.num_folds} folds, seed {cfg.seed}, image size {cfg.image_size or 'as is'})"
     )
     try:
         p = beam.Pipeline(options=options)
+        progress_dir = os.path.join(stage, _PROGRESS_DIR) if local else None
+        if progress_dir:
+            os.makedirs(progress_dir)
         build_pipeline(p, cfg, rows_by_source, groups, work, stats_dir, progress_dir)
         if local:
             with _Progress(progress_dir, input_rows, cfg.progress_seconds):
@@ -914,42 +955,9 @@ def run(argv: list[str] | None = None):
 
         with FileSystems.open(posixpath.join(work, _SUMMARY_FILE)) as f:
             summary = json.loads(f.read().decode("utf-8"))
-        accounted = summary["written"] + summary["rejected"]
-        if accounted != input_rows:
-            raise RuntimeError(
-                f"invariant broken: {summary['written']} written + {summary['rejected']} rejected "
-                f"!= {input_rows} input rows; output left in {work}"
-            )
-        if len(summary["image_sizes"]) > 1:
-            raise ValueError(
-                f"the written samples differ in size ({summary['image_sizes']}); pass --image_size to resize "
-                f"them to one size. Output left in {work}"
-            )
-        if summary["written"] == 0:
-            raise ValueError(
-                f"no sample could be written (all {input_rows} rejected: see {work}/{schemas.REJECTED_FILE})"
-            )
+        height, width = _check_summary(summary, input_rows, work)
         stain_stats = read_stain_stats(transform_dir)
-        (size_str,) = summary["image_sizes"]
-        height, width = (int(v) for v in size_str.split("x"))
-
-        # Publish: old dataset out (only with --overwrite, checked above), new one in, manifest last.
-        for name in (
-            schemas.MANIFEST_FILE,
-            schemas.TFRECORD_DIR,
-            schemas.TRANSFORM_DIR,
-            schemas.REJECTED_FILE,
-        ):
-            _delete(posixpath.join(out, name))
-        _move_tree(posixpath.join(work, schemas.TFRECORD_DIR), posixpath.join(out, schemas.TFRECORD_DIR))
-        if local:
-            _upload_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
-        else:
-            _move_tree(transform_dir, posixpath.join(out, schemas.TRANSFORM_DIR))
-        FileSystems.rename(
-            [posixpath.join(work, schemas.REJECTED_FILE)], [posixpath.join(out, schemas.REJECTED_FILE)]
-        )
-        shards = sorted(posixpath.basename(f) for f in _list_files(posixpath.join(out, schemas.TFRECORD_DIR)))
+        shards = _publish(out, work, transform_dir, transform_is_local=local)
         manifest = {
             schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
             schemas.MANIFEST_IMAGE_SIZE: [height, width],
@@ -974,24 +982,24 @@ def run(argv: list[str] | None = None):
             "package_versions": _versions(),
             "wall_time_s": round(time.time() - t0, 2),
         }
-        with FileSystems.create(posixpath.join(out, schemas.MANIFEST_FILE)) as f:
+        with FileSystems.create(posixpath.join(out, schemas.MANIFEST_FILE)) as f:  # last: marks completion
             f.write(json.dumps(manifest, indent=1).encode("utf-8"))
         _delete(work)
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
-    rate = input_rows / max(manifest["wall_time_s"], 1e-9)
-    print(
-        f"preprocess: done in {manifest['wall_time_s']:.1f} s ({rate:.1f} samples/s): "
-        f"{summary['written']} written {summary['written_per_fold']}, "
-        f"{summary['rejected']} rejected {summary['rejected_per_reason']}, "
-        f"{sum(summary['unlisted_images'].values())} unlisted image sets; stain mean "
-        f"{[round(v, 2) for v in stain_stats['mean']]} std {[round(v, 2) for v in stain_stats['std']]} "
-        f"-> {out}",
-        file=sys.stderr,
-        flush=True,
+    _log(
+        f"done in {manifest['wall_time_s']:.1f} s ({input_rows / max(manifest['wall_time_s'], 1e-9):.1f} "
+        f"samples/s): {summary['written']} written {summary['written_per_fold']}, {summary['rejected']} "
+        f"rejected {summary['rejected_per_reason']}, {sum(summary['unlisted_images'].values())} unlisted "
+        f"image sets; stain mean {[round(v, 2) for v in stain_stats['mean']]} "
+        f"std {[round(v, 2) for v in stain_stats['std']]} -> {out}"
     )
     return result
+
+
+def _log(msg: str) -> None:
+    print(f"preprocess: {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
