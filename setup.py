@@ -18,6 +18,7 @@ REQUIRED = [
     "apache-beam[gcp]>=2.77,<2.78",
     "tensorflow>=2.21,<2.22",
     "tensorflow-transform>=1.21,<1.22",
+    "tensorboard>=2.21,<2.22",  # Keras' TensorBoard callback; TF 2.21 does not bring it
     "numpy",
     "pillow",
     "scipy",  # the synthetic dataset's rendering

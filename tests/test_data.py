@@ -37,7 +37,9 @@ def write_dataset(
     os.makedirs(os.path.join(root, schemas.TFRECORD_DIR), exist_ok=True)
     labels_fn = labels_fn or (lambda i: sorted({0, i % schemas.NUM_CLASSES}))
     samples: dict[str, dict] = {}
-    folds = [(f, n) for f, n in enumerate(per_fold)] + ([(schemas.UNLABELED_FOLD, num_test)] if num_test else [])
+    folds = [(f, n) for f, n in enumerate(per_fold)] + (
+        [(schemas.UNLABELED_FOLD, num_test)] if num_test else []
+    )
     pixels = []
     index = 0
     for fold, n in folds:
@@ -129,7 +131,9 @@ def test_eval_dataset_decodes_exact_pixels_labels_and_ids_in_a_stable_order(data
 
 def test_eval_dataset_reads_unlabeled_test_shards_and_tta(dataset):
     root, samples = dataset
-    ds = data_lib.make_eval_dataset(root, [schemas.UNLABELED_FOLD], DataConfig(batch_size=8), with_ids=True, tta=5)
+    ds = data_lib.make_eval_dataset(
+        root, [schemas.UNLABELED_FOLD], DataConfig(batch_size=8), with_ids=True, tta=5
+    )
     images, labels, ids = next(iter(ds))
     assert len(ids) == 3 and not labels.numpy().any()
     for img, sid in zip(images.numpy(), ids.numpy(), strict=True):
@@ -176,11 +180,16 @@ def test_training_without_augmentation_crop_and_jitter(dataset):
     images, _ = next(iter(plain))
     assert all(img.tobytes() in stored for img in images.numpy())
 
-    cropped = data_lib.make_dataset(root, [1], DataConfig(batch_size=5, augment=False, crop_size=8), training=True)
+    cropped = data_lib.make_dataset(
+        root, [1], DataConfig(batch_size=5, augment=False, crop_size=8), training=True
+    )
     images, _ = next(iter(cropped))
     assert images.shape == (5, 8, 8, schemas.NUM_STAINS)
     windows = {
-        v["image"][y : y + 8, x : x + 8].tobytes() for v in samples.values() for y in range(9) for x in range(9)
+        v["image"][y : y + 8, x : x + 8].tobytes()
+        for v in samples.values()
+        for y in range(9)
+        for x in range(9)
     }
     assert all(img.tobytes() in windows for img in images.numpy())
 

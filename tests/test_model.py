@@ -98,11 +98,15 @@ def test_export_signature_matches_the_keras_model_and_the_model_file_reloads(tmp
     model = model_lib.build_model(SMALL, MEAN, STD)
     export_dir = model_lib.export_serving(model, str(tmp_path / "export"), 16)
 
-    serialized = [r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(schemas.shard_pattern(root, 0)))]
+    serialized = [
+        r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(schemas.shard_pattern(root, 0)))
+    ]
     served = tf.saved_model.load(export_dir).signatures[model_lib.SERVING_SIGNATURE](
         **{model_lib.SERVING_INPUT: tf.constant(serialized)}
     )
-    ids, _, scores = model_lib.predict_with_ids(model, make_eval_dataset(root, [0], DataConfig(), with_ids=True))
+    ids, _, scores = model_lib.predict_with_ids(
+        model, make_eval_dataset(root, [0], DataConfig(), with_ids=True)
+    )
     served_ids = [i.decode() for i in served[schemas.ID_KEY].numpy()]
     order = [served_ids.index(i) for i in ids]
     np.testing.assert_allclose(served[model_lib.PROBABILITIES].numpy()[order], scores, rtol=1e-5, atol=1e-6)
@@ -137,7 +141,9 @@ def test_losses_bce_matches_keras_and_focal_downweights_easy_examples():
     assert float(losses.make_loss("focal", gamma=0.0)(y, p)) == pytest.approx(bce, rel=1e-5)
     easy, hard = np.full_like(p, 0.05), np.full_like(p, 0.95)
     zeros = np.zeros_like(y)
-    ratio_focal = float(losses.make_loss("focal")(zeros, hard)) / float(losses.make_loss("focal")(zeros, easy))
+    ratio_focal = float(losses.make_loss("focal")(zeros, hard)) / float(
+        losses.make_loss("focal")(zeros, easy)
+    )
     ratio_bce = float(losses.make_loss("bce")(zeros, hard)) / float(losses.make_loss("bce")(zeros, easy))
     assert ratio_focal > 10 * ratio_bce
     weights = np.ones(schemas.NUM_CLASSES, np.float32)

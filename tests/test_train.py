@@ -1,4 +1,4 @@
-"""Tests of model/train.py: the real preprocessing job then training, bad inputs, SIGKILL resume, tf.data service."""
+"""Tests of model/train.py: real preprocessing then training, bad inputs, SIGKILL resume, tf.data service."""
 
 from __future__ import annotations
 
@@ -80,7 +80,9 @@ def test_end_to_end_real_preprocessing_then_training(preprocessed, tmp_path):
 
     # model.keras reloads and agrees with the exported signature and the saved validation scores.
     reloaded = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
-    records = [r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(schemas.shard_pattern(data_dir, 0)))]
+    records = [
+        r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(schemas.shard_pattern(data_dir, 0)))
+    ]
     served = tf.saved_model.load(os.path.join(model_dir, train.EXPORT_DIR)).signatures[
         model_lib.SERVING_SIGNATURE
     ](**{model_lib.SERVING_INPUT: tf.constant(records)})
@@ -95,8 +97,11 @@ def test_end_to_end_real_preprocessing_then_training(preprocessed, tmp_path):
 
     # Same command again: the run is finished, a clear error rather than retraining.
     with pytest.raises(ConfigError, match="finished run"):
-        train.run(["--data_dir", data_dir, "--model_dir", model_dir, "--epochs", "3", "--steps_per_epoch", "8"]
-                  + ["--batch_size", "8", "--learning_rate", "0.01", "--seed", "0"] + SMALL)
+        train.run(
+            ["--data_dir", data_dir, "--model_dir", model_dir, "--epochs", "3", "--steps_per_epoch", "8"]
+            + ["--batch_size", "8", "--learning_rate", "0.01", "--seed", "0"]
+            + SMALL
+        )
 
 
 def _base(data_dir, model_dir, *extra):
@@ -119,7 +124,9 @@ def test_bad_inputs_give_clear_errors(written, tmp_path, capsys):
 
     other = str(tmp_path / "other")
     os.makedirs(other)
-    cfg = train.config_from_args(train.build_parser().parse_args(_base(written, other, "--learning_rate", "0.5")))
+    cfg = train.config_from_args(
+        train.build_parser().parse_args(_base(written, other, "--learning_rate", "0.5"))
+    )
     cfg, _, _ = train.resolve_config(cfg, schemas.read_manifest(written))
     with open(os.path.join(other, train.CONFIG_FILE), "w") as f:
         f.write(train.config_to_json(cfg))
@@ -148,7 +155,10 @@ def test_history_truncation_and_plot(tmp_path):
     with open(path, "w") as f:
         f.write("epoch,f1,loss,val_f1,val_loss\n0,0.1,1.0,0.1,1.1\n1,0.2,0.9,0.2,1.0\n2,0.3,0.8,0.3,0.95\n")
     rows = train.truncate_history(path, 2)
-    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in train.read_history(path)] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in train.read_history(path)] == [
+        "0",
+        "1",
+    ]
     train.plot_history(rows, str(tmp_path / "p.png"))
     with open(tmp_path / "p.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

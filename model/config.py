@@ -1,0 +1,196 @@
+"""Configuration of the training job: frozen dataclasses with the defaults, and their JSON form.
+
+`TrainConfig` composes a `DataConfig` (input pipeline) and a `ModelConfig` (network). `model/train.py` fills
+them from flags; the resolved config is written as `config.json` in the model directory so a run can be
+reproduced and a restarted run can check that it continues the same experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+BACKBONES: tuple[str, ...] = (
+    "small",
+    "resnet50",
+    "densenet121",
+    "efficientnetv2b0",
+    "efficientnetv2b1",
+    "efficientnetv2b2",
+    "efficientnetv2b3",
+    "efficientnetv2s",
+    "efficientnetv2m",
+    "efficientnetv2l",
+)
+LOSSES: tuple[str, ...] = ("bce", "focal")
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+RARE_CLASS_MODES: tuple[str, ...] = ("none", "oversample", "weight")
+WEIGHTS_IMAGENET = "imagenet"
+WEIGHTS_NONE = "none"
+
+
+class ConfigError(ValueError):
+    """Bad flags or a dataset / model directory that does not fit them; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The input pipeline.
+
+    Attributes:
+      image_size: side of the stored images; None takes it from the dataset's manifest.
+      batch_size: global batch size (split across replicas).
+      shuffle_buffer: records held by the training shuffle (serialized records, before decoding).
+      augment: the 8 flips / right-angle rotations while training.
+      crop_size: random crop side while training (None: no crop); evaluation keeps the whole image.
+      intensity_jitter: max relative per-stain brightness change while training (0: off).
+      rare_class: `none`, `oversample` (repeat samples of rare classes) or `weight` (weight their positives).
+      rare_power: class factor = (max class count / class count) ** rare_power ...
+      rare_max_factor: ... clipped to [1, rare_max_factor].
+      tf_data_service: `grpc://host:port` of a tf.data service dispatcher that runs the training pipeline.
+      seed: seed of the training shuffles and augmentation (None: different every run).
+    """
+
+    image_size: int | None = None
+    batch_size: int = 32
+    shuffle_buffer: int = 1024
+    augment: bool = True
+    crop_size: int | None = None
+    intensity_jitter: float = 0.0
+    rare_class: str = "none"
+    rare_power: float = 0.5
+    rare_max_factor: float = 4.0
+    tf_data_service: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
+        if self.crop_size is not None and self.crop_size < 1:
+            raise ConfigError(f"crop_size must be >= 1, got {self.crop_size}")
+        if self.crop_size is not None and self.image_size is not None and self.crop_size > self.image_size:
+            raise ConfigError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
+        if not 0.0 <= self.intensity_jitter < 1.0:
+            raise ConfigError(f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
+        if self.rare_class not in RARE_CLASS_MODES:
+            raise ConfigError(f"rare_class must be one of {RARE_CLASS_MODES}, got {self.rare_class!r}")
+        if self.rare_max_factor < 1.0:
+            raise ConfigError(f"rare_max_factor must be >= 1, got {self.rare_max_factor}")
+        if self.tf_data_service is not None and "://" not in self.tf_data_service:
+            raise ConfigError(
+                f"tf_data_service must look like grpc://host:port, got {self.tf_data_service!r}"
+            )
+        if self.tf_data_service is not None and self.seed is not None:
+            raise ConfigError(
+                "seed and tf_data_service cannot be combined: "
+                "every tf.data worker would produce the same stream"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network.
+
+    Attributes:
+      backbone: one of BACKBONES (`small` is a little CNN for CPU runs and tests).
+      weights: `imagenet`, `none`, or the path of a saved backbone (3 or 4 input channels; `.keras` or
+        `.weights.h5`) whose weights are copied, the first convolution adapted to four stains.
+      dropout: dropout rate before the classifier.
+      small_filters: width of the `small` backbone's first block (doubles per block).
+    """
+
+    backbone: str = "resnet50"
+    weights: str = WEIGHTS_IMAGENET
+    dropout: float = 0.25
+    small_filters: int = 16
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.weights:
+            raise ConfigError("weights must be 'imagenet', 'none' or a file path")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      data_dir: the preprocessing job's output directory (local or gs://).
+      model_dir: where the run writes its outputs (local or gs://).
+      val_fold: fold held out for validation; the other folds train.
+      epochs: planned number of epochs.
+      steps_per_epoch: training steps per epoch (None: one pass over the training set).
+      validation_steps: validation steps (None: the whole validation fold).
+      learning_rate: initial Adam learning rate.
+      loss: `bce` or `focal`.
+      focal_gamma: focusing parameter of the focal loss.
+      precision: `auto` (bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU) or
+        an explicit Keras dtype policy.
+      lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation loss.
+      early_stopping_patience: EarlyStopping on validation loss (epochs without improvement).
+      data, model: the pipeline and network configs.
+    """
+
+    data_dir: str
+    model_dir: str
+    val_fold: int = 0
+    epochs: int = 30
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    learning_rate: float = 1e-4
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    precision: str = "auto"
+    lr_factor: float = 0.1
+    lr_patience: int = 2
+    min_lr: float = 1e-7
+    early_stopping_patience: int = 6
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.validation_steps is not None and self.validation_steps < 1:
+            raise ConfigError(f"validation_steps must be >= 1, got {self.validation_steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ConfigError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.val_fold < 0:
+            raise ConfigError(f"val_fold must be >= 0, got {self.val_fold}")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a JSON-ready dict (nested dataclasses become dicts)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of `config_to_dict`; unknown keys raise a ConfigError."""
+    d = dict(d)
+    try:
+        data = DataConfig(**d.pop("data", {}))
+        model = ModelConfig(**d.pop("model", {}))
+        return TrainConfig(data=data, model=model, **d)
+    except TypeError as e:
+        raise ConfigError(f"not a training config: {e}") from e
+
+
+def config_to_json(cfg: TrainConfig) -> str:
+    """The config as indented JSON text."""
+    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)

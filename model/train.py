@@ -1,0 +1,616 @@
+"""The training job: `python -m model.train --data_dir out/ --model_dir runs/r1 [...]` (see `--help`).
+
+Reads the preprocessing job's shards and manifest, trains a four-stain classifier with Keras callbacks
+(ReduceLROnPlateau on validation loss, EarlyStopping, ModelCheckpoint of the best epoch, BackupAndRestore,
+CSVLogger, TensorBoard) and writes into --model_dir: config.json, model.keras, export/ (SavedModel taking
+serialized tf.Examples), history.csv, plots.png, logs/ (TensorBoard) and val_predictions.npz.
+
+Restarting the same command after a crash or preemption resumes from the last finished epoch: weights,
+optimizer state (learning rate included) come from BackupAndRestore's backup, the callbacks' plateau
+counters and history.csv are restored from the epochs already logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from model.config import (
+    BACKBONES,
+    LOSSES,
+    PRECISIONS,
+    RARE_CLASS_MODES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    config_to_json,
+)
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+EXPORT_DIR = "export"
+HISTORY_FILE = "history.csv"
+PLOTS_FILE = "plots.png"
+LOGS_DIR = "logs"
+VAL_PREDICTIONS_FILE = "val_predictions.npz"
+BACKUP_DIR = "backup"
+BEST_WEIGHTS = "checkpoints/best.weights.h5"
+RUN_INFO_FILE = "run_info.json"
+BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
+MONITOR = "val_loss"
+F1_METRIC = "f1"
+AUC_METRIC = "auc"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags (defaults from the config dataclasses)."""
+    d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
+    p = argparse.ArgumentParser(
+        prog="run_train.sh",
+        description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data_dir", required=True, help="preprocessing output (local or gs://)")
+    p.add_argument("--model_dir", required=True, help="where to write the run's outputs (local or gs://)")
+    p.add_argument("--val_fold", type=int, default=t.val_fold, help="fold held out for validation")
+    p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
+    p.add_argument(
+        "--weights", default=m.weights, help="imagenet, none, or a saved 3/4-channel backbone file"
+    )
+    p.add_argument("--dropout", type=float, default=m.dropout)
+    p.add_argument(
+        "--image_size", type=int, default=None, help="must match the records (default: manifest's)"
+    )
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument(
+        "--steps_per_epoch", type=int, default=None, help="default: one pass over the training folds"
+    )
+    p.add_argument("--validation_steps", type=int, default=None, help="default: the whole validation fold")
+    p.add_argument("--learning_rate", type=float, default=t.learning_rate)
+    p.add_argument("--loss", choices=LOSSES, default=t.loss)
+    p.add_argument("--focal_gamma", type=float, default=t.focal_gamma)
+    p.add_argument("--precision", choices=PRECISIONS, default=t.precision)
+    p.add_argument("--lr_factor", type=float, default=t.lr_factor, help="ReduceLROnPlateau factor")
+    p.add_argument(
+        "--lr_patience", type=int, default=t.lr_patience, help="ReduceLROnPlateau patience (epochs)"
+    )
+    p.add_argument("--min_lr", type=float, default=t.min_lr)
+    p.add_argument("--early_stopping_patience", type=int, default=t.early_stopping_patience)
+    p.add_argument(
+        "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
+    )
+    p.add_argument("--no_augment", action="store_true", help="no flips / right-angle rotations")
+    p.add_argument("--crop_size", type=int, default=None, help="random crop side while training")
+    p.add_argument("--intensity_jitter", type=float, default=d.intensity_jitter, help="max relative change")
+    p.add_argument("--rare_class", choices=RARE_CLASS_MODES, default=d.rare_class)
+    p.add_argument("--rare_power", type=float, default=d.rare_power)
+    p.add_argument("--rare_max_factor", type=float, default=d.rare_max_factor)
+    p.add_argument("--tf_data_service", default=None, help="grpc://host:port of a tf.data service dispatcher")
+    p.add_argument("--seed", type=int, default=None, help="seed of shuffles, augmentation and initialisation")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
+    )
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Flags -> TrainConfig (raises ConfigError on bad values)."""
+    data = DataConfig(
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        shuffle_buffer=args.shuffle_buffer,
+        augment=not args.no_augment,
+        crop_size=args.crop_size,
+        intensity_jitter=args.intensity_jitter,
+        rare_class=args.rare_class,
+        rare_power=args.rare_power,
+        rare_max_factor=args.rare_max_factor,
+        tf_data_service=args.tf_data_service,
+        seed=args.seed,
+    )
+    model = ModelConfig(backbone=args.backbone, weights=args.weights, dropout=args.dropout)
+    return TrainConfig(
+        data_dir=args.data_dir.rstrip("/"),
+        model_dir=args.model_dir.rstrip("/"),
+        val_fold=args.val_fold,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        validation_steps=args.validation_steps,
+        learning_rate=args.learning_rate,
+        loss=args.loss,
+        focal_gamma=args.focal_gamma,
+        precision=args.precision,
+        lr_factor=args.lr_factor,
+        lr_patience=args.lr_patience,
+        min_lr=args.min_lr,
+        early_stopping_patience=args.early_stopping_patience,
+        data=data,
+        model=model,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Devices: strategy and precision.
+
+
+def _tf_config_workers() -> int:
+    """Number of machines named by TF_CONFIG (chief + workers), 0 when unset."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from e
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def is_chief() -> bool:
+    """True on the machine that writes the outputs (no TF_CONFIG, or the chief, or worker 0 without chief)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True
+    conf = json.loads(raw)
+    task = conf.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    has_chief = bool(conf.get("cluster", {}).get("chief"))
+    return kind == "chief" or (not has_chief and kind == "worker" and index == 0)
+
+
+def make_strategy():
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several machines, MirroredStrategy over >1 local GPU,
+    else the default strategy."""
+    import tensorflow as tf
+
+    if _tf_config_workers() > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def resolve_precision(requested: str, gpu_capabilities: Sequence[tuple[int, int]] | None = None) -> str:
+    """The Keras dtype policy for `--precision`.
+
+    `auto`: mixed_bfloat16 when every GPU has compute capability >= 8.0, mixed_float16 (with Keras's automatic
+    loss scaling) on older GPUs, float32 without a GPU. `gpu_capabilities` defaults to the local GPUs'.
+    """
+    if requested != "auto":
+        return requested
+    if gpu_capabilities is None:
+        import tensorflow as tf
+
+        gpu_capabilities = []
+        for gpu in tf.config.list_physical_devices("GPU"):
+            cap = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            gpu_capabilities.append(tuple(cap) if cap else (0, 0))
+    if not gpu_capabilities:
+        return "float32"
+    if min(gpu_capabilities) >= (8, 0):
+        return "mixed_bfloat16"
+    return "mixed_float16"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs and the model directory.
+
+
+def _read_manifest(data_dir: str) -> dict:
+    import schemas
+
+    try:
+        return schemas.read_manifest(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[int], dict[int, int]]:
+    """Checks the config against the dataset and fills the image size from the manifest.
+
+    Returns:
+      (resolved config, training folds, {fold: records written}).
+
+    Raises:
+      ConfigError: missing validation fold, image size mismatch, empty training set.
+    """
+    import dataclasses
+
+    import schemas
+
+    num_folds = int(manifest[schemas.MANIFEST_NUM_FOLDS])
+    written = {
+        f: int(manifest[schemas.MANIFEST_WRITTEN].get(schemas.written_key(f), 0)) for f in range(num_folds)
+    }
+    if not 0 <= cfg.val_fold < num_folds:
+        raise ConfigError(
+            f"--val_fold {cfg.val_fold} does not exist: "
+            f"{cfg.data_dir} has {num_folds} folds (0..{num_folds - 1})"
+        )
+    if written[cfg.val_fold] == 0:
+        raise ConfigError(f"validation fold {cfg.val_fold} of {cfg.data_dir} holds no records")
+    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
+    if height != width:
+        raise ConfigError(f"{cfg.data_dir} holds {height}x{width} images; training needs square images")
+    if cfg.data.image_size is not None and cfg.data.image_size != height:
+        raise ConfigError(
+            f"--image_size {cfg.data.image_size} does not match the records of {cfg.data_dir} "
+            f"({height}x{width}); "
+            f"rerun preprocessing with --image_size {cfg.data.image_size} or drop the flag"
+        )
+    if cfg.data.crop_size is not None and cfg.data.crop_size > height:
+        raise ConfigError(f"--crop_size {cfg.data.crop_size} is larger than the images ({height})")
+    train_folds = [f for f in range(num_folds) if f != cfg.val_fold]
+    if sum(written[f] for f in train_folds) == 0:
+        raise ConfigError(f"empty training set: folds {train_folds} of {cfg.data_dir} hold no records")
+    data = dataclasses.replace(cfg.data, image_size=height)
+    return dataclasses.replace(cfg, data=data), train_folds, written
+
+
+def _join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def _read_text(path: str) -> str:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "r") as f:
+        return f.read()
+
+
+def _write_text(path: str, text: str) -> None:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+def backup_epoch(model_dir: str) -> int | None:
+    """Epochs finished according to BackupAndRestore's backup in model_dir, or None without a backup."""
+    import tensorflow as tf
+
+    path = _join(model_dir, BACKUP_DIR, BACKUP_METADATA)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        return int(json.loads(_read_text(path))["epoch"])
+    except (ValueError, KeyError):
+        return None
+
+
+def prepare_model_dir(cfg: TrainConfig, overwrite: bool) -> int:
+    """Checks model_dir against the config; returns the epoch to start from (> 0 when resuming).
+
+    Raises:
+      ConfigError: model_dir holds another run's config, or a finished run (without --overwrite).
+    """
+    import tensorflow as tf
+
+    config_path = _join(cfg.model_dir, CONFIG_FILE)
+    if tf.io.gfile.exists(config_path) and overwrite:
+        tf.io.gfile.rmtree(cfg.model_dir)
+    if tf.io.gfile.exists(config_path):
+        try:
+            previous = config_from_dict(json.loads(_read_text(config_path)))
+        except (ValueError, ConfigError) as e:
+            raise ConfigError(f"{config_path} is not a training config ({e}); use another --model_dir") from e
+        if previous != cfg:
+            old, new = config_to_dict(previous), config_to_dict(cfg)
+            diff = _dict_diff(old, new)
+            raise ConfigError(
+                f"{cfg.model_dir} holds another run (config differs: {diff}); "
+                "use another --model_dir, or --overwrite to replace it"
+            )
+        epoch = backup_epoch(cfg.model_dir)
+        if epoch is not None:
+            return epoch
+        if tf.io.gfile.exists(_join(cfg.model_dir, MODEL_FILE)):
+            raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
+        return 0
+    tf.io.gfile.makedirs(cfg.model_dir)
+    _write_text(config_path, config_to_json(cfg))
+    return 0
+
+
+def _dict_diff(old: dict, new: dict, prefix: str = "") -> str:
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _dict_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                parts.append(sub)
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return ", ".join(parts)
+
+
+def read_history(path: str) -> list[dict[str, str]]:
+    """Rows of a CSVLogger file (empty when absent)."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return []
+    return list(csv.DictReader(io.StringIO(_read_text(path))))
+
+
+def truncate_history(path: str, epochs: int) -> list[dict[str, str]]:
+    """Keeps the rows of epochs < `epochs` (those the backup covers); returns them."""
+    import tensorflow as tf
+
+    rows = [r for r in read_history(path) if int(r["epoch"]) < epochs]
+    if not rows:
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+        return []
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(path, buf.getvalue())
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Callbacks and outputs.
+
+
+def _replay_callback(rows: list[dict[str, str]]):
+    """A callback restoring ReduceLROnPlateau / EarlyStopping counters from the logged epochs on resume."""
+    import keras
+
+    class ReplayPlateauState(keras.callbacks.Callback):
+        def __init__(self, targets):
+            super().__init__()
+            self.targets = targets
+
+        def on_train_begin(self, logs=None):
+            if not rows:
+                return
+            optimizer = self.model.optimizer
+            lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            for cb in self.targets:
+                verbose, cb.verbose = cb.verbose, 0
+                for row in rows:
+                    cb.on_epoch_end(int(row["epoch"]), {MONITOR: float(row[MONITOR])})
+                cb.verbose = verbose
+            optimizer.learning_rate = lr  # BackupAndRestore (after this callback) restores the true value
+
+    return ReplayPlateauState
+
+
+def make_callbacks(cfg: TrainConfig, work_dir: str, history_rows: list[dict[str, str]]) -> list:
+    """The Keras callbacks of a run, in the order they must see each epoch's end."""
+    import keras
+
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(
+        monitor=MONITOR, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
+    )
+    early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
+    best_so_far = min((float(r[MONITOR]) for r in history_rows), default=None)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        _join(work_dir, BEST_WEIGHTS),
+        monitor=MONITOR,
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=best_so_far,
+    )
+    callbacks = [
+        reduce_lr,
+        early,
+        _replay_callback(history_rows)([reduce_lr, early]),
+        checkpoint,
+        keras.callbacks.CSVLogger(_join(work_dir, HISTORY_FILE), append=True),
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(_join(work_dir, LOGS_DIR), profile_batch=0))
+    else:
+        _print(
+            "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
+        )
+    # Last, so an epoch counts as done only once every other callback has handled it.
+    callbacks.append(keras.callbacks.BackupAndRestore(_join(work_dir, BACKUP_DIR), delete_checkpoint=False))
+    return callbacks
+
+
+def plot_history(rows: list[dict[str, str]], path: str) -> None:
+    """Training and validation loss and macro F1 per epoch (the original project's figure) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], F1_METRIC, "macro F1 (threshold 0.5)")):
+        for name, style in ((key, "-o"), (f"val_{key}", "-s")):
+            if rows and name in rows[0]:
+                ax.plot(epochs, [float(r[name]) for r in rows], style, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _save_npz(path: str, **arrays) -> None:
+    import tensorflow as tf
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job.
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs the training job with command-line flags; returns a summary dict (paths, epochs, final metrics).
+
+    Raises:
+      ConfigError: bad flags or inputs (the message says what to change).
+    """
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    manifest = _read_manifest(cfg.data_dir)
+    cfg, train_folds, written = resolve_config(cfg, manifest)
+
+    import keras
+    import tensorflow as tf
+
+    import schemas
+    from model import data as data_lib
+    from model import losses
+    from model import model as model_lib
+
+    strategy = make_strategy()
+    precision = resolve_precision(cfg.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    if cfg.data.seed is not None:
+        keras.utils.set_random_seed(cfg.data.seed)
+
+    chief = is_chief()
+    # Non-chief workers of a multi-worker run write to a scratch dir (Keras callbacks need somewhere).
+    work_dir = cfg.model_dir if chief else tempfile.mkdtemp(prefix="hpa-worker-")
+    initial_epoch = prepare_model_dir(cfg, args.overwrite) if chief else 0
+    history_rows = truncate_history(_join(work_dir, HISTORY_FILE), initial_epoch)
+
+    n_train = sum(written[f] for f in train_folds)
+    n_val = written[cfg.val_fold]
+    labels = None
+    positive_weights = None
+    epoch_samples = float(n_train)
+    if cfg.data.rare_class != "none":
+        _print(f"reading the labels of folds {train_folds} for rare-class {cfg.data.rare_class} ...")
+        labels = data_lib.read_labels(cfg.data_dir, train_folds)
+        factors = losses.class_factors(labels.sum(axis=0), cfg.data.rare_power, cfg.data.rare_max_factor)
+        if cfg.data.rare_class == "weight":
+            positive_weights = factors
+        else:
+            epoch_samples = float(losses.sample_repeats(labels, factors).sum())
+    steps_per_epoch = cfg.steps_per_epoch or max(1, int(epoch_samples) // cfg.data.batch_size)
+    validation_steps = cfg.validation_steps or -(-n_val // cfg.data.batch_size)
+    devices = [d.name for d in tf.config.list_logical_devices() if d.device_type in ("GPU", "TPU")] or ["CPU"]
+
+    _print(
+        f"data: {cfg.data_dir}  image {cfg.data.image_size}px  "
+        f"train folds {train_folds} = {n_train} samples, "
+        f"val fold {cfg.val_fold} = {n_val} samples"
+        + (
+            f" (oversampled epoch ~ {int(epoch_samples)} samples)"
+            if cfg.data.rare_class == "oversample"
+            else ""
+        )
+    )
+    _print(
+        f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size}; "
+        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}), loss {cfg.loss}"
+    )
+    _print(
+        f"devices: {', '.join(devices)}; strategy {type(strategy).__name__} "
+        f"({strategy.num_replicas_in_sync} replica(s)); precision {precision}"
+        + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
+    )
+    if initial_epoch:
+        _print(f"resuming {cfg.model_dir} after epoch {initial_epoch} (backup found)")
+
+    run_info = {
+        "precision": precision,
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
+        "devices": devices,
+        "steps_per_epoch": steps_per_epoch,
+        "train_samples": n_train,
+        "val_samples": n_val,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+    if chief:
+        _write_text(_join(cfg.model_dir, RUN_INFO_FILE), json.dumps(run_info, indent=2))
+
+    train_ds = data_lib.make_dataset(cfg.data_dir, train_folds, cfg.data, training=True, labels=labels)
+    val_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data)
+
+    stats = manifest[schemas.MANIFEST_STAIN_STATS]
+    with strategy.scope():
+        model = model_lib.build_model(cfg.model, stats["mean"], stats["std"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
+            metrics=[
+                keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
+                keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
+            ],
+        )
+
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
+    model.fit(
+        train_ds,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_ds,
+        validation_steps=validation_steps,
+        callbacks=make_callbacks(cfg, work_dir, history_rows),
+        verbose=args.verbose,
+    )
+
+    best = _join(work_dir, BEST_WEIGHTS)
+    if tf.io.gfile.exists(best):
+        model.load_weights(best)
+    summary = {"model_dir": cfg.model_dir, "precision": precision, "steps_per_epoch": steps_per_epoch}
+    if not chief:
+        return summary
+    _print(f"writing outputs to {cfg.model_dir} ...")
+    model.save(_join(cfg.model_dir, MODEL_FILE))
+    model_lib.export_serving(model, _join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
+    val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
+    ids, y_true, scores = model_lib.predict_with_ids(model, val_ids_ds)
+    _save_npz(_join(cfg.model_dir, VAL_PREDICTIONS_FILE), ids=ids, labels=y_true, scores=scores)
+    rows = read_history(_join(cfg.model_dir, HISTORY_FILE))
+    plot_history(rows, _join(cfg.model_dir, PLOTS_FILE))
+    tf.io.gfile.rmtree(_join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
+    summary.update(epochs=len(rows), history=rows)
+    _print(f"done: {len(rows)} epochs; outputs in {cfg.model_dir}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
