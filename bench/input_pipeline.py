@@ -3,13 +3,14 @@
     .venv/bin/python -m bench.input_pipeline [--source ../shared/data/hpa-real-smoke] [--samples 1008]
         [--data_dir OUT_OF_A_PREVIOUS_RUN] [--repeats 3]
 
-Replicates the real samples under new Ids (symlinks) to >= 1,000 samples, runs the real preprocessing job
-(`pipelines.preprocess.run`) unless --data_dir names its output already, then measures in one run, on all
-cores, samples/s of:
+Replicates the real samples under new Ids (bench._common.build_real_dataset) to >= 1,000 samples, runs the
+real preprocessing job (`pipelines.preprocess.run`) unless --data_dir names its output already, then
+measures in one run, on all cores, samples/s of:
   (a) the decode ceiling: read, parse and decode the four stains in parallel, nothing else;
   (b) the training pipeline as shipped (`model.data.make_dataset(training=True)`, augmentation included);
   (c) the original project's pipeline shape: sequential map, float32 cast, shuffle 1000, batch, prefetch 1.
-Each repeat runs (a), (b), (c) in turn over the same number of samples (startup included); the table shows
+Each repeat runs (a), (b), (c) in turn over the same number of samples, timed after a warm-up that fills
+buffers and starts threads (steady state, as over a long epoch); the table shows
 medians over repeats, the ratios b/a and b/c, per-core rates and the cores an H200 would need (its
 consumption rate from ../shared/FACTS.md, passed as --gpu_rate).
 """
@@ -17,47 +18,23 @@ consumption rate from ../shared/FACTS.md, passed as --gpu_rate).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-import tensorflow as tf
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
 
-import schemas
-from model import data as data_lib
-from model.config import DataConfig
+import tensorflow as tf  # noqa: E402
+
+import schemas  # noqa: E402
+from bench._common import REAL_SMOKE, build_real_dataset  # noqa: E402
+from model import data as data_lib  # noqa: E402
+from model.config import DataConfig  # noqa: E402
 
 # ../shared/FACTS.md: ResNet50 on an H200, mixed_bfloat16, 512x512x4, uint8 input rescaled inside the model.
 FACTS_GPU_RATE = 944.0
-
-
-def replicate(source: str, work: str, samples: int) -> tuple[str, str]:
-    """Symlinks the source's images under new Ids until `samples` rows; returns (labels_csv, input_dir)."""
-    with open(os.path.join(source, "train.csv")) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise SystemExit(f"{source}/train.csv has no rows")
-    image_dir = os.path.join(work, "train")
-    os.makedirs(image_dir, exist_ok=True)
-    out_rows = []
-    for i in range(samples):
-        row = rows[i % len(rows)]
-        new_id = f"{row[schemas.CSV_ID]}-r{i:05d}"
-        for stain in schemas.STAINS:
-            src = os.path.abspath(os.path.join(source, "train", f"{row[schemas.CSV_ID]}_{stain}.png"))
-            dst = os.path.join(image_dir, f"{new_id}_{stain}.png")
-            if not os.path.exists(dst):
-                os.symlink(src, dst)
-        out_rows.append((new_id, row[schemas.CSV_TARGET]))
-    labels_csv = os.path.join(work, "train.csv")
-    with open(labels_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([schemas.CSV_ID, schemas.CSV_TARGET])
-        w.writerows(out_rows)
-    return labels_csv, image_dir
 
 
 def decode_ceiling(files: list[str], image_size: int) -> tf.data.Dataset:
@@ -87,26 +64,35 @@ def original_shape(files: list[str], image_size: int, batch_size: int) -> tf.dat
     return ds.batch(batch_size).prefetch(1)
 
 
-def samples_per_second(ds: tf.data.Dataset, samples: int, batched: bool) -> float:
-    """Samples/s of iterating `samples` samples from a fresh iterator (startup included)."""
+def samples_per_second(ds: tf.data.Dataset, samples: int, batched: bool, warmup: int) -> float:
+    """Steady-state samples/s: `warmup` samples first (buffers filled, threads started), then `samples` timed.
+
+    Startup is excluded on purpose: a shuffle buffer of 1,000 decoded images costs 1,000 decodes before the
+    first batch, which would count against the original shape on a short run but not over a whole epoch.
+    """
+    it = iter(ds.repeat())
+    seen = 0
+    while seen < warmup:
+        element = next(it)
+        seen += int(element[0].shape[0]) if batched else 1
     start = time.perf_counter()
     seen = 0
-    for element in ds:
+    while seen < samples:
+        element = next(it)
         seen += int(element[0].shape[0]) if batched else 1
-        if seen >= samples:
-            break
     return seen / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: build (or reuse) the shards, measure, print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default=os.path.join("..", "shared", "data", "hpa-real-smoke"))
+    p.add_argument("--source", default=REAL_SMOKE, help="folder of real samples (train/, train.csv)")
     p.add_argument("--samples", type=int, default=1008, help="replicated samples (>= 1,000)")
     p.add_argument("--data_dir", default=None, help="reuse an existing preprocessing output")
     p.add_argument("--work_dir", default=None, help="where to build the dataset (default: a temp dir)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--measure_samples", type=int, default=None, help="samples per measurement (default: all)")
+    p.add_argument("--warmup", type=int, default=1100, help="samples read before timing (fills buffers)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--gpu_rate", type=float, default=FACTS_GPU_RATE, help="GPU samples/s from FACTS.md")
     args = p.parse_args(argv)
@@ -119,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines import preprocess
 
         work = args.work_dir or tempfile.mkdtemp(prefix="bench-input-")
-        labels_csv, image_dir = replicate(args.source, work, args.samples)
+        labels_csv, image_dir, _ = build_real_dataset(work, args.samples, smoke_dir=args.source)
         data_dir = os.path.join(work, "out")
         print(f"building {args.samples} samples with the preprocessing job into {data_dir} ...", flush=True)
         t = time.perf_counter()
@@ -150,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for r in range(args.repeats):
         for name, (make, batched) in pipelines.items():
-            rate = samples_per_second(make(), n, batched)
+            rate = samples_per_second(make(), n, batched, args.warmup)
             rates[name].append(rate)
             print(f"  repeat {r + 1}/{args.repeats} {name}: {rate:.1f} samples/s", flush=True)
 

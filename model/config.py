@@ -30,6 +30,21 @@ WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_NONE = "none"
 
 
+# Layout of a model directory (--model_dir): what the training job writes and the later steps read.
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+EXPORT_DIR = "export"
+HISTORY_FILE = "history.csv"
+PLOTS_FILE = "plots.png"
+LOGS_DIR = "logs"
+RUN_INFO_FILE = "run_info.json"
+BACKUP_DIR = "backup"
+BEST_WEIGHTS = "checkpoints/best.weights.h5"
+VAL_PREDICTIONS_FILE = "val_predictions.npz"  # arrays VAL_IDS [n] str, VAL_LABELS [n, 28], VAL_SCORES [n, 28]
+VAL_IDS, VAL_LABELS, VAL_SCORES = "ids", "labels", "scores"
+THRESHOLDS_FILE = "thresholds.json"  # written by model.evaluate, read by model.predict
+
+
 class ConfigError(ValueError):
     """Bad flags or a dataset / model directory that does not fit them; the message says what to change."""
 

@@ -33,13 +33,12 @@ import numpy as np
 
 import schemas
 from model import thresholds as thr
+from model.config import THRESHOLDS_FILE, VAL_IDS, VAL_LABELS, VAL_PREDICTIONS_FILE, VAL_SCORES
 
 __all__ = [
     "F1_PLOT_FILE",
     "REPORT_JSON_FILE",
     "REPORT_MD_FILE",
-    "THRESHOLDS_FILE",
-    "VAL_PREDICTIONS_FILE",
     "EvalConfig",
     "ValPredictions",
     "evaluate_predictions",
@@ -51,10 +50,7 @@ __all__ = [
     "run",
 ]
 
-# The training job's output that this job reads, and the files this job writes.
-VAL_PREDICTIONS_FILE = "val_predictions.npz"
-VAL_IDS, VAL_LABELS, VAL_SCORES = "ids", "labels", "scores"
-THRESHOLDS_FILE = "thresholds.json"
+# The files this job writes (what it reads is named in model.config).
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 F1_PLOT_FILE = "per_class_f1.png"

@@ -28,9 +28,22 @@ import numpy as np
 
 from model.config import (
     BACKBONES,
+    BACKUP_DIR,
+    BEST_WEIGHTS,
+    CONFIG_FILE,
+    EXPORT_DIR,
+    HISTORY_FILE,
+    LOGS_DIR,
     LOSSES,
+    MODEL_FILE,
+    PLOTS_FILE,
     PRECISIONS,
     RARE_CLASS_MODES,
+    RUN_INFO_FILE,
+    VAL_IDS,
+    VAL_LABELS,
+    VAL_PREDICTIONS_FILE,
+    VAL_SCORES,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -40,16 +53,6 @@ from model.config import (
     config_to_json,
 )
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.keras"
-EXPORT_DIR = "export"
-HISTORY_FILE = "history.csv"
-PLOTS_FILE = "plots.png"
-LOGS_DIR = "logs"
-VAL_PREDICTIONS_FILE = "val_predictions.npz"
-BACKUP_DIR = "backup"
-BEST_WEIGHTS = "checkpoints/best.weights.h5"
-RUN_INFO_FILE = "run_info.json"
 BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
 MONITOR = "val_loss"
 F1_METRIC = "f1"
@@ -593,7 +596,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     model_lib.export_serving(model, _join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
     val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
     ids, y_true, scores = model_lib.predict_with_ids(model, val_ids_ds)
-    _save_npz(_join(cfg.model_dir, VAL_PREDICTIONS_FILE), ids=ids, labels=y_true, scores=scores)
+    _save_npz(
+        _join(cfg.model_dir, VAL_PREDICTIONS_FILE), **{VAL_IDS: ids, VAL_LABELS: y_true, VAL_SCORES: scores}
+    )
     rows = read_history(_join(cfg.model_dir, HISTORY_FILE))
     plot_history(rows, _join(cfg.model_dir, PLOTS_FILE))
     tf.io.gfile.rmtree(_join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
