@@ -38,11 +38,13 @@ def _digest_tree(root):
 
 
 def _generate(root, **kw):
-    cfg = synthetic.GeneratorConfig(output_dir=str(root), **{"num_samples": 4, "image_size": 64, "workers": 1, **kw})
+    cfg = synthetic.GeneratorConfig(
+        output_dir=str(root), **{"num_samples": 4, "image_size": 64, "workers": 1, **kw}
+    )
     return synthetic.generate(cfg, log=None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Files
 
 
@@ -112,7 +114,7 @@ def test_refuses_to_mix_with_an_existing_dataset(tmp_path):
     assert len(_read_csv(tmp_path / synthetic.TRAIN_CSV)[1]) == 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Labels
 
 
@@ -157,7 +159,7 @@ def test_labels_csv_draws_whole_label_sets(tmp_path):
     assert len({r[1] for r in rows}) > 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -205,12 +207,18 @@ WHERE = {
         lambda m: m["nuclear_rim"],
         lambda m: (m["nucleus"] & ~_grow(m["nuclear_rim"], 2)) | m["peripheral"],
     ),
-    "Nucleoli": (lambda m: m["nucleoli"], lambda m: (m["nucleus"] & ~_grow(m["nucleoli"], 3)) | m["cytoplasm"]),
+    "Nucleoli": (
+        lambda m: m["nucleoli"],
+        lambda m: (m["nucleus"] & ~_grow(m["nucleoli"], 3)) | m["cytoplasm"],
+    ),
     "Nucleoli fibrillar center": (lambda m: m["nucleoli"], lambda m: m["cytoplasm"]),
     "Nuclear speckles": (lambda m: m["nucleus"], lambda m: m["cytoplasm"]),
     "Nuclear bodies": (lambda m: m["nucleus"], lambda m: m["cytoplasm"]),
     "Endoplasmic reticulum": (lambda m: m["perinuclear"], lambda m: m["nucleus"] & ~m["nuclear_rim"]),
-    "Golgi apparatus": (lambda m: m["perinuclear"], lambda m: m["peripheral"] | (m["nucleus"] & ~m["nuclear_rim"])),
+    "Golgi apparatus": (
+        lambda m: m["perinuclear"],
+        lambda m: m["peripheral"] | (m["nucleus"] & ~m["nuclear_rim"]),
+    ),
     "Peroxisomes": (lambda m: m["cytoplasm"], lambda m: m["nucleus"]),
     "Endosomes": (lambda m: m["cytoplasm"], lambda m: m["nucleus"]),
     "Lysosomes": (lambda m: m["perinuclear"], lambda m: m["nucleus"]),
@@ -225,7 +233,10 @@ WHERE = {
     "Centrosome": (lambda m: m["centrosome"], lambda m: m["peripheral"]),
     "Lipid droplets": (lambda m: m["cytoplasm"], lambda m: m["nucleus"]),
     "Plasma membrane": (lambda m: m["cell_rim"], lambda m: m["nucleus"]),
-    "Cell junctions": (lambda m: m["junction"], lambda m: m["nucleus"] | (m["cell_rim"] & ~_grow(m["junction"], 3))),
+    "Cell junctions": (
+        lambda m: m["junction"],
+        lambda m: m["nucleus"] | (m["cell_rim"] & ~_grow(m["junction"], 3)),
+    ),
     "Mitochondria": (lambda m: m["cytoplasm"], lambda m: m["nucleus"]),
     "Aggresome": (lambda m: m["cytoplasm"], lambda m: m["peripheral"] & ~m["perinuclear"] | ~m["cell"]),
     "Cytosol": (lambda m: m["cytoplasm"], lambda m: m["nucleus"]),
@@ -266,7 +277,7 @@ def test_green_intensity_varies_between_images():
     assert max(peaks) > 3 * min(peaks)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -327,7 +338,9 @@ def test_cli_reports_errors_and_help(tmp_path, capsys):
 
 
 def test_cli_writes_a_dataset(tmp_path, capsys):
-    rc = synthetic.main(["--output_dir", str(tmp_path), "--num_samples", "2", "--image_size", "64", "--workers", "1"])
+    rc = synthetic.main(
+        ["--output_dir", str(tmp_path), "--num_samples", "2", "--image_size", "64", "--workers", "1"]
+    )
     assert rc == 0
     assert "rendered 2/2" in capsys.readouterr().out
     assert len(_read_csv(tmp_path / synthetic.TRAIN_CSV)[1]) == 2
