@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint lock clean
+.PHONY: setup test lint lock clean demo folds
 
 $(VENV)/.installed: setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "This project needs Python 3.11; found " + sys.version.split()[0] + ". Run: make setup PYTHON=/path/to/python3.11")'
@@ -13,6 +13,12 @@ $(VENV)/.installed: setup.py constraints.txt
 	@touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install the project with pinned versions
+
+demo: $(VENV)/.installed  ## the main job: synthetic data -> preprocess -> train -> thresholds -> predict -> score
+	DEMO_PYTHON=$(abspath $(PY)) ./run_demo.sh
+
+folds: $(VENV)/.installed  ## the demo with one model per fold and their ensemble (reuses the demo's data)
+	DEMO_PYTHON=$(abspath $(PY)) ./run_folds.sh
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q tests

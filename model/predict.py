@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 import schemas
+from model.config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, VAL_IDS, VAL_SCORES
 
 __all__ = [
     "EMPTY_RULES",
@@ -69,12 +70,8 @@ __all__ = [
 
 TTA_CHOICES = (1, 2, 4, 8)
 EMPTY_RULES = ("top1", "none")
-# Files of a model dir that this job reads (written by model.train and model.evaluate).
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-THRESHOLDS_FILE = "thresholds.json"
-# Arrays of the --probabilities .npz (the same names as the training job's val_predictions.npz).
-PROB_IDS, PROB_SCORES, PROB_CLASS_NAMES = "ids", "scores", "class_names"
+# Arrays of the --probabilities .npz: Ids and scores named as in the training job's val_predictions.npz.
+PROB_IDS, PROB_SCORES, PROB_CLASS_NAMES = VAL_IDS, VAL_SCORES, "class_names"
 
 # dihedral(image, k): k % 4 right-angle rotations, then a left-right flip when k >= 4.
 _TRANSFORMS = {
