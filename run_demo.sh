@@ -123,7 +123,7 @@ for k in "${FOLD_LIST[@]}"; do
   step "train-fold$k" "training: fold $k held out -> $RUN/fold$k"
   show ./run_train.sh --data_dir "$DATA" --model_dir "$RUN/fold$k" --val_fold "$k" \
     --backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" \
-    --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 \
+    --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA" \
     --seed "$SEED" --overwrite --verbose 2
   done_step
 done

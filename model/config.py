@@ -44,6 +44,23 @@ VAL_PREDICTIONS_FILE = "val_predictions.npz"  # arrays VAL_IDS [n] str, VAL_LABE
 VAL_IDS, VAL_LABELS, VAL_SCORES = "ids", "labels", "scores"
 THRESHOLDS_FILE = "thresholds.json"  # written by model.evaluate, read by model.predict
 
+TTA_CHOICES = (1, 2, 4, 8)
+# Test-time augmentation with n transforms: the `model.data.dihedral` indices averaged (k % 4 right-angle
+# rotations, then a left-right flip if k >= 4), identity first.
+_TTA_TRANSFORMS = {
+    1: (0,),
+    2: (0, 4),  # + left-right flip
+    4: (0, 4, 6, 2),  # + up-down flip (rot180 then left-right flip), + rot180: the flip group
+    8: (0, 1, 2, 3, 4, 5, 6, 7),
+}
+
+
+def tta_transforms(n: int) -> tuple[int, ...]:
+    """The `model.data.dihedral` indices averaged for test-time augmentation with n in TTA_CHOICES."""
+    if n not in _TTA_TRANSFORMS:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {n}")
+    return _TTA_TRANSFORMS[n]
+
 
 class ConfigError(ValueError):
     """Bad flags or a dataset / model directory that does not fit them; the message says what to change."""
@@ -151,6 +168,8 @@ class TrainConfig:
         an explicit Keras dtype policy.
       lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation loss.
       early_stopping_patience: EarlyStopping on validation loss (epochs without improvement).
+      val_tta: test-time augmentation (1, 2, 4 or 8 transforms) of the saved validation predictions, which
+        thresholds are tuned on; match the prediction's --tta.
       data, model: the pipeline and network configs.
     """
 
@@ -168,6 +187,7 @@ class TrainConfig:
     lr_patience: int = 2
     min_lr: float = 1e-7
     early_stopping_patience: int = 6
+    val_tta: int = 1
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
@@ -188,6 +208,8 @@ class TrainConfig:
             raise ConfigError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if self.val_fold < 0:
             raise ConfigError(f"val_fold must be >= 0, got {self.val_fold}")
+        if self.val_tta not in TTA_CHOICES:
+            raise ConfigError(f"val_tta must be one of {TTA_CHOICES}, got {self.val_tta}")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

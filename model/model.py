@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -244,17 +245,37 @@ def export_serving(model: keras.Model, export_dir: str, image_size: int) -> str:
     return export_dir
 
 
+def tta_average(predict, images, transforms: Sequence[int] = (0,)) -> np.ndarray:
+    """Mean of `predict(dihedral(images, k))` over the transforms k (`model.data.tta_transforms(n)`).
+
+    Args:
+      predict: images [B, H, W, C] -> probabilities [B, NUM_CLASSES] (e.g. `model.predict_on_batch`).
+      images: a batch of images (tensor or array).
+      transforms: `model.data.dihedral` indices.
+
+    Returns:
+      float64 [B, NUM_CLASSES] averaged probabilities.
+    """
+    from model.data import dihedral
+
+    total = None
+    for k in transforms:
+        p = np.asarray(predict(dihedral(images, k)), dtype=np.float64)
+        total = p if total is None else total + p
+    return total / len(transforms)
+
+
 def predict_with_ids(
-    model: keras.Model, dataset: tf.data.Dataset
+    model: keras.Model, dataset: tf.data.Dataset, transforms: Sequence[int] = (0,)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores a dataset of (images, labels, ids) batches.
+    """Scores a dataset of (images, labels, ids) batches, averaged over test-time `transforms`.
 
     Returns:
       (ids as str [N], labels float32 [N, NUM_CLASSES], scores float32 [N, NUM_CLASSES]) in dataset order.
     """
     ids, labels, scores = [], [], []
     for images, y, batch_ids in dataset:
-        scores.append(np.asarray(model.predict_on_batch(images), dtype=np.float32))
+        scores.append(tta_average(model.predict_on_batch, images, transforms).astype(np.float32))
         labels.append(y.numpy().astype(np.float32))
         ids.extend(i.decode("utf-8") for i in batch_ids.numpy())
     if not scores:

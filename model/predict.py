@@ -48,7 +48,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 import schemas
-from model.config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, VAL_IDS, VAL_SCORES
+from model.config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    THRESHOLDS_FILE,
+    TTA_CHOICES,
+    VAL_IDS,
+    VAL_SCORES,
+)
+from model.config import tta_transforms as _tta_transforms
 
 __all__ = [
     "EMPTY_RULES",
@@ -64,22 +72,12 @@ __all__ = [
     "resolve_thresholds",
     "run",
     "submission_rows",
-    "tta_average",
     "tta_transforms",
 ]
 
-TTA_CHOICES = (1, 2, 4, 8)
 EMPTY_RULES = ("top1", "none")
 # Arrays of the --probabilities .npz: Ids and scores named as in the training job's val_predictions.npz.
 PROB_IDS, PROB_SCORES, PROB_CLASS_NAMES = VAL_IDS, VAL_SCORES, "class_names"
-
-# dihedral(image, k): k % 4 right-angle rotations, then a left-right flip when k >= 4.
-_TRANSFORMS = {
-    1: (0,),
-    2: (0, 4),  # + left-right flip
-    4: (0, 4, 6, 2),  # + up-down flip (rot180 then left-right flip), + rot180: the flip group
-    8: (0, 1, 2, 3, 4, 5, 6, 7),
-}
 
 
 class PredictError(ValueError):
@@ -133,9 +131,10 @@ class PredictConfig:
 
 def tta_transforms(n: int) -> tuple[int, ...]:
     """The `model.data.dihedral` indices averaged for `--tta n` (n in TTA_CHOICES); 0 (identity) first."""
-    if n not in _TRANSFORMS:
-        raise PredictError(f"tta must be one of {TTA_CHOICES}, got {n}")
-    return _TRANSFORMS[n]
+    try:
+        return _tta_transforms(n)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
 
 
 def order_by_ids(
@@ -261,6 +260,7 @@ def _read_rejected(data_dir: str) -> dict[str, str]:
 class _ModelDir:
     path: str
     image_size: int
+    val_tta: int  # test-time augmentation of the validation predictions its thresholds were tuned on
 
 
 def _inspect_model_dir(model_dir: str) -> _ModelDir:
@@ -280,7 +280,7 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
         raise PredictError(f"{config_path} is not a training config: {e}") from None
     if cfg.data.image_size is None:
         raise PredictError(f"{config_path} does not record the image size the model was trained on")
-    return _ModelDir(model_dir, int(cfg.data.image_size))
+    return _ModelDir(model_dir, int(cfg.data.image_size), int(cfg.val_tta))
 
 
 def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None) -> tuple[np.ndarray, str]:
@@ -344,26 +344,6 @@ def load_model_dir(model_dir: str):
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
-def tta_average(predict: Callable, images, transforms: Sequence[int]) -> np.ndarray:
-    """Mean of `predict(dihedral(images, k))` over the transforms k.
-
-    Args:
-      predict: images [B, H, W, C] -> probabilities [B, NUM_CLASSES] (e.g. `model.predict_on_batch`).
-      images: a batch of images (tensor or array).
-      transforms: `model.data.dihedral` indices, e.g. `tta_transforms(8)`.
-
-    Returns:
-      float64 [B, NUM_CLASSES] averaged probabilities.
-    """
-    from model.data import dihedral
-
-    total = None
-    for k in transforms:
-        p = np.asarray(predict(dihedral(images, k)), dtype=np.float64)
-        total = p if total is None else total + p
-    return total / len(transforms)
-
-
 def predict_scores(
     models: Sequence,
     dataset: Iterable,
@@ -380,6 +360,8 @@ def predict_scores(
       (ids as str [N], float64 scores [N, NUM_CLASSES]) in dataset order.
     """
     import tensorflow as tf
+
+    from model.model import tta_average
 
     ids: list[str] = []
     chunks = []
@@ -477,6 +459,13 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         with_ids=True,
     )
     transforms = tta_transforms(cfg.tta)
+    tuned_tta = sorted({d.val_tta for d in dirs})
+    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
+        log(
+            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
+            f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
+            f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
+        )
     log(f"loading {len(dirs)} model(s): {', '.join(cfg.model_dirs)}")
     models = [load_model_dir(d) for d in cfg.model_dirs]
     log(

@@ -40,6 +40,7 @@ from model.config import (
     PRECISIONS,
     RARE_CLASS_MODES,
     RUN_INFO_FILE,
+    TTA_CHOICES,
     VAL_IDS,
     VAL_LABELS,
     VAL_PREDICTIONS_FILE,
@@ -51,6 +52,7 @@ from model.config import (
     config_from_dict,
     config_to_dict,
     config_to_json,
+    tta_transforms,
 )
 
 BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", default=m.weights, help="imagenet, none, or a saved 3/4-channel backbone file"
     )
     p.add_argument("--dropout", type=float, default=m.dropout)
+    p.add_argument("--small_filters", type=int, default=m.small_filters, help="width of the small backbone")
     p.add_argument(
         "--image_size", type=int, default=None, help="must match the records (default: manifest's)"
     )
@@ -94,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min_lr", type=float, default=t.min_lr)
     p.add_argument("--early_stopping_patience", type=int, default=t.early_stopping_patience)
+    p.add_argument(
+        "--val_tta",
+        type=int,
+        choices=TTA_CHOICES,
+        default=t.val_tta,
+        help="test-time augmentation of val_predictions.npz; use the --tta you will predict with, so that "
+        "thresholds tuned on it fit the prediction's scores",
+    )
     p.add_argument(
         "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
     )
@@ -127,7 +138,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tf_data_service=args.tf_data_service,
         seed=args.seed,
     )
-    model = ModelConfig(backbone=args.backbone, weights=args.weights, dropout=args.dropout)
+    model = ModelConfig(
+        backbone=args.backbone, weights=args.weights, dropout=args.dropout, small_filters=args.small_filters
+    )
     return TrainConfig(
         data_dir=args.data_dir.rstrip("/"),
         model_dir=args.model_dir.rstrip("/"),
@@ -143,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
         early_stopping_patience=args.early_stopping_patience,
+        val_tta=args.val_tta,
         data=data,
         model=model,
     )
@@ -595,7 +609,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     model.save(_join(cfg.model_dir, MODEL_FILE))
     model_lib.export_serving(model, _join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
     val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
-    ids, y_true, scores = model_lib.predict_with_ids(model, val_ids_ds)
+    ids, y_true, scores = model_lib.predict_with_ids(model, val_ids_ds, tta_transforms(cfg.val_tta))
     _save_npz(
         _join(cfg.model_dir, VAL_PREDICTIONS_FILE), **{VAL_IDS: ids, VAL_LABELS: y_true, VAL_SCORES: scores}
     )

@@ -10,7 +10,7 @@ import tensorflow as tf
 import schemas
 from model import losses
 from model import model as model_lib
-from model.config import ConfigError, DataConfig, ModelConfig
+from model.config import ConfigError, DataConfig, ModelConfig, tta_transforms
 from model.data import make_eval_dataset
 from tests.test_data import write_dataset
 
@@ -115,6 +115,21 @@ def test_export_signature_matches_the_keras_model_and_the_model_file_reloads(tmp
     reloaded = keras.saving.load_model(str(tmp_path / "m.keras"))
     x = _images(2)
     np.testing.assert_allclose(reloaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
+
+
+def test_predict_with_ids_averages_the_requested_test_time_transforms(tmp_path):
+    root = str(tmp_path / "data")
+    write_dataset(root, per_fold=(4,), shards_per_fold=1)
+    model = model_lib.build_model(SMALL, MEAN, STD)
+    ds = make_eval_dataset(root, [0], DataConfig(), with_ids=True)
+    images = np.concatenate([x.numpy() for x, _, _ in ds])
+    _, _, plain = model_lib.predict_with_ids(model, ds)
+    _, _, flips = model_lib.predict_with_ids(model, ds, transforms=tta_transforms(2))
+    flipped = images[:, :, ::-1, :].copy()  # dihedral(k=4): a left-right flip
+    expected = (model.predict_on_batch(images) + model.predict_on_batch(flipped)) / 2
+    np.testing.assert_allclose(plain, model.predict_on_batch(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flips, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flips, plain)  # the random small net is not flip-invariant
 
 
 def test_class_factors_and_sample_repeats():

@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 
 import schemas
 from model import data as data_lib
+from model import model as model_lib
 from model import predict
 from model import score as score_lib
 from model import thresholds as thr
@@ -186,7 +187,7 @@ def test_tta_of_a_symmetric_image_is_the_plain_prediction(setup):
     plain = np.asarray(model.predict_on_batch(sym), np.float64)
     for n in predict.TTA_CHOICES:
         np.testing.assert_allclose(
-            predict.tta_average(model.predict_on_batch, tf.constant(sym), predict.tta_transforms(n)),
+            model_lib.tta_average(model.predict_on_batch, tf.constant(sym), predict.tta_transforms(n)),
             plain,
             rtol=0,
             atol=1e-6,
@@ -197,12 +198,12 @@ def test_tta_of_an_asymmetric_image_averages_its_transforms(setup):
     model = setup["models"][0]
     x = _image(6)[None]
     plain = np.asarray(model.predict_on_batch(x), np.float64)
-    eight = predict.tta_average(model.predict_on_batch, tf.constant(x), predict.tta_transforms(8))
+    eight = model_lib.tta_average(model.predict_on_batch, tf.constant(x), predict.tta_transforms(8))
     assert np.abs(eight - plain).max() > 1e-4  # the model is not invariant: TTA changes something
     manual = np.mean([model.predict_on_batch(_np_dihedral(x, k).copy()) for k in range(8)], axis=0)
     np.testing.assert_allclose(eight, manual, atol=1e-6)
     # Invariance of the 8-transform average: a rotated, flipped input gives the same averaged prediction.
-    turned = predict.tta_average(
+    turned = model_lib.tta_average(
         model.predict_on_batch, tf.constant(_np_dihedral(x, 5).copy()), predict.tta_transforms(8)
     )
     np.testing.assert_allclose(turned, eight, atol=1e-6)
@@ -226,7 +227,7 @@ def test_submission_follows_the_id_list_and_thresholds(setup, tmp_path):
     # Probabilities are the model's TTA-2 average of each Id's own image.
     model = setup["models"][0]
     images = np.stack([setup["images"][i] for i in wanted])
-    expected = predict.tta_average(model.predict_on_batch, tf.constant(images), (0, 4))
+    expected = model_lib.tta_average(model.predict_on_batch, tf.constant(images), (0, 4))
     np.testing.assert_allclose(z[predict.PROB_SCORES], expected, atol=1e-5)
     # Predicted = space-separated sorted class indices of the scores at or above their thresholds.
     t = thr.load_thresholds(os.path.join(setup["dirs"][0], THRESHOLDS_FILE)).values
