@@ -61,7 +61,13 @@ def original_shape(files: list[str], image_size: int, batch_size: int) -> tf.dat
         return image, tf.cast(features[schemas.LABELS_KEY], tf.float32)
 
     ds = tf.data.TFRecordDataset(files).map(parse).shuffle(1000).repeat()
-    return ds.batch(batch_size).prefetch(1)
+    ds = ds.batch(batch_size).prefetch(1)
+    # Current tf.data silently parallelises a plain map and injects prefetches; the original ran on a
+    # tf.data without those rewrites, so switch them off to measure its shape as it was.
+    options = tf.data.Options()
+    options.experimental_optimization.map_parallelization = False
+    options.experimental_optimization.inject_prefetch = False
+    return ds.with_options(options)
 
 
 def samples_per_second(ds: tf.data.Dataset, samples: int, batched: bool, warmup: int) -> float:
