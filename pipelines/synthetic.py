@@ -7,7 +7,9 @@ writes `DIR/train/{Id}_{red,green,blue,yellow}.png` (8-bit grayscale) and `DIR/t
 and with `--test_samples` also `DIR/test/`, `DIR/sample_submission.csv` (`Id,Predicted`) and the hidden
 answers in `DIR/test_labels.csv`. Each image is a field of cells with landmark stains (nuclei blue,
 microtubules red, ER yellow) and a green protein stain that sums one spatial pattern per label
-(`pipelines.synthetic_patterns`).
+(`pipelines.synthetic_patterns`). Small images show a magnified part of a field (fewer, larger cells; see
+`RenderConfig.min_cell_radius`) so that dots, rims and filaments stay several pixels wide; at 512 px a field
+holds 4-10 whole or cut cells.
 
 The pure core is `render_sample(seed, labels, image_size)`; `draw_label_sets` draws label sets for a balance;
 `generate(cfg)` renders and writes a whole dataset across processes. Output bytes depend only on the
@@ -46,7 +48,7 @@ HPA_NUM_SAMPLES = 31072
 assert len(HPA_CLASS_COUNTS) == schemas.NUM_CLASSES
 
 BALANCES = ("hpa", "tempered", "uniform")
-TEMPERED_POWER = 0.3  # tempered class frequencies follow count ** TEMPERED_POWER
+TEMPERED_POWER = 0.2  # tempered class frequencies follow count ** TEMPERED_POWER
 MIN_IMAGE_SIZE = 32
 MAX_LABELS = 5
 TRAIN_DIR = "train"
@@ -79,17 +81,22 @@ class RenderConfig:
       read_noise: additive Gaussian noise in counts.
       shot_gain: variance of shot noise per count of signal.
       division_rate: probability that a field shows a mitotic cell, and (independently) a pair of daughters.
+      min_cell_radius: typical cell radius in pixels that small images keep by showing a magnified part of
+        the field (fewer, larger cells; see `synthetic_cells.make_layout`). A 512 px field has cells of
+        ~70 px radius and is not magnified; at 128 px or less the default keeps dots, rims and filaments
+        several pixels wide instead of shrinking them below one pixel.
     """
 
-    green_peak_range: tuple[float, float] = (30.0, 400.0)
+    green_peak_range: tuple[float, float] = (90.0, 360.0)
     landmark_peak_range: tuple[float, float] = (110.0, 240.0)
     label_amplitude_range: tuple[float, float] = (0.6, 1.0)
-    cell_expression_range: tuple[float, float] = (0.45, 1.3)
+    cell_expression_range: tuple[float, float] = (0.55, 1.25)
     green_haze: float = 0.04
     background_range: tuple[float, float] = (0.0, 3.0)
     read_noise: float = 1.2
     shot_gain: float = 0.8
     division_rate: float = 0.25
+    min_cell_radius: float = 32.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +317,11 @@ def render_sample(
     ss = _seed_sequence(seed)
     force = {k: c in labels for k, c in _CLASSES_NEEDING_LAYOUT.items()}
     layout = sc.make_layout(
-        _child(ss, _STREAM_LAYOUT), image_size, division_rate=config.division_rate, **force
+        _child(ss, _STREAM_LAYOUT),
+        image_size,
+        division_rate=config.division_rate,
+        min_cell_radius=config.min_cell_radius,
+        **force,
     )
     scene = sp.Scene(layout, _child(ss, _STREAM_LANDMARKS))
     irng = _child(ss, _STREAM_INTENSITY)
@@ -541,7 +552,7 @@ def _parser() -> argparse.ArgumentParser:
         "--class_balance",
         choices=BALANCES,
         default="tempered",
-        help="class frequencies: hpa (the competition's), tempered (count**%.1f, the default) or uniform"
+        help="class frequencies: hpa (the competition's), tempered (count**%g, the default) or uniform"
         % TEMPERED_POWER,
     )
     p.add_argument(

@@ -20,7 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 REFERENCE_SIZE = 512  # sizes in reference pixels are for a 512 px image
-MIN_SIGMA_PX = 0.5  # blurs never go below half a pixel, so small dots stay visible at small image sizes
+TYPICAL_CELL_RADIUS = 0.135  # mean cell radius of an unmagnified field, as a fraction of the image side
+MIN_SIGMA_PX = 0.75  # blurs never go below this, so small dots and lines stay visible at small image sizes
 
 INTERPHASE, MITOTIC, DAUGHTER = 0, 1, 2
 
@@ -70,6 +71,8 @@ class Layout:
       mt_cell: (n_lines,) owner cell index of each microtubule.
       spindles: list of (pole_a, pole_b, plate_center, plate_dir, plate_half_length, cell index).
       bridges: list of (point_a, point_b) segments of cytokinetic bridges.
+      zoom: magnification relative to a 512 px field (1 at 512 px; above 1 when a small image shows a
+        zoomed-in part of a field so that its cells keep `min_cell_radius` pixels).
     """
 
     size: int
@@ -83,11 +86,12 @@ class Layout:
     mt_cell: np.ndarray
     spindles: list
     bridges: list
+    zoom: float = 1.0
 
     @property
     def scale(self) -> float:
-        """Pixels per reference pixel."""
-        return self.size / REFERENCE_SIZE
+        """Pixels per reference pixel (the image's share of a 512 px field, times the zoom)."""
+        return self.size / REFERENCE_SIZE * self.zoom
 
     def px(self, ref: float) -> float:
         """Reference pixels -> pixels of this image."""
@@ -224,6 +228,13 @@ def _ellipse_distance(yy, xx, center, axes, angle, harmonics=None) -> np.ndarray
     return rho.astype(np.float32)
 
 
+def nucleus_extent(cell: Cell, angle: float) -> float:
+    """Distance from the nucleus centre to its rim in the direction `angle` (radians; y = sin, x = cos)."""
+    phi = angle - cell.nuc_angle
+    a, b = cell.nuc_axes
+    return float(1.0 / np.sqrt((np.cos(phi) / a) ** 2 + (np.sin(phi) / b) ** 2))
+
+
 def _interphase_cell(rng: np.random.Generator, center, radius: float) -> Cell:
     aspect = rng.uniform(0.65, 1.0)
     a = radius / np.sqrt(aspect)
@@ -294,6 +305,7 @@ def make_layout(
     force_daughters: bool = False,
     force_contact: bool = False,
     division_rate: float = 0.25,
+    min_cell_radius: float = 0.0,
 ) -> Layout:
     """Draws a field of cells.
 
@@ -304,16 +316,24 @@ def make_layout(
       force_daughters: include at least one pair of daughter cells (for the cytokinetic bridge class).
       force_contact: make sure at least two cells touch (for the cell junctions class).
       division_rate: probability of each kind of dividing cell appearing when not forced.
+      min_cell_radius: typical cell radius in pixels below which the field is magnified instead (a small
+        image then shows fewer, larger cells, as a higher-power objective would: the zoom is
+        min_cell_radius / typical radius, the number of cells falls with the zoom squared, never below 2).
 
     Returns:
       The layout with its per-pixel fields filled in.
     """
     s = float(size)
-    base_radius = s * rng.uniform(0.11, 0.16)
+    zoom = max(1.0, min_cell_radius / (s * TYPICAL_CELL_RADIUS))
+    base_radius = s * rng.uniform(0.11, 0.16) * zoom
     n_target = int(rng.integers(4, 11))
+    if zoom > 1.0:
+        n_target = max(2, int(np.floor(n_target / zoom**2 + rng.random())))
     cells: list[Cell] = []
     centers: list[np.ndarray] = []
     radii: list[float] = []
+
+    out = 0.1 * s / zoom  # how far outside the image a cell's centre may lie
 
     def fits(c, r, slack=0.82):
         return all(np.hypot(*(c - c2)) >= slack * (r + r2) for c2, r2 in zip(centers, radii))
@@ -325,16 +345,19 @@ def make_layout(
                 ang = rng.uniform(0, 2 * np.pi)
                 dist = (r + radii[j]) * rng.uniform(0.82, 0.95)
                 c = centers[j] + dist * np.array([np.sin(ang), np.cos(ang)])
-                if not (-0.1 * s <= c[0] <= 1.1 * s and -0.1 * s <= c[1] <= 1.1 * s):
+                if not (-out <= c[0] <= s + out and -out <= c[1] <= s + out):
                     continue
             else:
+                margin = min(margin, 0.5 * s)  # a big cell in a small (zoomed) field may not fit whole
                 c = rng.uniform(margin, s - margin, 2)
             if fits(c, r):
                 return c
         return None
 
-    want_mitotic = force_mitotic or rng.random() < division_rate
-    want_daughters = force_daughters or rng.random() < division_rate
+    # Division is a per-cell event: a magnified field holds fewer cells, so shows dividing cells less often.
+    rate = division_rate / zoom**2
+    want_mitotic = force_mitotic or rng.random() < rate
+    want_daughters = force_daughters or rng.random() < rate
     if want_daughters:
         r = base_radius * rng.uniform(0.95, 1.1)
         c = place(r * 1.2, near_existing=False, margin=1.1 * r)
@@ -358,7 +381,14 @@ def make_layout(
     for k in range(n_interphase):
         r = base_radius * rng.uniform(0.8, 1.25)
         must_touch = force_contact and k == 1
-        c = place(r, near_existing=must_touch or (k > 0 and rng.random() < 0.85), margin=-0.05 * s)
+        # the first interphase cell is well inside the image: every field shows interphase landmarks
+        margin = 0.5 * r if k == 0 else -0.5 * out
+        c = place(r, near_existing=must_touch or (k > 0 and rng.random() < 0.85), margin=margin)
+        if c is None and k == 0:
+            c = rng.uniform(0.3 * s, 0.7 * s, 2)  # crowded field: overlap; the rasteriser splits the pixels
+        if c is None and must_touch and cells:
+            to_middle = np.array([s / 2, s / 2]) - cells[-1].center  # a neighbour on the image's side
+            c = cells[-1].center + to_middle / (np.hypot(*to_middle) + 1e-9) * (cells[-1].radius + r)
         if c is None:
             continue
         cell = _interphase_cell(rng, c, r)
@@ -372,10 +402,10 @@ def make_layout(
         cells.append(cell)
         centers.append(cell.center)
         radii.append(cell.radius)
-    return _rasterise(rng, size, cells)
+    return _rasterise(rng, size, cells, zoom)
 
 
-def _rasterise(rng: np.random.Generator, size: int, cells: list[Cell]) -> Layout:
+def _rasterise(rng: np.random.Generator, size: int, cells: list[Cell], zoom: float = 1.0) -> Layout:
     cell_id = np.zeros((size, size), dtype=np.int32)
     d_cell = np.full((size, size), 2.0, dtype=np.float32)
     for k, c in enumerate(cells):
@@ -414,15 +444,16 @@ def _rasterise(rng: np.random.Generator, size: int, cells: list[Cell]) -> Layout
                 dist = np.sqrt((yy - y) ** 2 + (xx - x) ** 2)
                 soft = np.maximum(soft, np.clip((r - dist) / max(r * 0.3, 0.5) + 0.5, 0.0, 1.0))
             nucleoli[y0:y1, x0:x1][own] = (soft * (d < 1.0))[own]
-            # centrosome just outside the nuclear rim
+            # centrosome beside the nucleus, a short gap outside its rim (so it does not merge with a bright
+            # nucleus at small image sizes)
             ang = rng.uniform(0, 2 * np.pi)
             direction = np.array([np.sin(ang), np.cos(ang)])
             c.centrosome = c.nuc_center + direction * (
-                c.nuc_radius * 1.05 + 0.12 * (c.radius - c.nuc_radius) + 1.0
+                nucleus_extent(c, ang) + 0.2 * (c.radius - c.nuc_radius) + 1.0
             )
         else:
             c.nucleoli = np.zeros((0, 3))
-    mt_points, mt_inside, mt_cell = _microtubules(rng, cells, cell_id, size)
+    mt_points, mt_inside, mt_cell = _microtubules(rng, cells, cell_id, size, size / REFERENCE_SIZE * zoom)
     spindles, bridges = _division_geometry(cells)
     return Layout(
         size=size,
@@ -436,13 +467,14 @@ def _rasterise(rng: np.random.Generator, size: int, cells: list[Cell]) -> Layout
         mt_cell=mt_cell,
         spindles=spindles,
         bridges=bridges,
+        zoom=zoom,
     )
 
 
-def _microtubules(rng: np.random.Generator, cells: list[Cell], cell_id: np.ndarray, size: int):
+def _microtubules(rng: np.random.Generator, cells: list[Cell], cell_id: np.ndarray, size: int, scale: float):
     """Polylines from each interphase centrosome, gently curved, cut where they first leave the cell."""
     max_r = max([c.radius for c in cells if c.centrosome is not None], default=1.0)
-    n_steps = max(16, int(np.ceil(1.6 * max_r / max(size / REFERENCE_SIZE * 1.5, 0.5))))
+    n_steps = max(16, int(np.ceil(1.6 * max_r / max(scale * 1.5, 0.5))))
     starts, dirs, lengths, curls, owner = [], [], [], [], []
     for k, c in enumerate(cells):
         if c.centrosome is None:

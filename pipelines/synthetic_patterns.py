@@ -233,7 +233,7 @@ def nucleoli_fibrillar_center(scene: Scene, rng: np.random.Generator) -> np.ndar
             pts.append(np.stack([y + rad * np.sin(ang), x + rad * np.cos(ang)], axis=1))
     if not pts:
         return np.zeros((scene.size, scene.size), dtype=np.float32)
-    img = sc.dots(np.concatenate(pts), scene.size, lay.sigma(1.3), 0.9)
+    img = sc.dots(np.concatenate(pts), scene.size, lay.sigma(1.5), 1.2)
     return np.minimum(img, 1.5)
 
 
@@ -244,8 +244,8 @@ def nuclear_speckles(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 def nuclear_bodies(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """A few (1-6) distinct round bright dots per nucleus."""
-    return _nuclear_dots(scene, rng, 1, 6, 2.0, weight_range=(0.8, 1.0))
+    """A few (2-6) distinct round bright dots per nucleus, larger than speckles."""
+    return _nuclear_dots(scene, rng, 2, 6, 2.8, weight_range=(0.85, 1.0))
 
 
 def endoplasmic_reticulum(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -270,14 +270,14 @@ def golgi_apparatus(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         cos_dphi = (dy * np.sin(toward) + dx * np.cos(toward)) / (np.sqrt(dy * dy + dx * dx) + 1e-6)
         width = rng.uniform(0.6, 1.0)
         depth = scene.depth[y0:y1, x0:x1]
-        cap = np.exp((cos_dphi - 1.0) / (0.5 * width * width)) * np.exp(-((depth / 0.28) ** 2))
+        cap = np.exp((cos_dphi - 1.0) / (0.5 * width * width)) * np.exp(-((depth / 0.33) ** 2))
         out[y0:y1, x0:x1] += (cap * own).astype(np.float32)
-    return out * ribbon
+    return np.minimum(1.3 * out * ribbon, 1.2)
 
 
 def peroxisomes(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """Many tiny dots evenly spread over the cytoplasm."""
-    return _cyto_dots(scene, rng, 40, 70, 1.3, weight_range=(0.5, 0.9))
+    return _cyto_dots(scene, rng, 40, 70, 1.5, weight_range=(0.6, 0.9))
 
 
 def endosomes(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -287,12 +287,12 @@ def endosomes(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     pts, _ = sc.sample_in_cells(
         lay, rng, scene.cytoplasm & (scene.depth < 0.95), _counts(rng, scene, 14, 28), weight
     )
-    return sc.dots(pts, scene.size, lay.sigma(2.3), rng.uniform(0.3, 1.0, len(pts)))
+    return sc.dots(pts, scene.size, lay.sigma(2.8), rng.uniform(0.4, 1.0, len(pts)))
 
 
 def lysosomes(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """Larger dots clustered around the nucleus."""
-    return _cyto_dots(scene, rng, 8, 18, 3.2, perinuclear=4.0, weight_range=(0.7, 1.0))
+    return _cyto_dots(scene, rng, 8, 18, 4.0, perinuclear=4.0, weight_range=(0.7, 1.0))
 
 
 def intermediate_filaments(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -369,7 +369,7 @@ def focal_adhesion_sites(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     for p, k in zip(starts, owner):
         d = p - lay.cells[k].center
         d = d / (np.hypot(*d) + 1e-9)
-        length = lay.px(rng.uniform(8.0, 14.0))
+        length = lay.px(rng.uniform(11.0, 18.0))
         pts.append(sc.segment_points(p - d * length / 2, p + d * length / 2, step))
     return np.minimum(sc.lines(np.concatenate(pts), scene.size, lay.sigma(1.3), step), 1.5)
 
@@ -390,13 +390,13 @@ def microtubule_ends(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     tip = lay.mt_points[rows, last[ok]]
     back = lay.mt_points[rows, last[ok] - 2]
     pts = np.concatenate([tip, 0.5 * (tip + back)])
-    w = np.concatenate([np.full(len(tip), 1.0), np.full(len(tip), 0.6)])
-    return np.minimum(sc.dots(pts, scene.size, lay.sigma(1.5), w), 1.5)
+    w = np.concatenate([np.full(len(tip), 1.3), np.full(len(tip), 0.6)])
+    return np.minimum(sc.dots(pts, scene.size, lay.sigma(1.8), w), 1.5)
 
 
 def cytokinetic_bridge(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The intercellular bridge and midbody between two daughter cells."""
-    return np.minimum(scene.bridge, 1.5)
+    return np.minimum(1.3 * scene.bridge, 1.5)
 
 
 def mitotic_spindle(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -413,19 +413,19 @@ def microtubule_organizing_center(scene: Scene, rng: np.random.Generator) -> np.
     """One larger dot beside the nucleus with a diffuse halo around it."""
     lay = scene.layout
     pts = np.array([p for _, p in _centrosome_points(scene)]).reshape(-1, 2)
-    return sc.dots(pts, scene.size, lay.sigma(4.0), 0.9) + sc.dots(pts, scene.size, lay.sigma(10.0), 0.3)
+    return sc.dots(pts, scene.size, lay.sigma(6.0), 1.0) + sc.dots(pts, scene.size, lay.sigma(14.0), 0.35)
 
 
 def centrosome(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One or two tiny sharp dots (the centrioles) beside the nucleus."""
+    """A pair of small sharp dots (the centrioles) beside the nucleus, sometimes a single one."""
     lay = scene.layout
     pts = []
     for _, p in _centrosome_points(scene):
         pts.append(p)
-        if rng.random() < 0.6:
+        if rng.random() < 0.9:
             ang = rng.uniform(0, 2 * np.pi)
-            pts.append(p + lay.px(6.0) * np.array([np.sin(ang), np.cos(ang)]))
-    return np.minimum(sc.dots(np.array(pts).reshape(-1, 2), scene.size, lay.sigma(1.6)), 1.5)
+            pts.append(p + lay.px(9.0) * np.array([np.sin(ang), np.cos(ang)]))
+    return np.minimum(sc.dots(np.array(pts).reshape(-1, 2), scene.size, lay.sigma(2.8), 1.5), 1.5)
 
 
 def lipid_droplets(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -446,7 +446,7 @@ def plasma_membrane(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 def cell_junctions(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """A bright line only where two cells touch."""
-    return np.minimum(1.6 * _edge_lines(scene.edges[1], scene.layout.sigma(1.6)), 1.5)
+    return np.minimum(1.8 * _edge_lines(scene.edges[1], scene.layout.sigma(2.2)), 1.5)
 
 
 def mitochondria(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -475,12 +475,16 @@ def aggresome(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """One large bright blob beside the nucleus, in most cells."""
     lay = scene.layout
     pts, radii = [], []
-    for c in lay.cells:
-        if c.kind != sc.INTERPHASE or rng.random() > 0.85:
+    chosen = [c.kind == sc.INTERPHASE and rng.random() < 0.95 for c in lay.cells]
+    if not any(chosen):  # at least one aggresome per field (the first interphase cell is well inside it)
+        chosen = [c.kind == sc.INTERPHASE for c in lay.cells]
+    for c, keep in zip(lay.cells, chosen):
+        if not keep:
             continue
         ang = rng.uniform(0, 2 * np.pi)
-        r = (c.radius - c.nuc_radius) * rng.uniform(0.3, 0.42)
-        pts.append(c.nuc_center + (c.nuc_radius * 1.0 + r * 0.9) * np.array([np.sin(ang), np.cos(ang)]))
+        r = (c.radius - c.nuc_radius) * rng.uniform(0.4, 0.5)
+        gap = sc.nucleus_extent(c, ang) + r + lay.px(1.0)  # beside the nucleus, not merged with it
+        pts.append(c.nuc_center + gap * np.array([np.sin(ang), np.cos(ang)]))
         radii.append(r)
     img = np.zeros((scene.size, scene.size), dtype=np.float32)
     for p, r in zip(pts, radii):
@@ -488,7 +492,7 @@ def aggresome(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         yy, xx = np.mgrid[y0:y1, x0:x1]
         dist = np.sqrt((yy - p[0]) ** 2 + (xx - p[1]) ** 2)
         img[y0:y1, x0:x1] += np.clip((r - dist) / max(r * 0.25, 0.5), 0, 1)
-    return img * scene.cell
+    return np.minimum(1.6 * img, 1.5) * scene.cell  # aggregates are bright
 
 
 def cytosol(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -505,7 +509,7 @@ def cytoplasmic_bodies(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     )
     img = np.zeros((scene.size, scene.size), dtype=np.float32)
     for p in centers:
-        r = lay.px(rng.uniform(5.0, 8.0)) + 0.5
+        r = lay.px(rng.uniform(6.5, 10.0)) + 0.5
         y0, y1, x0, x1 = sc._bbox(p, r * 1.5, scene.size)
         yy, xx = np.mgrid[y0:y1, x0:x1]
         dist = np.sqrt((yy - p[0]) ** 2 + (xx - p[1]) ** 2)
@@ -514,21 +518,22 @@ def cytoplasmic_bodies(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 def rods_and_rings(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One to three sharp elongated rods or rings per cell in the cytoplasm."""
+    """Two to four sharp elongated rods or rings per cell in the cytoplasm."""
     lay = scene.layout
     centers, _ = sc.sample_in_cells(
-        lay, rng, scene.cytoplasm & (scene.depth < 0.8), _counts(rng, scene, 1, 3)
+        lay, rng, scene.cytoplasm & (scene.depth < 0.8), _counts(rng, scene, 2, 4)
     )
     step = max(lay.px(1.0), 0.4)
     pts = [np.zeros((0, 2))]
     for p in centers:
         if rng.random() < 0.6:
             ang = rng.uniform(0, np.pi)
-            d = np.array([np.sin(ang), np.cos(ang)]) * lay.px(rng.uniform(9.0, 14.0))
+            d = np.array([np.sin(ang), np.cos(ang)]) * lay.px(rng.uniform(11.0, 17.0))
             pts.append(sc.segment_points(p - d, p + d, step))
         else:
-            pts.append(sc.circle_points(p[None], np.array([lay.px(rng.uniform(5.0, 7.0))]), step))
-    return np.minimum(sc.lines(np.concatenate(pts), scene.size, lay.sigma(1.4), step), 1.5)
+            pts.append(sc.circle_points(p[None], np.array([lay.px(rng.uniform(6.0, 8.0))]), step))
+    img = np.minimum(1.3 * sc.lines(np.concatenate(pts), scene.size, lay.sigma(1.8), step), 1.5)
+    return img * (1.0 - scene.soft_nucleus)  # cytoplasmic: a long rod stops at the nuclear envelope
 
 
 GREEN_PATTERNS: tuple[Callable[[Scene, np.random.Generator], np.ndarray], ...] = (

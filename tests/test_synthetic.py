@@ -15,6 +15,7 @@ from scipy import ndimage
 
 import schemas
 from pipelines import synthetic
+from pipelines import synthetic_cells as sc
 from pipelines import synthetic_patterns as sp
 from tests import fixtures
 
@@ -144,7 +145,7 @@ def test_balances_have_the_intended_shape():
     assert tempered.max() / tempered.min() < hpa.max() / hpa.min() / 10
     assert tempered.max() / tempered.min() > 3
     # ...enough that every class has a few dozen positives in 2000 samples (the demo's held-out F1 needs them)
-    assert 2000 * tempered.min() >= 25
+    assert 2000 * tempered.min() >= 35
 
 
 def test_labels_csv_draws_whole_label_sets(tmp_path):
@@ -194,6 +195,45 @@ def test_layout_holds_what_the_labels_need():
         assert spindle["mitotic"].any()
         junction = synthetic.render_sample(seed, [22], 64).masks
         assert junction["junction"].any()
+
+
+def test_small_images_show_fewer_larger_cells():
+    cfg = synthetic.RenderConfig()
+    cells = {}
+    for size in (64, 96, 128, 512):
+        layouts = [synthetic.render_sample(s, [0], size, with_masks=False).layout for s in range(12)]
+        radii = [c.radius for lay in layouts for c in lay.cells if c.kind == sc.INTERPHASE]
+        cells[size] = np.mean([len(lay.cells) for lay in layouts])
+        if size * sc.TYPICAL_CELL_RADIUS < cfg.min_cell_radius:  # magnified: cells keep their size in pixels
+            assert all(lay.zoom > 1 for lay in layouts)
+            assert 0.8 * cfg.min_cell_radius < np.median(radii) < 1.3 * cfg.min_cell_radius, (size, radii)
+        else:  # a 512 px field is not magnified: cells are a fixed share of the image
+            assert all(lay.zoom == 1 for lay in layouts)
+            assert np.median(radii) > 0.1 * size
+    assert cells[512] > 1.5 * cells[96] and cells[96] >= 2
+
+
+def test_every_field_shows_an_interphase_cell():
+    for seed in range(16):
+        lay = synthetic.render_sample(seed, [16, 17, 24], 96, with_masks=False).layout
+        inside = [
+            c
+            for c in lay.cells
+            if c.kind == sc.INTERPHASE
+            and c.centrosome is not None
+            and np.all((c.center >= 0) & (c.center < 96))
+        ]
+        assert inside, seed
+
+
+@pytest.mark.parametrize("cls", [3, 5, 8, 15, 19, 24], ids=lambda c: schemas.CLASS_NAMES[c])
+def test_small_patterns_span_several_pixels_in_small_images(cls):
+    for seed in range(6):
+        on = synthetic.render_sample(seed, [cls], 96, FLAT, with_masks=False).green_signal
+        off = synthetic.render_sample(
+            seed, [cls], 96, FLAT, with_masks=False, draw_patterns=False
+        ).green_signal
+        assert ((on - off) > 40).sum() >= 6, seed
 
 
 def _grow(mask, px):
