@@ -96,6 +96,16 @@ def test_encode_png_round_trips():
         synthetic.encode_png(np.zeros((4, 4, 3), dtype=np.uint8))
 
 
+def test_encode_png_decodes_in_tensorflow_like_pillow_encoding():
+    """The hand-written encoder (faster, see bench/synthetic_learnability.py) against Pillow as reference."""
+    tf = pytest.importorskip("tensorflow")
+    arr = fixtures.stain_array(5, size=29)
+    ours = tf.io.decode_png(synthetic.encode_png(arr)).numpy()[..., 0]
+    reference = tf.io.decode_png(fixtures.png_bytes(arr)).numpy()[..., 0]
+    np.testing.assert_array_equal(ours, reference)
+    np.testing.assert_array_equal(ours, arr)
+
+
 def test_same_seed_gives_identical_bytes_whatever_the_number_of_processes(tmp_path):
     _generate(tmp_path / "a", num_samples=4, test_samples=2, seed=7, workers=1)
     _generate(tmp_path / "b", num_samples=4, test_samples=2, seed=7, workers=2)
