@@ -28,6 +28,22 @@ def read_label_rows(path: str) -> list[tuple[str, str]]:
         return [(r[schemas.CSV_ID], r[schemas.CSV_TARGET]) for r in csv.DictReader(f)]
 
 
+def read_label_matrix(paths: str | list[str]) -> np.ndarray:
+    """Reads one or more `Id,Target` label files into an (n, NUM_CLASSES) int8 multi-hot matrix."""
+    rows = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {schemas.CSV_ID, schemas.CSV_TARGET} - set(reader.fieldnames or [])
+            if missing:
+                sys.exit(f"{path}: missing column(s) {sorted(missing)}")
+            for rec in reader:
+                rows.append(schemas.labels_to_multi_hot(int(t) for t in rec[schemas.CSV_TARGET].split()))
+    if not rows:
+        sys.exit(f"no labelled rows in {paths}")
+    return np.stack(rows).astype(np.int8)
+
+
 def build_real_dataset(
     root: str, num_samples: int, smoke_dir: str = REAL_SMOKE, labels_csv: str = REAL_LABELS, seed: int = 0
 ) -> tuple[str, str, int]:

@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -34,26 +33,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import schemas  # noqa: E402
+from bench._common import read_label_matrix  # noqa: E402
 from pipelines.folds import assign_folds, fold_quality  # noqa: E402
 
 Method = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
-
-
-def read_labels(paths: list[str]) -> np.ndarray:
-    """Reads `Id,Target` label files into one (n, NUM_CLASSES) int8 multi-hot matrix."""
-    rows = []
-    for path in paths:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {schemas.CSV_ID, schemas.CSV_TARGET} - set(reader.fieldnames or [])
-            if missing:
-                raise SystemExit(f"{path}: missing column(s) {sorted(missing)}")
-            for rec in reader:
-                rows.append(schemas.labels_to_multi_hot(int(t) for t in rec[schemas.CSV_TARGET].split()))
-    if not rows:
-        raise SystemExit("no labelled rows in " + ", ".join(paths))
-    return np.stack(rows).astype(np.int8)
 
 
 def random_groups(n: int, max_group: int, seed: int) -> np.ndarray:
@@ -169,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds < 2 or args.repeats < 1 or args.tile < 1 or args.tile_repeats < 1 or args.max_group < 1:
         p.error("--folds must be >= 2; --repeats, --tile, --tile_repeats and --max_group >= 1")
 
-    y = read_labels(args.labels)
+    y = read_label_matrix(args.labels)
     groups = random_groups(len(y), args.max_group, args.seed)
     name = " + ".join(os.path.basename(x) for x in args.labels)
     datasets = [(f"{name}, {y.shape[0]:,} x {y.shape[1]}", y, groups, args.repeats)]

@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -39,26 +38,11 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import schemas  # noqa: E402
+from bench._common import read_label_matrix  # noqa: E402
 from model import thresholds as thr  # noqa: E402
 
 GRID = np.round(np.arange(100) * 0.01, 2)
 RARE_COUNT = 6
-
-
-def read_labels(path: str) -> np.ndarray:
-    """Reads an `Id,Target` label file into an (n, NUM_CLASSES) int8 multi-hot matrix."""
-    rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {schemas.CSV_ID, schemas.CSV_TARGET} - set(reader.fieldnames or [])
-        if missing:
-            raise SystemExit(f"{path}: missing column(s) {sorted(missing)}")
-        for rec in reader:
-            rows.append(schemas.labels_to_multi_hot(int(t) for t in rec[schemas.CSV_TARGET].split()))
-    if not rows:
-        raise SystemExit(f"no labelled rows in {path}")
-    return np.stack(rows).astype(np.int8)
 
 
 def simulate_scores(labels: np.ndarray, model: str, seed: int, class_seed: int = 7) -> np.ndarray:
@@ -270,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels:
         if not os.path.exists(args.labels):
             p.error(f"{args.labels} not found")
-        labels = read_labels(args.labels)
+        labels = read_label_matrix(args.labels)
         speed_table(labels, args.repeats)
         if not args.skip_rules:
             rules_table(labels, args.seeds, args.min_positives)
