@@ -111,6 +111,7 @@ class ShardSpec:
 
 
 def _rejection(source: str, sample_id: str, reason: str, detail: str) -> tuple[str, str, str, str]:
+    """A rejected.csv row, in schemas.REJECTED_COLUMNS order."""
     return (sample_id, reason, detail, source)
 
 
@@ -563,7 +564,7 @@ class _SummaryFn(beam.DoFn):
             f.write(json.dumps(summary, indent=1).encode("utf-8"))
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow([schemas.CSV_ID, "reason", "detail", "source"])
+        w.writerow(schemas.REJECTED_COLUMNS)
         w.writerows(sorted(rejected))
         with FileSystems.create(self._rejected_path) as f:
             f.write(buf.getvalue().encode("utf-8"))

@@ -32,7 +32,11 @@ __all__ = [
     "MANIFEST_WRITTEN",
     "NUM_CLASSES",
     "NUM_STAINS",
+    "REJECTED_COLUMNS",
+    "REJECTED_DETAIL",
     "REJECTED_FILE",
+    "REJECTED_REASON",
+    "REJECTED_SOURCE",
     "SCHEMA_VERSION",
     "SOURCE_KEY",
     "STAINS",
@@ -121,6 +125,11 @@ MANIFEST_FILE = "manifest.json"
 REJECTED_FILE = "rejected.csv"
 TFRECORD_SUFFIX = ".tfrecord"
 TEST_SHARD_PREFIX = "test"
+# Columns of rejected.csv: the sample Id, a short reason code, what was wrong, the input set.
+REJECTED_REASON = "reason"
+REJECTED_DETAIL = "detail"
+REJECTED_SOURCE = "source"
+REJECTED_COLUMNS = (CSV_ID, REJECTED_REASON, REJECTED_DETAIL, REJECTED_SOURCE)
 
 
 def shard_prefix(fold: int) -> str:

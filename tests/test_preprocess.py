@@ -54,7 +54,7 @@ def _read_records(out: str) -> dict[str, schemas.Sample]:
 
 def _rejected(out: str) -> dict[str, str]:
     with open(os.path.join(out, schemas.REJECTED_FILE)) as f:
-        return {r[schemas.CSV_ID]: r["reason"] for r in csv.DictReader(f)}
+        return {r[schemas.CSV_ID]: r[schemas.REJECTED_REASON] for r in csv.DictReader(f)}
 
 
 def _png(arr, mode=None) -> bytes:
@@ -152,7 +152,7 @@ def test_rejections_have_reasons(dirty):
         rows = list(csv.DictReader(f))
     assert sum(r[schemas.CSV_ID] == "dup_conflict" for r in rows) == 2  # both conflicting rows rejected
     assert sum(r[schemas.CSV_ID] == "dup_same" for r in rows) == 1  # one of two identical rows kept
-    assert all(r["detail"] for r in rows)
+    assert all(r[schemas.REJECTED_DETAIL] for r in rows)
     manifest = json.load(open(os.path.join(dirty["out"], schemas.MANIFEST_FILE)))
     assert manifest["rejected_per_reason"][stains.CORRUPT_IMAGE] == 2
     assert manifest["unlisted_images"] == {"train": 1}
