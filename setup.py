@@ -40,7 +40,9 @@ setuptools.setup(
     name="hpa-protein-localization",
     version="0.1.0",
     description="Beam preprocessing and Keras training for the Human Protein Atlas image classification task",
-    packages=setuptools.find_packages(include=["schemas", "schemas.*", "pipelines", "pipelines.*", "model", "model.*"]),
+    packages=setuptools.find_packages(
+        include=["schemas", "schemas.*", "pipelines", "pipelines.*", "model", "model.*"]
+    ),
     python_requires=">=3.11,<3.12",
     install_requires=REQUIRED,
     extras_require={"test": TEST},

@@ -69,8 +69,18 @@ def test_job_reads_and_writes_gcs(gcs, tmp_path):
     _upload(str(tmp_path / "local"), f"{gcs}/in")
     out = f"{gcs}/out"
     preprocess.run(
-        ["--labels_csv", f"{gcs}/in/train.csv", "--input_dir", f"{gcs}/in/train", "--output_dir", out,
-         "--num_folds", "3", "--direct_num_workers", "1"]
+        [
+            "--labels_csv",
+            f"{gcs}/in/train.csv",
+            "--input_dir",
+            f"{gcs}/in/train",
+            "--output_dir",
+            out,
+            "--num_folds",
+            "3",
+            "--direct_num_workers",
+            "1",
+        ]
     )
     manifest = json.loads(_read(f"{out}/{schemas.MANIFEST_FILE}"))
     assert manifest["written"] == 9 and manifest["rejected"] == 0
