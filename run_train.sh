@@ -3,5 +3,6 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-$HERE/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+[ -x "$PY" ] || { echo "run_train.sh: $PY not found; run 'make setup' first (or set PYTHON)" >&2; exit 1; }
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m model.train "$@"
