@@ -25,13 +25,13 @@ import dataclasses
 import io
 import json
 import os
-import posixpath
 import sys
 from typing import Sequence
 
 import numpy as np
 
 import schemas
+from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, VAL_IDS, VAL_LABELS, VAL_PREDICTIONS_FILE, VAL_SCORES
 
@@ -98,55 +98,6 @@ class ValPredictions:
     sources: tuple[str, ...]
 
 
-# --- file access: local paths directly, URLs (gs://...) through tf.io.gfile -------------------------------
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _join(base: str, name: str) -> str:
-    return posixpath.join(base, name) if _is_remote(base) else os.path.join(base, name)
-
-
-def _exists(path: str) -> bool:
-    if _is_remote(path):
-        import tensorflow as tf
-
-        return tf.io.gfile.exists(path)
-    return os.path.exists(path)
-
-
-def _makedirs(path: str) -> None:
-    if _is_remote(path):
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(path)
-    else:
-        os.makedirs(path, exist_ok=True)
-
-
-def _read_bytes(path: str) -> bytes:
-    if _is_remote(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    if _is_remote(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(data)
-    else:
-        with open(path, "wb") as f:
-            f.write(data)
-
-
 # --- reading and pooling ---------------------------------------------------------------------------------
 
 
@@ -157,14 +108,14 @@ def load_val_predictions(path: str) -> ValPredictions:
       FileNotFoundError: no predictions file.
       ValueError: missing arrays, wrong shapes, labels other than 0/1, scores outside [0, 1], repeated Ids.
     """
-    file = path if path.endswith(".npz") else _join(path, VAL_PREDICTIONS_FILE)
-    if not _exists(file):
+    file = path if path.endswith(".npz") else fileio.join(path, VAL_PREDICTIONS_FILE)
+    if not fileio.exists(file):
         raise FileNotFoundError(
             f"{file} not found: {path!r} is not the model dir of a finished training run "
             f"(the training job writes {VAL_PREDICTIONS_FILE} there)"
         )
     try:
-        with np.load(io.BytesIO(_read_bytes(file)), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(fileio.read_bytes(file)), allow_pickle=False) as npz:
             missing = [k for k in (VAL_IDS, VAL_LABELS, VAL_SCORES) if k not in npz.files]
             if missing:
                 raise ValueError(f"{file} lacks the arrays {missing} (it has {sorted(npz.files)})")
@@ -403,11 +354,11 @@ def run(
     report, fit = evaluate_predictions(pooled.labels, pooled.scores, config)
     report["sources"] = list(pooled.sources)
 
-    _makedirs(out_dir)
+    fileio.makedirs(out_dir)
     extra = {"sources": list(pooled.sources)}
-    targets = [_join(out_dir, THRESHOLDS_FILE)]
+    targets = [fileio.join(out_dir, THRESHOLDS_FILE)]
     if write_model_dirs:
-        targets += [_join(d, THRESHOLDS_FILE) for d in model_dirs if not d.endswith(".npz")]
+        targets += [fileio.join(d, THRESHOLDS_FILE) for d in model_dirs if not d.endswith(".npz")]
     for path in dict.fromkeys(targets):
         thr.save_thresholds(path, fit, **extra)
         print(f"wrote {path}")
@@ -417,8 +368,8 @@ def run(
         F1_PLOT_FILE: plot_per_class_f1(report),
     }
     for name, data in outputs.items():
-        _write_bytes(_join(out_dir, name), data)
-        print(f"wrote {_join(out_dir, name)}")
+        fileio.write_bytes(fileio.join(out_dir, name), data)
+        print(f"wrote {fileio.join(out_dir, name)}")
     for key in _SETTINGS:
         s = report["summary"][key]
         print(f"{key:>20}: macro F1 {s['macro_f1']:.4f}  micro F1 {s['micro_f1']:.4f}")

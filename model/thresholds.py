@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import schemas
+from model import fileio
 
 __all__ = [
     "RARE_RULES",
@@ -465,21 +466,10 @@ def thresholds_from_dict(data: dict, source: str = "thresholds") -> ThresholdFit
     )
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def save_thresholds(path: str, fit: ThresholdFit, **extra) -> None:
     """Writes thresholds as JSON (local path, or gs:// through tf.io.gfile); `extra` keys are added."""
     text = json.dumps(thresholds_to_dict(fit, **extra), indent=2) + "\n"
-    if _is_remote(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(text)
-    else:
-        with open(path, "w") as f:
-            f.write(text)
+    fileio.write_bytes(path, text.encode("utf-8"))
 
 
 def load_thresholds(path: str) -> ThresholdFit:
@@ -489,21 +479,12 @@ def load_thresholds(path: str) -> ThresholdFit:
       FileNotFoundError: no file at `path`.
       ValueError: not a thresholds file, or one for another class list.
     """
-    if _is_remote(path):
-        import tensorflow as tf
-
-        if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"{path} not found: tune thresholds first (python -m model.evaluate)")
-        with tf.io.gfile.GFile(path, "r") as f:
-            text = f.read()
-    else:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{path} not found: tune thresholds first (python -m model.evaluate)"
-            ) from None
+    try:
+        text = fileio.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} not found: tune thresholds first (python -m model.evaluate)"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
