@@ -544,14 +544,24 @@ def _parser() -> argparse.ArgumentParser:
         + ": fields of cells whose green protein stain shows one spatial pattern per label, written as "
         "{Id}_{red,green,blue,yellow}.png plus train.csv like the competition's data.",
     )
+    d = GeneratorConfig(output_dir="")  # the defaults live in the dataclass
     p.add_argument("--output_dir", required=True, help="dataset root to write (train/, train.csv, ...)")
-    p.add_argument("--num_samples", type=int, default=2000, help="labeled samples in train/ (default 2000)")
-    p.add_argument("--image_size", type=int, default=512, help="image side in pixels (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="master seed: same seed, same bytes (default 0)")
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=d.num_samples,
+        help=f"labeled samples in train/ (default {d.num_samples})",
+    )
+    p.add_argument(
+        "--image_size", type=int, default=d.image_size, help=f"image side in pixels (default {d.image_size})"
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help=f"master seed: same seed, same bytes (default {d.seed})"
+    )
     p.add_argument(
         "--class_balance",
         choices=BALANCES,
-        default="tempered",
+        default=d.class_balance,
         help="class frequencies: hpa (the competition's), tempered (count**%g, the default) or uniform"
         % TEMPERED_POWER,
     )
@@ -559,9 +569,12 @@ def _parser() -> argparse.ArgumentParser:
         "--labels_csv", default=None, help="draw whole label sets from this Id,Target file instead"
     )
     p.add_argument(
-        "--test_samples", type=int, default=0, help="unlabeled samples in test/ (answers in test_labels.csv)"
+        "--test_samples",
+        type=int,
+        default=d.test_samples,
+        help="unlabeled samples in test/ (answers in test_labels.csv)",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in output_dir")
     return p
 
