@@ -178,3 +178,17 @@ def validate_stains(
         notes.append(note)
     out_h, out_w = (image_size, image_size) if image_size is not None else (height, width)
     return ValidStains(images, out_h, out_w, tuple(means), tuple(sq_means), tuple(notes))
+
+
+def decode_gray8(stain: str, data: bytes, strict_modes: bool = False) -> tuple[np.ndarray, str, str]:
+    """Fully decodes one stain file into 8-bit grayscale with the conversion rules of `validate_stains`.
+
+    Returns:
+      (pixels, source format such as `"JPEG"`, conversion note or `""`).
+
+    Raises:
+      Rejected: an empty, truncated or undecodable stream, or an unsupported mode.
+    """
+    img, fmt = _decode(stain, data)
+    pixels, note = _to_gray8(stain, img, strict_modes)
+    return pixels, fmt, note
