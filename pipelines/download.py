@@ -692,8 +692,8 @@ class _Progress:
             elapsed = time.monotonic() - self._t0
             by_status = ", ".join(f"{c[s]} {s}" for s in STATUSES if c[s])
             _log(
-                f"{done}/{self._total} stain files ({100.0 * done / max(self._total, 1):.0f}%) "
-                f"{by_status or ''}; {c[f'bytes_{DOWNLOADED}'] / 1e6:.1f} MB, "
+                f"{done}/{self._total} stain files ({100.0 * done / max(self._total, 1):.0f}%)"
+                f"{': ' + by_status if by_status else ''}; {c[f'bytes_{DOWNLOADED}'] / 1e6:.1f} MB, "
                 f"{c[DOWNLOADED] / max(elapsed, 1e-9):.1f} downloads/s, {elapsed:.0f} s"
             )
 
@@ -746,12 +746,11 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         p = beam.Pipeline(options=options)
         build_pipeline(p, cfg, ids, partial_dir, progress_dir)
-        result = p.run()
-        if progress_dir:
+        if progress_dir:  # a local run may only return from run() when it is finished
             with _Progress(progress_dir, len(ids) * schemas.NUM_STAINS, cfg.progress_seconds):
-                result.wait_until_finish()
+                p.run().wait_until_finish()
         else:
-            result.wait_until_finish()
+            p.run().wait_until_finish()
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
