@@ -42,9 +42,9 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import http.client
 import io
-import json
 import logging
 import os
 import posixpath
@@ -52,7 +52,6 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Callable, Iterable
@@ -67,6 +66,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 import schemas
 from pipelines import labels as labels_lib
+from pipelines import progress_files
 from pipelines import stains as stains_lib
 
 DOWNLOADED = "downloaded"
@@ -416,8 +416,10 @@ class _FetchFn(beam.DoFn):
         self._pool = concurrent.futures.ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="download")
         self._pending: set[concurrent.futures.Future] = set()
         self._counts: collections.Counter = collections.Counter()
-        self._name = uuid.uuid4().hex
-        self._last_report = time.monotonic()
+        self._last_log = time.monotonic()
+        self._progress = None
+        if self._progress_dir is not None:
+            self._progress = progress_files.CounterFile(self._progress_dir, min(2.0, cfg.progress_seconds))
 
     def teardown(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -452,17 +454,11 @@ class _FetchFn(beam.DoFn):
         self._report()
 
     def _report(self, force: bool = False):
-        now = time.monotonic()
-        if not force and now - self._last_report < min(2.0, self._cfg.progress_seconds):
-            return
-        self._last_report = now
-        if self._progress_dir is None:  # remote workers: a line in the worker log
+        if self._progress is not None:
+            self._progress.update(self._counts, force)
+        elif force or time.monotonic() - self._last_log > self._cfg.progress_seconds:
+            self._last_log = time.monotonic()  # remote workers: a line in the worker log
             logging.info("download progress of this worker: %s", dict(self._counts))
-            return
-        path = os.path.join(self._progress_dir, self._name + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(dict(self._counts), f)
-        os.replace(path + ".tmp", path)
 
     def _obtain(self, req: StainRequest) -> tuple:
         cfg = self._cfg
@@ -486,7 +482,8 @@ class _FetchFn(beam.DoFn):
             data, ext = prepare_image(got.body, req.stain, cfg.image_size)
         except stains_lib.Rejected as e:
             what = f"{e.detail}; Content-Type {got.content_type or '-'}, body starts {got.body[:32]!r}"
-            return _report_row(req.id, req.stain, NOT_IMAGE, "; ".join(filter(None, [what, note])))
+            detail = "; ".join(filter(None, [what, note]))
+            return _report_row(req.id, req.stain, NOT_IMAGE, detail, len(got.body))
         target = posixpath.join(cfg.output_dir, f"{req.id}_{req.stain}{ext}")
         write_atomic(target, data, self._partial_dir)
         # One file per stain: a replaced file of another name would shadow or duplicate the new one.
@@ -665,45 +662,14 @@ def _pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
     return options, local
 
 
-class _Progress:
-    """Prints files done, counts by status, MB and rate from the workers' progress files (local runs)."""
-
-    def __init__(self, progress_dir: str, total: int, interval: float):
-        self._dir, self._total, self._interval = progress_dir, total, interval
-        self._stop = threading.Event()
-        self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _counts(self) -> collections.Counter:
-        total = collections.Counter()
-        for name in os.listdir(self._dir):
-            if name.endswith(".json"):
-                try:
-                    with open(os.path.join(self._dir, name)) as f:
-                        total.update(json.load(f))
-                except (OSError, ValueError):
-                    continue
-        return total
-
-    def _run(self):
-        while not self._stop.wait(self._interval):
-            c = self._counts()
-            done = sum(c[s] for s in STATUSES)
-            elapsed = time.monotonic() - self._t0
-            by_status = ", ".join(f"{c[s]} {s}" for s in STATUSES if c[s])
-            _log(
-                f"{done}/{self._total} stain files ({100.0 * done / max(self._total, 1):.0f}%)"
-                f"{': ' + by_status if by_status else ''}; {c[f'bytes_{DOWNLOADED}'] / 1e6:.1f} MB, "
-                f"{c[DOWNLOADED] / max(elapsed, 1e-9):.1f} downloads/s, {elapsed:.0f} s"
-            )
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def _progress_line(c: collections.Counter, elapsed: float, total: int) -> str:
+    done = sum(c[s] for s in STATUSES)
+    by_status = ", ".join(f"{c[s]} {s}" for s in STATUSES if c[s])
+    return (
+        f"download: {done}/{total} stain files ({100.0 * done / max(total, 1):.0f}%)"
+        f"{': ' + by_status if by_status else ''}; {c[f'bytes_{DOWNLOADED}'] / 1e6:.1f} MB, "
+        f"{c[DOWNLOADED] / max(elapsed, 1e-9):.1f} downloads/s, {elapsed:.0f} s"
+    )
 
 
 def _clear_partial(partial_dir: str) -> int:
@@ -747,7 +713,8 @@ def run(argv: list[str] | None = None) -> dict:
         p = beam.Pipeline(options=options)
         build_pipeline(p, cfg, ids, partial_dir, progress_dir)
         if progress_dir:  # a local run may only return from run() when it is finished
-            with _Progress(progress_dir, len(ids) * schemas.NUM_STAINS, cfg.progress_seconds):
+            line = functools.partial(_progress_line, total=len(ids) * schemas.NUM_STAINS)
+            with progress_files.Printer(progress_dir, cfg.progress_seconds, line):
                 p.run().wait_until_finish()
         else:
             p.run().wait_until_finish()

@@ -122,6 +122,14 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert open(target, "rb").read() == b"whole"  # an existing file is untouched too
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_gray8_is_the_channel_maximum(seed):
+    rgb = np.random.default_rng(seed).integers(0, 256, size=(24, 20, 3), dtype=np.uint8)
+    pixels, fmt, note = stains.decode_gray8("red", fixtures.png_bytes(rgb, "RGB"))
+    assert (fmt, note) == ("PNG", "rgb")
+    np.testing.assert_array_equal(pixels, rgb.max(axis=2))
+
+
 def test_check_present():
     jpeg = atlas_jpeg(3, "red")
     png8 = download.prepare_image(jpeg, "red", 8)[0]
