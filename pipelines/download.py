@@ -554,7 +554,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     parser.add_argument(
         "--base_url",
         default=d.base_url,
-        help=f"server; Id {{a}}_{{rest}} is at BASE/{{a}}/{{rest}}_{{stain}}.jpg (default {d.base_url})",
+        help=f"image server: Id {{a}}_{{rest}} is at BASE/{{a}}/{{rest}}_{{stain}}.jpg; default {d.base_url}",
     )
     parser.add_argument(
         "--image_size",
