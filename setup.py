@@ -21,6 +21,7 @@ REQUIRED = [
     "tensorboard>=2.21,<2.22",  # Keras' TensorBoard callback; TF 2.21 does not bring it
     "numpy",
     "pillow",
+    "urllib3>=2",  # HTTP of the download job (already installed with apache-beam, through requests)
     "scipy",  # the synthetic dataset's rendering
     "matplotlib",  # training curves and report plots
 ]

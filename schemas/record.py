@@ -19,6 +19,12 @@ __all__ = [
     "CSV_ID",
     "CSV_PREDICTED",
     "CSV_TARGET",
+    "DOWNLOAD_BYTES",
+    "DOWNLOAD_DETAIL",
+    "DOWNLOAD_REPORT_COLUMNS",
+    "DOWNLOAD_REPORT_FILE",
+    "DOWNLOAD_STAIN",
+    "DOWNLOAD_STATUS",
     "FOLD_KEY",
     "HEIGHT_KEY",
     "ID_KEY",
@@ -130,6 +136,13 @@ REJECTED_REASON = "reason"
 REJECTED_DETAIL = "detail"
 REJECTED_SOURCE = "source"
 REJECTED_COLUMNS = (CSV_ID, REJECTED_REASON, REJECTED_DETAIL, REJECTED_SOURCE)
+# The download job's report (in its --output_dir): one row per stain file requested, with what became of it.
+DOWNLOAD_REPORT_FILE = "download_report.csv"
+DOWNLOAD_STAIN = "stain"
+DOWNLOAD_STATUS = "status"
+DOWNLOAD_DETAIL = "detail"
+DOWNLOAD_BYTES = "bytes"
+DOWNLOAD_REPORT_COLUMNS = (CSV_ID, DOWNLOAD_STAIN, DOWNLOAD_STATUS, DOWNLOAD_DETAIL, DOWNLOAD_BYTES)
 
 
 def shard_prefix(fold: int) -> str:
