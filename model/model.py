@@ -227,7 +227,8 @@ def build_backbone(
     with warnings.catch_warnings():  # keras.applications warns about 4 channels: adapting them is the point
         warnings.filterwarnings("ignore", message="This model usually expects")
         model = fn(include_top=False, weights=weights, input_shape=(None, None, channels), **extra)
-    return keras.Model(model.inputs, model.outputs, name=BACKBONE_NAME)
+    # model.input/output, not the lists: called on one tensor, the backbone must return one tensor.
+    return keras.Model(model.input, model.output, name=BACKBONE_NAME)
 
 
 def adapt_first_conv(kernel: np.ndarray, channels: int = schemas.NUM_STAINS) -> np.ndarray:

@@ -46,6 +46,7 @@ from model.config import (
     VAL_LABELS,
     VAL_PREDICTIONS_FILE,
     VAL_SCORES,
+    WEIGHTS_IMAGENET,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -523,6 +524,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from model import losses
     from model import model as model_lib
 
+    if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
+        model_lib.fetch_imagenet_weights(cfg.model.backbone)
     strategy = make_strategy()
     precision = resolve_precision(cfg.precision)
     keras.mixed_precision.set_global_policy(precision)
