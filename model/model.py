@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import urllib.error
 import warnings
 from typing import Sequence
 
@@ -303,7 +304,9 @@ def fetch_imagenet_weights(backbone: str) -> str:
     try:
         return keras.utils.get_file(fname, url, cache_subdir="models", file_hash=file_hash, cache_dir=home)
     except Exception as e:  # noqa: BLE001 - offline, proxy, disk full, bad hash: all end the same way
-        reason = " ".join(str(e).split()) or type(e).__name__
+        cause = e.__cause__ or e.__context__  # keras.utils.get_file re-raises URL errors with the URL in them
+        reason = str(cause) if isinstance(cause, urllib.error.URLError) else str(e)
+        reason = " ".join(reason.split()) or type(e).__name__
         raise ConfigError(
             f"--weights imagenet: {fname} is not in the Keras cache {os.path.join(home, 'models')} "
             f"(KERAS_HOME={home}) and downloading it from {url} failed ({reason}); put the file there, "

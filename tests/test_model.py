@@ -200,10 +200,8 @@ def test_a_project_model_trained_on_other_inputs_is_refused_as_weights(tmp_path)
         model_lib.build_model(ModelConfig(backbone="small", weights=path, small_filters=4), MEAN, STD)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty Keras cache (KERAS_HOME), downloads failing as without network; returns (home, URLs tried)."""
-    home = tmp_path / "keras_home"
+def go_offline(monkeypatch, home) -> list[str]:
+    """An empty Keras cache in KERAS_HOME=home and downloads failing as without network: the URLs tried."""
     home.mkdir()
     monkeypatch.setenv("KERAS_HOME", str(home))
     tried = []
@@ -213,7 +211,14 @@ def offline(monkeypatch, tmp_path):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(keras_file_utils, "urlretrieve", no_network)
-    return home, tried
+    return tried
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """(KERAS_HOME, URLs tried) of `go_offline`."""
+    home = tmp_path / "keras_home"
+    return home, go_offline(monkeypatch, home)
 
 
 def test_imagenet_weights_not_cached_and_not_downloadable_give_one_clear_line(offline):
