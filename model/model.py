@@ -44,12 +44,21 @@ SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "examples"
 PROBABILITIES = "probabilities"
 BACKBONE_NAME = "backbone"
+NORMALIZATION_NAME = "stain_normalization"
 
 # name -> (keras.applications function, extra arguments, ImageNet weights: (folder under _WEIGHTS_URL, file,
 # hash)). The weight files are those keras.applications downloads for include_top=False (a test checks the
 # names against the ones it asks for); keras.utils.get_file caches them in KERAS_HOME/models/.
 _WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-_EFFNET2 = {"include_preprocessing": False}  # the normalisation layer feeds what the weights expect
+_EFFNET2_HASHES = {
+    "b0": "893217f2bb855e2983157299931e43ff",
+    "b1": "0e80663031ca32d657f9caa404b6ec37",
+    "b2": "1dfe2e7a5d45b6632553a8961ea609eb",
+    "b3": "f6abf7b5849ac99a89b50dd3fd532856",
+    "s": "af0682fb74e8c54910f2d4393339c070",
+    "m": "1b8dc055df72dde80d614482840fe342",
+    "l": "b0b66b5c863aef5b46e8608fe1711615",
+}
 _APPLICATIONS = {
     "resnet50": (
         "ResNet50",
@@ -69,41 +78,14 @@ _APPLICATIONS = {
             "30ee3e1110167f948a6b9946edeeb738",
         ),
     ),
-    "efficientnetv2b0": (
-        "EfficientNetV2B0",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-b0_notop.h5", "893217f2bb855e2983157299931e43ff"),
-    ),
-    "efficientnetv2b1": (
-        "EfficientNetV2B1",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-b1_notop.h5", "0e80663031ca32d657f9caa404b6ec37"),
-    ),
-    "efficientnetv2b2": (
-        "EfficientNetV2B2",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-b2_notop.h5", "1dfe2e7a5d45b6632553a8961ea609eb"),
-    ),
-    "efficientnetv2b3": (
-        "EfficientNetV2B3",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-b3_notop.h5", "f6abf7b5849ac99a89b50dd3fd532856"),
-    ),
-    "efficientnetv2s": (
-        "EfficientNetV2S",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-s_notop.h5", "af0682fb74e8c54910f2d4393339c070"),
-    ),
-    "efficientnetv2m": (
-        "EfficientNetV2M",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-m_notop.h5", "1b8dc055df72dde80d614482840fe342"),
-    ),
-    "efficientnetv2l": (
-        "EfficientNetV2L",
-        _EFFNET2,
-        ("efficientnet_v2", "efficientnetv2-l_notop.h5", "b0b66b5c863aef5b46e8608fe1711615"),
-    ),
+    **{
+        f"efficientnetv2{v}": (
+            f"EfficientNetV2{v.upper()}",
+            {"include_preprocessing": False},  # the normalisation layer feeds what the weights expect
+            ("efficientnet_v2", f"efficientnetv2-{v}_notop.h5", file_hash),
+        )
+        for v, file_hash in _EFFNET2_HASHES.items()
+    },
 }
 
 # What the ImageNet weights were trained on, per channel R, G, B in 0..255 units: (x - offset) / scale, and
@@ -172,7 +154,7 @@ def input_normalization(mode: str, mean: Sequence[float], std: Sequence[float]) 
       mean, std: the dataset's per-stain statistics (STAINS order, 0..255), used by `zscore` only.
     """
     if mode == INPUT_NORM_ZSCORE:
-        return StainNormalization(mean, std, mode=mode, name="stain_normalization")
+        return StainNormalization(mean, std, mode=mode, name=NORMALIZATION_NAME)
     if mode not in _IMAGENET_INPUTS:
         raise ConfigError(f"unknown input normalisation {mode!r}")
     offset, scale, bgr = _IMAGENET_INPUTS[mode]
@@ -186,7 +168,7 @@ def input_normalization(mode: str, mean: Sequence[float], std: Sequence[float]) 
         list(scale) + [extra_scale] * len(others),
         order=order,
         mode=mode,
-        name="stain_normalization",
+        name=NORMALIZATION_NAME,
     )
 
 
@@ -354,7 +336,7 @@ def _load_weights_source(cfg: ModelConfig) -> keras.Model:
 def _check_input_norm(loaded: keras.Model, cfg: ModelConfig) -> None:
     """A full model of this project given as --weights must have been fed the inputs this run will feed."""
     try:
-        trained = loaded.get_layer("stain_normalization").mode
+        trained = loaded.get_layer(NORMALIZATION_NAME).mode
     except (ValueError, AttributeError):
         return
     wanted = resolve_input_norm(cfg)

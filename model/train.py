@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fold", type=int, default=t.val_fold, help="fold held out for validation")
     p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
     p.add_argument(
-        "--weights", default=m.weights, help="imagenet, none, or a saved 3/4-channel backbone file"
+        "--weights",
+        default=m.weights,
+        help="imagenet (from the Keras cache $KERAS_HOME/models, else downloaded there), none, or a saved "
+        "3/4-channel backbone file",
     )
     p.add_argument(
         "--input_norm",

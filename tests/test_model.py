@@ -129,7 +129,7 @@ def test_weights_from_a_saved_three_channel_backbone_are_adapted_to_four_stains(
     rgb = stains[..., RGB].astype(np.float32)
 
     def four_channel(x):
-        return backbone_layer(model.get_layer("stain_normalization")(x)).numpy()
+        return backbone_layer(model.get_layer(model_lib.NORMALIZATION_NAME)(x)).numpy()
 
     expected = source(preprocess(rgb.copy())).numpy()  # preprocess_input works in place: copies
     atol = 1e-4 * np.abs(expected).max()
