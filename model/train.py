@@ -33,6 +33,7 @@ from model.config import (
     CONFIG_FILE,
     EXPORT_DIR,
     HISTORY_FILE,
+    INPUT_NORM_CHOICES,
     LOGS_DIR,
     LOSSES,
     MODEL_FILE,
@@ -45,6 +46,7 @@ from model.config import (
     VAL_LABELS,
     VAL_PREDICTIONS_FILE,
     VAL_SCORES,
+    WEIGHTS_IMAGENET,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -52,6 +54,7 @@ from model.config import (
     config_from_dict,
     config_to_dict,
     config_to_json,
+    resolve_input_norm,
     tta_transforms,
 )
 
@@ -74,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fold", type=int, default=t.val_fold, help="fold held out for validation")
     p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
     p.add_argument(
-        "--weights", default=m.weights, help="imagenet, none, or a saved 3/4-channel backbone file"
+        "--weights",
+        default=m.weights,
+        help="imagenet (from the Keras cache $KERAS_HOME/models, else downloaded there), none, or a saved "
+        "3/4-channel backbone file",
+    )
+    p.add_argument(
+        "--input_norm",
+        choices=INPUT_NORM_CHOICES,
+        default=m.input_norm,
+        help="auto: imagenet for a keras.applications backbone with pretrained weights (ImageNet or a file), "
+        "else zscore; imagenet: the red, green, blue stains as the weights were trained (channel order and "
+        "range, see README), yellow in the same units; zscore: the dataset's per-stain mean and std",
     )
     p.add_argument("--dropout", type=float, default=m.dropout)
     p.add_argument("--small_filters", type=int, default=m.small_filters, help="width of the small backbone")
@@ -139,7 +153,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
     )
     model = ModelConfig(
-        backbone=args.backbone, weights=args.weights, dropout=args.dropout, small_filters=args.small_filters
+        backbone=args.backbone,
+        weights=args.weights,
+        dropout=args.dropout,
+        small_filters=args.small_filters,
+        input_norm=args.input_norm,
     )
     return TrainConfig(
         data_dir=args.data_dir.rstrip("/"),
@@ -238,7 +256,7 @@ def _read_manifest(data_dir: str) -> dict:
 
 
 def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[int], dict[int, int]]:
-    """Checks the config against the dataset and fills the image size from the manifest.
+    """Checks the config against the dataset; fills the image size from the manifest, the input_norm.
 
     Returns:
       (resolved config, training folds, {fold: records written}).
@@ -276,7 +294,8 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
     if sum(written[f] for f in train_folds) == 0:
         raise ConfigError(f"empty training set: folds {train_folds} of {cfg.data_dir} hold no records")
     data = dataclasses.replace(cfg.data, image_size=height)
-    return dataclasses.replace(cfg, data=data), train_folds, written
+    model = dataclasses.replace(cfg.model, input_norm=resolve_input_norm(cfg.model))
+    return dataclasses.replace(cfg, data=data, model=model), train_folds, written
 
 
 def _join(*parts: str) -> str:
@@ -508,6 +527,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from model import losses
     from model import model as model_lib
 
+    if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
+        model_lib.fetch_imagenet_weights(cfg.model.backbone)
     strategy = make_strategy()
     precision = resolve_precision(cfg.precision)
     keras.mixed_precision.set_global_policy(precision)
@@ -549,7 +570,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     _print(
         f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size}; "
-        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}), loss {cfg.loss}"
+        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
+        f"loss {cfg.loss}"
     )
     _print(
         f"devices: {', '.join(devices)}; strategy {type(strategy).__name__} "

@@ -43,6 +43,7 @@ __all__ = [
     "REJECTED_FILE",
     "REJECTED_REASON",
     "REJECTED_SOURCE",
+    "RGB_STAINS",
     "SCHEMA_VERSION",
     "SOURCE_KEY",
     "STAINS",
@@ -107,6 +108,8 @@ NUM_CLASSES = len(CLASS_NAMES)
 # apply to them), yellow fourth. File names use these words: `{Id}_{stain}.png`.
 STAINS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 NUM_STAINS = len(STAINS)
+# The stains that stand for R, G and B of the composite (what ImageNet-trained kernels see), in that order.
+RGB_STAINS: tuple[str, str, str] = ("red", "green", "blue")
 
 UNLABELED_FOLD = -1
 

@@ -18,9 +18,10 @@ import tensorflow as tf
 import schemas
 from model import model as model_lib
 from model import train
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig, config_from_dict, config_to_json, resolve_input_norm
 from tests.fixtures import make_dataset
 from tests.test_data import write_dataset
+from tests.test_model import go_offline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--backbone", "small", "--weights", "none", "--verbose", "0"]
@@ -148,6 +149,57 @@ def test_resolve_precision_and_strategy(monkeypatch):
     cluster = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
     assert train._tf_config_workers() == 2 and not train.is_chief()
+
+
+def test_input_norm_is_resolved_into_config_json(written):
+    def resolved(backbone, weights="imagenet", input_norm="auto"):
+        return resolve_input_norm(ModelConfig(backbone=backbone, weights=weights, input_norm=input_norm))
+
+    assert resolved("small", "none") == resolved("small", "rgb.keras") == "zscore"
+    assert resolved("resnet50", "none") == resolved("resnet50", input_norm="zscore") == "zscore"
+    assert resolved("resnet50") == resolved("resnet50", "rgb.weights.h5") == "caffe"
+    assert resolved("resnet50", "none", "imagenet") == resolved("resnet50", input_norm="caffe") == "caffe"
+    assert resolved("densenet121") == resolved("efficientnetv2b3") == "torch"
+    assert resolved("efficientnetv2s") == resolved("efficientnetv2l") == "pm1"
+    with pytest.raises(ConfigError, match="small backbone has no ImageNet"):
+        ModelConfig(backbone="small", input_norm="imagenet")
+    with pytest.raises(ConfigError, match="'caffe' does not fit densenet121"):
+        ModelConfig(backbone="densenet121", input_norm="caffe")
+    with pytest.raises(ConfigError, match="input_norm must be one of"):
+        ModelConfig(input_norm="bgr")
+
+    args = ["--backbone", "efficientnetv2s", "--input_norm", "imagenet"]
+    cfg = train.config_from_args(train.build_parser().parse_args(_base(written, "m", *args)))
+    cfg, _, _ = train.resolve_config(cfg, schemas.read_manifest(written))
+    saved = json.loads(config_to_json(cfg))
+    assert saved["model"]["input_norm"] == "pm1" and config_from_dict(saved) == cfg
+    del saved["model"]["input_norm"]  # a config.json from before the field: those runs were z-scored
+    assert config_from_dict(saved).model.input_norm == "zscore"
+
+
+def test_imagenet_weights_offline_exit_2_with_one_line_before_writing(written, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "keras_home"
+    tried = go_offline(monkeypatch, home)
+    fname, url, _ = model_lib.imagenet_weights_file("resnet50")
+    model_dir = str(tmp_path / "run")
+    argv = [
+        "--data_dir",
+        written,
+        "--model_dir",
+        model_dir,
+        "--backbone",
+        "resnet50",
+        "--weights",
+        "imagenet",
+    ]
+    if "--allow_cpu" in train.build_parser().format_help():  # large backbones on a CPU need it
+        argv.append("--allow_cpu")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --weights imagenet:")
+    assert fname in err and url in err and f"KERAS_HOME={home}" in err and "--weights PATH" in err
+    assert tried == [url]
+    assert not os.path.exists(model_dir)
 
 
 def test_history_truncation_and_plot(tmp_path):
