@@ -32,6 +32,7 @@ WEIGHTS_NONE = "none"
 
 # Layout of a model directory (--model_dir): what the training job writes and the later steps read.
 CONFIG_FILE = "config.json"
+RUN_SECTION = "run"  # config.json's record of the devices a run trained on (not part of the config)
 MODEL_FILE = "model.keras"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.csv"
@@ -218,8 +219,9 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of `config_to_dict`; unknown keys raise a ConfigError."""
+    """Inverse of `config_to_dict`, ignoring config.json's RUN_SECTION; unknown keys raise a ConfigError."""
     d = dict(d)
+    d.pop(RUN_SECTION, None)
     try:
         data = DataConfig(**d.pop("data", {}))
         model = ModelConfig(**d.pop("model", {}))

@@ -16,8 +16,6 @@ with_ids=True)` dataset.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from typing import Sequence
 
@@ -27,6 +25,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import schemas
+from model import fileio
 from model.config import WEIGHTS_IMAGENET, WEIGHTS_NONE, ConfigError, ModelConfig
 
 SERVING_SIGNATURE = "serving_default"
@@ -161,34 +160,25 @@ def _load_weights_source(cfg: ModelConfig) -> keras.Model:
     if cfg.weights == WEIGHTS_IMAGENET:
         return build_backbone(cfg.backbone, 3, WEIGHTS_IMAGENET, cfg.small_filters)
     path = cfg.weights
-    if not tf.io.gfile.exists(path):
+    if not fileio.exists(path):
         raise ConfigError(f"--weights {path!r}: no such file (use imagenet, none, or a saved backbone)")
     if path.endswith(".weights.h5"):
         for channels in (3, schemas.NUM_STAINS):
             source = build_backbone(cfg.backbone, channels, None, cfg.small_filters)
             try:
-                source.load_weights(_local_copy(path))
+                source.load_weights(fileio.local_copy(path, prefix="hpa-weights-"))
                 return source
             except ValueError:
                 continue
         raise ConfigError(f"--weights {path}: weights do not fit a 3- or 4-channel {cfg.backbone} backbone")
     try:
-        loaded = keras.saving.load_model(_local_copy(path), compile=False)
+        loaded = keras.saving.load_model(fileio.local_copy(path, prefix="hpa-weights-"), compile=False)
     except Exception as e:  # noqa: BLE001 - any loading failure is a bad --weights file
         raise ConfigError(f"--weights {path}: cannot load it as a Keras model ({e})") from e
     try:
         return loaded.get_layer(BACKBONE_NAME)  # a full model of this project: take its backbone
     except ValueError:
         return loaded
-
-
-def _local_copy(path: str) -> str:
-    """Keras loads some formats only from local files: copy a remote (gs://) file to a temp dir."""
-    if "://" not in path:
-        return path
-    local = os.path.join(tempfile.mkdtemp(prefix="hpa-weights-"), os.path.basename(path))
-    tf.io.gfile.copy(path, local, overwrite=True)
-    return local
 
 
 def build_model(cfg: ModelConfig, mean, std) -> keras.Model:
