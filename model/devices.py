@@ -27,6 +27,11 @@ CPU_BACKBONES: tuple[str, ...] = ("small",)  # backbones that train in reasonabl
 GPU_INSTALL = "make setup-gpu (pip install -c constraints-gpu.txt -e '.[gpu]')"
 TF_CONFIG = "TF_CONFIG"
 _JOBS = ("chief", "worker")  # the tasks that train under MultiWorkerMirroredStrategy
+_CLASS_NAMES = {
+    "default": "default",
+    "mirrored": "MirroredStrategy",
+    "multiworker": "MultiWorkerMirroredStrategy",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +289,7 @@ class Devices:
     def facts(self) -> dict[str, Any]:
         """The JSON-ready record of the devices (config.json's run section)."""
         facts: dict[str, Any] = {
-            "strategy": type(self.strategy).__name__,
+            "strategy": _CLASS_NAMES[self.kind],
             "devices": list(self.devices),
             "replicas": self.replicas,
             "precision": self.precision,
@@ -298,7 +303,7 @@ class Devices:
         """One line for the job's log."""
         where = f"; task {self.cluster.task_name} of {self.cluster.workers}" if self.cluster else ""
         return (
-            f"devices: {', '.join(self.devices)}; strategy {type(self.strategy).__name__} "
+            f"devices: {', '.join(self.devices)}; strategy {_CLASS_NAMES[self.kind]} "
             f"({self.replicas} replica(s){where}); precision {self.precision}; "
             f"XLA {'on' if self.jit_compile else 'off'}"
         )
@@ -342,3 +347,25 @@ def setup(
         jit_compile=resolve_jit(jit_compile, gpus, len(local)),
         cluster=cluster if kind == "multiworker" else None,
     )
+
+
+def check_same_epoch(dev: Devices, epoch: int) -> None:
+    """Makes every worker of a multi-worker run agree on the epoch it resumes from (a collective op).
+
+    Raises:
+      ConfigError: the workers' backups reached different epochs (a worker killed between two backups);
+        training on would hang or mix epochs.
+    """
+    if dev.cluster is None:
+        return
+    import tensorflow as tf
+
+    def values():
+        return tf.constant([1.0, float(epoch), float(epoch) ** 2])
+
+    n, total, squares = dev.strategy.reduce("SUM", dev.strategy.run(values), axis=None).numpy().tolist()
+    if n * squares != total**2:
+        raise ConfigError(
+            f"the workers' backups reached different epochs (this task: {epoch}, mean {total / n:g}); "
+            "restart with --overwrite, or restore the workers' backup dirs of one epoch"
+        )

@@ -13,12 +13,13 @@ counters and history.csv are restored from the epochs already logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import io
 import json
 import sys
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -406,6 +407,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     else:
         work_dir = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
         initial_epoch = rundir.prepare_worker_dir(cfg, work_dir, args.overwrite)
+    devices_lib.check_same_epoch(dev, initial_epoch)
     if initial_epoch:
         _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
@@ -420,17 +422,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():
         model = _compiled_model(cfg, stats, positive_weights, dev.jit_compile)
+    if dev.cluster is not None:
+        _build_before_fit(model, train_ds, dev.strategy)
 
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    model.fit(
-        train_ds,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds,
-        validation_steps=validation_steps,
-        callbacks=make_callbacks(cfg, work_dir, history_rows),
-        verbose=args.verbose,
-    )
+    with _scalar_mean_across_workers(dev.cluster is not None):
+        model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            validation_steps=validation_steps,
+            callbacks=make_callbacks(cfg, work_dir, history_rows),
+            verbose=args.verbose,
+        )
 
     # Every worker loads its best checkpoint (the same weights everywhere: validation loss is global), then
     # only the chief writes, with a copy of the model outside the strategy: no collective op runs on one
@@ -501,6 +506,47 @@ def _copy_state(source, target) -> None:
         return
     for s, d in zip(src, dst, strict=True):
         d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
+
+
+def _build_before_fit(model, dataset, strategy) -> None:
+    """Builds the model's metrics, loss and optimizer state from the dataset's element spec.
+
+    Keras 3.15's fit under MultiWorkerMirroredStrategy builds them from a first distributed batch averaged
+    with `strategy.reduce`, which fails across workers ("Attempt to convert a value (PerReplica...)"); the
+    element spec gives the same shapes without a collective op.
+    """
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+@contextlib.contextmanager
+def _scalar_mean_across_workers(active: bool) -> Iterator[None]:
+    """Keras 3.15's step results under MultiWorkerMirroredStrategy: the mean over all replicas.
+
+    Keras averages each step's per-replica logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
+    scalar losses and metrics ("Invalid reduction dimension 0 for input with 0 dimensions",
+    tensorflow/tensorflow#72388); `axis=None` is the mean over replicas. Epoch logs, which the callbacks
+    act on, come from the metrics' variables summed over every worker, not from these values.
+    """
+    if not active:
+        yield
+        return
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean"):
+            return original(values, strategy, reduction)
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original
 
 
 def _shard_by(dataset, policy: str):
