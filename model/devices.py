@@ -42,16 +42,18 @@ class Cluster:
       workers: machines that train (chief + workers).
       task_type: `chief` or `worker`.
       task_index: index of this task within its type.
+      has_chief: the cluster names a chief (else worker 0 leads).
     """
 
     workers: int
     task_type: str
     task_index: int
+    has_chief: bool = False
 
     @property
     def is_chief(self) -> bool:
         """The task that writes the outputs: the chief, or worker 0 when the cluster has no chief."""
-        return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0)
+        return self.task_type == "chief" or (not self.has_chief and self.task_index == 0)
 
     @property
     def task_name(self) -> str:
@@ -93,7 +95,7 @@ def parse_tf_config(raw: str | None) -> Cluster | None:
     kind, index = task["type"], task["index"]
     if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
         raise ConfigError(f"{TF_CONFIG} task {kind}:{index} is not in its cluster {sorted(cluster)}")
-    return Cluster(workers=workers, task_type=kind, task_index=index)
+    return Cluster(workers=workers, task_type=kind, task_index=index, has_chief=bool(cluster.get("chief")))
 
 
 def _is_address(value: Any) -> bool:
