@@ -8,6 +8,11 @@ serialized tf.Examples), history.csv, plots.png, logs/ (TensorBoard) and val_pre
 Restarting the same command after a crash or preemption resumes from the last finished epoch: weights,
 optimizer state (learning rate included) come from BackupAndRestore's backup, the callbacks' plateau
 counters and history.csv are restored from the epochs already logged.
+
+Devices and strategies (`model/devices.py`): one device, MirroredStrategy over local GPUs or logical CPUs
+(`--cpu_replicas`), or MultiWorkerMirroredStrategy over the machines of TF_CONFIG. Every worker trains and
+keeps its own backup (`model/rundir.py`); the chief alone writes the outputs, from a copy of the trained model
+outside the strategy.
 """
 
 from __future__ import annotations
@@ -89,20 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strategy",
         default="auto",
-        help=f"one of {', '.join(devices_lib.STRATEGIES)}: auto = multiworker when TF_CONFIG names several "
-        "machines, mirrored with several GPUs (or --cpu_replicas > 1), else default (one device)",
+        metavar="{" + ",".join(devices_lib.STRATEGIES) + "}",
+        help="auto = multiworker when TF_CONFIG names several machines, mirrored with several GPUs "
+        "(or --cpu_replicas > 1), else default (one device)",
     )
     p.add_argument(
         "--cpu_replicas",
         type=int,
         default=None,
+        metavar="N",
         help="split the CPU into N logical devices, one replica each (tests, laptops; not with GPUs)",
     )
     p.add_argument(
         "--jit_compile",
         default="auto",
-        help=f"XLA for the training step, one of {', '.join(devices_lib.JIT_CHOICES)}: auto = on with a GPU, "
-        "off on a CPU, the same on one and on several devices",
+        metavar="{" + ",".join(devices_lib.JIT_CHOICES) + "}",
+        help="XLA for the training step: auto = on with a GPU, off on a CPU, whatever the strategy (but off "
+        "when one process drives several devices, which Keras 3 cannot compile as one step)",
     )
     p.add_argument(
         "--allow_cpu", action="store_true", help="train a backbone other than small without a GPU (slow)"

@@ -181,7 +181,7 @@ def test_two_workers_killed_after_epoch_one_resume_with_the_same_commands(datase
     work_dirs = [model_dir, rundir.worker_dir(model_dir, "worker_1")]
     confs = _cluster(_free_ports(2))
     cmds = [
-        _cmd(data_dir, model_dir, "--cpu_replicas", "1", "--epochs", "2", "--steps_per_epoch", "60")
+        _cmd(data_dir, model_dir, "--cpu_replicas", "1", "--epochs", "2", "--steps_per_epoch", "30")
         + ["--batch_size", "4"]
         for _ in confs
     ]
