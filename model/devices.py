@@ -166,18 +166,26 @@ def check_gpus(backbone: str, gpus: int, allow_cpu: bool, cpu_replicas: int | No
         )
 
 
-def resolve_jit(requested: str, gpus: int, local_replicas: int) -> bool:
+def resolve_jit(requested: str, gpus: int, local_replicas: int, multiworker: bool = False) -> bool:
     """XLA for the whole training step (Keras `jit_compile`) as one explicit choice.
 
     `auto` is on with a GPU and off on a CPU, whatever the strategy (Keras's own `auto` turns XLA off under
     any tf.distribute strategy, so one and several GPUs would differ). Keras 3 compiles the step around
     `strategy.run`, which fails when one process drives several devices (MirroredStrategy over 2+ GPUs): there
-    `auto` is off and `on` is an error; one process per GPU (`multiworker`) keeps XLA.
+    `auto` is off and `on` is an error; one process per GPU (`multiworker`) keeps XLA. XLA has no collective
+    ops on CPU devices, so `multiworker` on CPUs cannot use it either.
 
     Raises:
-      ConfigError: `on` with several local replicas.
+      ConfigError: `on` with several local replicas, or across CPU workers.
     """
     if requested == "off":
+        return False
+    if multiworker and gpus == 0:
+        if requested == "on":
+            raise ConfigError(
+                "--jit_compile on with --strategy multiworker needs GPUs: XLA has no collective ops on CPU "
+                "devices; use --jit_compile off"
+            )
         return False
     if local_replicas > 1:
         if requested == "on":
@@ -346,7 +354,7 @@ def setup(
         devices=local,
         replicas=int(dist.num_replicas_in_sync),
         precision=policy,
-        jit_compile=resolve_jit(jit_compile, gpus, len(local)),
+        jit_compile=resolve_jit(jit_compile, gpus, len(local), kind == "multiworker"),
         cluster=cluster if kind == "multiworker" else None,
     )
 

@@ -70,7 +70,10 @@ def test_strategy_choice():
 def test_jit_is_one_explicit_choice():
     assert devices.resolve_jit("auto", 0, 1) is False
     assert devices.resolve_jit("auto", 1, 1) is True  # one GPU, default strategy
-    assert devices.resolve_jit("auto", 1, 1) is True  # one GPU per worker under multiworker: the same
+    assert devices.resolve_jit("auto", 1, 1, multiworker=True) is True  # one GPU per worker: the same
+    assert devices.resolve_jit("auto", 0, 1, multiworker=True) is False
+    with pytest.raises(ConfigError, match="XLA has no collective ops on CPU"):
+        devices.resolve_jit("on", 0, 1, multiworker=True)
     assert devices.resolve_jit("on", 0, 1) is True and devices.resolve_jit("off", 8, 1) is False
     assert devices.resolve_jit("auto", 2, 2) is False  # several devices in one process
     with pytest.raises(ConfigError, match="--jit_compile on cannot compile a step spanning 2 devices"):
