@@ -140,6 +140,8 @@ def test_mirrored_over_two_cpu_replicas_end_to_end(dataset, tmp_path):
     (log,) = _finish([_start(cmd, _env(), str(tmp_path / "mirrored.log"))], TIMEOUT)
     assert "MirroredStrategy (2 replica(s)" in log, log[-3000:]
     run = _check_outputs(model_dir, samples, "MirroredStrategy", 2, tta=2)
+    compiled = keras.saving.load_model(os.path.join(model_dir, MODEL_FILE))
+    assert int(compiled.optimizer.iterations.numpy()) == 2  # the optimizer state came along
     assert run["devices"] == [
         "/job:localhost/replica:0/task:0/device:CPU:0",
         "/job:localhost/replica:0/task:0/device:CPU:1",
