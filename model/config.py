@@ -55,6 +55,7 @@ INPUT_NORMS: tuple[str, ...] = (INPUT_NORM_ZSCORE, "caffe", "torch", "pm1")  # t
 
 # Layout of a model directory (--model_dir): what the training job writes and the later steps read.
 CONFIG_FILE = "config.json"
+RUN_SECTION = "run"  # config.json's record of the devices a run trained on (not part of the config)
 MODEL_FILE = "model.keras"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.csv"
@@ -273,8 +274,9 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of `config_to_dict`; unknown keys raise a ConfigError."""
+    """Inverse of `config_to_dict`, ignoring config.json's RUN_SECTION; unknown keys raise a ConfigError."""
     d = dict(d)
+    d.pop(RUN_SECTION, None)
     try:
         data = DataConfig(**d.pop("data", {}))
         # Configs written before input_norm existed were trained on z-scored stains.

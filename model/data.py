@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import schemas
+from model import fileio
 from model.config import ConfigError, DataConfig
 from model.losses import class_factors
 
@@ -34,7 +35,7 @@ def list_shards(data_dir: str, folds: Sequence[int]) -> list[str]:
     files: list[str] = []
     for fold in folds:
         pattern = schemas.shard_pattern(data_dir, fold)
-        found = sorted(tf.io.gfile.glob(pattern))
+        found = fileio.glob(pattern)
         if not found:
             raise ConfigError(f"no shard files match {pattern}: fold {fold} is absent from {data_dir}")
         files.extend(found)

@@ -20,7 +20,6 @@ with_ids=True)` dataset.
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.error
 import warnings
 from typing import Sequence
@@ -31,6 +30,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import schemas
+from model import fileio
 from model.config import (
     INPUT_NORM_ZSCORE,
     WEIGHTS_IMAGENET,
@@ -310,19 +310,19 @@ def _load_weights_source(cfg: ModelConfig) -> keras.Model:
                 "delete it to download it again, or use --weights PATH"
             ) from e
     path = cfg.weights
-    if not tf.io.gfile.exists(path):
+    if not fileio.exists(path):
         raise ConfigError(f"--weights {path!r}: no such file (use imagenet, none, or a saved backbone)")
     if path.endswith(".weights.h5"):
         for channels in (3, schemas.NUM_STAINS):
             source = build_backbone(cfg.backbone, channels, None, cfg.small_filters)
             try:
-                source.load_weights(_local_copy(path))
+                source.load_weights(fileio.local_copy(path, prefix="hpa-weights-"))
                 return source
             except ValueError:
                 continue
         raise ConfigError(f"--weights {path}: weights do not fit a 3- or 4-channel {cfg.backbone} backbone")
     try:
-        loaded = keras.saving.load_model(_local_copy(path), compile=False)
+        loaded = keras.saving.load_model(fileio.local_copy(path, prefix="hpa-weights-"), compile=False)
     except Exception as e:  # noqa: BLE001 - any loading failure is a bad --weights file
         raise ConfigError(f"--weights {path}: cannot load it as a Keras model ({e})") from e
     try:
@@ -345,15 +345,6 @@ def _check_input_norm(loaded: keras.Model, cfg: ModelConfig) -> None:
             f"--weights {cfg.weights} was trained on {trained} inputs, this run would feed {wanted}: "
             f"pass --input_norm {INPUT_NORM_ZSCORE if trained == INPUT_NORM_ZSCORE else 'imagenet'}"
         )
-
-
-def _local_copy(path: str) -> str:
-    """Keras loads some formats only from local files: copy a remote (gs://) file to a temp dir."""
-    if "://" not in path:
-        return path
-    local = os.path.join(tempfile.mkdtemp(prefix="hpa-weights-"), os.path.basename(path))
-    tf.io.gfile.copy(path, local, overwrite=True)
-    return local
 
 
 def build_model(cfg: ModelConfig, mean, std) -> keras.Model:

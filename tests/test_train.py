@@ -17,8 +17,15 @@ import tensorflow as tf
 
 import schemas
 from model import model as model_lib
-from model import train
-from model.config import ConfigError, ModelConfig, config_from_dict, config_to_json, resolve_input_norm
+from model import rundir, train
+from model.config import (
+    CONFIG_FILE,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    config_to_json,
+    resolve_input_norm,
+)
 from tests.fixtures import make_dataset
 from tests.test_data import write_dataset
 from tests.test_model import go_offline
@@ -66,7 +73,7 @@ def test_end_to_end_real_preprocessing_then_training(preprocessed, tmp_path):
     rows = _history(model_dir)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # loss goes down
-    for name in (train.CONFIG_FILE, train.MODEL_FILE, train.PLOTS_FILE, train.LOGS_DIR, train.RUN_INFO_FILE):
+    for name in (CONFIG_FILE, train.MODEL_FILE, train.PLOTS_FILE, train.LOGS_DIR, train.RUN_INFO_FILE):
         assert os.path.exists(os.path.join(model_dir, name)), name
     assert not os.path.exists(os.path.join(model_dir, train.BACKUP_DIR))
     assert tf.io.gfile.glob(os.path.join(model_dir, train.LOGS_DIR, "*", "events.out.tfevents.*"))
@@ -129,26 +136,12 @@ def test_bad_inputs_give_clear_errors(written, tmp_path, capsys):
         train.build_parser().parse_args(_base(written, other, "--learning_rate", "0.5"))
     )
     cfg, _, _ = train.resolve_config(cfg, schemas.read_manifest(written))
-    with open(os.path.join(other, train.CONFIG_FILE), "w") as f:
-        f.write(train.config_to_json(cfg))
+    with open(os.path.join(other, CONFIG_FILE), "w") as f:
+        f.write(config_to_json(cfg))
     with pytest.raises(ConfigError, match=r"another run .*learning_rate: 0.5 -> 0.0001"):
         train.run(_base(written, other))
     assert train.main(_base(written, other)) == 2
     assert "error:" in capsys.readouterr().err
-
-
-def test_resolve_precision_and_strategy(monkeypatch):
-    assert train.resolve_precision("auto", []) == "float32"
-    assert train.resolve_precision("auto", [(9, 0), (8, 0)]) == "mixed_bfloat16"
-    assert train.resolve_precision("auto", [(7, 0)]) == "mixed_float16"
-    assert train.resolve_precision("float32", [(9, 0)]) == "float32"
-    if not tf.config.list_physical_devices("GPU"):
-        assert train.resolve_precision("auto") == "float32"
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.make_strategy().num_replicas_in_sync == 1 and train.is_chief()
-    cluster = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
-    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
-    assert train._tf_config_workers() == 2 and not train.is_chief()
 
 
 def test_input_norm_is_resolved_into_config_json(written):
@@ -206,8 +199,8 @@ def test_history_truncation_and_plot(tmp_path):
     path = str(tmp_path / "h.csv")
     with open(path, "w") as f:
         f.write("epoch,f1,loss,val_f1,val_loss\n0,0.1,1.0,0.1,1.1\n1,0.2,0.9,0.2,1.0\n2,0.3,0.8,0.3,0.95\n")
-    rows = train.truncate_history(path, 2)
-    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in train.read_history(path)] == [
+    rows = rundir.truncate_history(path, 2)
+    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in rundir.read_history(path)] == [
         "0",
         "1",
     ]
@@ -221,12 +214,12 @@ def test_sigkill_mid_training_then_same_command_resumes(written, tmp_path):
     cmd = [sys.executable, "-m", "model.train", *_base(written, model_dir)]
     cmd += ["--epochs", "3", "--steps_per_epoch", "150", "--batch_size", "4", "--verbose", "2"]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    metadata = os.path.join(model_dir, train.BACKUP_DIR, train.BACKUP_METADATA)
+    metadata = os.path.join(model_dir, train.BACKUP_DIR, rundir.BACKUP_METADATA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if train.backup_epoch(model_dir) == 1:
+            if rundir.backup_epoch(model_dir) == 1:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.02)
