@@ -38,7 +38,7 @@ TEST = [
 ]
 # GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
 # several GB), so no system CUDA is needed. The TF range is REQUIRED's.
-GPU = [req.replace("tensorflow", "tensorflow[and-cuda]", 1) for req in REQUIRED if req.startswith("tensorflow>")]
+GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
 
 setuptools.setup(
     name="hpa-protein-localization",

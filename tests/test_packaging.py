@@ -1,8 +1,9 @@
 """The pinned installs: constraints.txt (CPU, `make setup`) and constraints-gpu.txt (`make setup-gpu`).
 
 The GPU lock must pin every package both installs share at the same version as constraints.txt, and
-`pip install -c constraints-gpu.txt '.[gpu]'` must resolve to the CUDA wheels it pins. The resolution test asks
-the package registry (as `make setup` does) but downloads no wheel: `--dry-run --report` reads only metadata.
+`pip install -c constraints-gpu.txt '.[gpu]'` must resolve to the CUDA wheels it pins. The resolution test
+asks the package registry (as `make setup` does) but downloads no wheel: `--dry-run --report` reads only
+metadata.
 """
 
 from __future__ import annotations
