@@ -254,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     import schemas
+    from bench._common import print_table
     from bench.input_pipeline import samples_per_second
     from model import data as data_lib
     from model import train
@@ -341,11 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     med = {name: statistics.median(v) for name, v in rates.items()}
     print()
-    print(f"| stage | training samples/s (median of {args.repeats}) | runs |")
-    print("| --- | --- | --- |")
-    for name, v in med.items():
-        runs = ", ".join(f"{x:.1f}" for x in rates[name])
-        print(f"| {name} | {v:.1f} | {runs} |")
+    print_table(
+        ["stage", f"training samples/s (median of {args.repeats})", "runs"],
+        [[name, f"{v:.1f}", ", ".join(f"{x:.1f}" for x in rates[name])] for name, v in med.items()],
+    )
     print()
     for line in verdict(*med.values(), cores):
         print(line)

@@ -26,7 +26,7 @@ def test_benchmark_prints_the_three_figures_and_the_limit(tiny, capsys):
     assert train_step.main(argv) == 0
     out = capsys.readouterr().out
     for stage in train_step.STAGES:
-        row = re.search(rf"^\| {re.escape(stage)} \| ([0-9.]+) \| ([0-9.]+), ([0-9.]+) \|$", out, re.M)
+        row = re.search(rf"^\| {re.escape(stage)} +\| ([0-9.]+) +\| ([0-9.]+), ([0-9.]+) +\|$", out, re.M)
         assert row, f"no table row for {stage}:\n{out}"
         rate, runs = float(row.group(1)), sorted(float(row.group(i)) for i in (2, 3))
         assert rate > 0 and rate == pytest.approx(sum(runs) / 2, abs=0.06)  # the median of two runs
