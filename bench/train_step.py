@@ -165,12 +165,15 @@ def _sync(model) -> int:
 def model_rate(model, batch, batch_size: int, steps: int) -> float:
     """(a) samples/s of the compiled train step repeated on one batch that stays on the device."""
     step = model.train_function
-    _sync(model)
+    before = _sync(model)
     start = time.perf_counter()
     for _ in range(steps):
         step([batch])  # Keras' one-step function, as fit calls it, on an iterable of one batch
-    _sync(model)
-    return steps * batch_size / (time.perf_counter() - start)
+    done = _sync(model) - before
+    seconds = time.perf_counter() - start
+    if done != steps:  # every call must be one real optimizer step
+        raise RuntimeError(f"{steps} train steps called, the optimizer counted {done}")
+    return steps * batch_size / seconds
 
 
 def fit_rate(model, dataset, batch_size: int, steps: int, warmup: int) -> float:
@@ -204,10 +207,13 @@ def verdict(a: float, b: float, c: float, cores: int) -> list[str]:
         )
     else:
         lines.append(
-            f"limit: the model: (a) trains {a / b:.0%} of what the input pipeline delivers ((b)/(a) = "
-            f"{b / a:.2f}x); the pipeline has {b / a - 1:.0%} to spare"
+            f"limit: the model: (a) trains {a / b:.0%} of what the input pipeline delivers; the pipeline "
+            f"could feed a model {b / a:.2f}x faster"
         )
-    lines.append(f"(c) = {c / min(a, b):.0%} of the slower stage, {c / a:.0%} of the device's ceiling (a)")
+    together = f"(c) = {c / min(a, b):.0%} of the slower stage, {c / a:.0%} of the device's ceiling (a)"
+    if c > 1.05 * min(a, b):
+        together += " (above it: the runs vary, see them and the load average)"
+    lines.append(together)
     per_core = b / cores
     lines.append(
         f"feeding (a) takes {a / per_core:.1f} cores at (b)'s {per_core:.1f} samples/s per core "

@@ -65,4 +65,6 @@ def test_verdict_names_the_slower_stage():
     assert "15.4 cores at (b)'s 61.3 samples/s per core" in pipeline_bound[2]
     model_bound = train_step.verdict(a=10.0, b=120.0, c=8.0, cores=2)
     assert model_bound[0].startswith("limit: the model: (a) trains 8%")
-    assert "(c) = 80% of the slower stage" in model_bound[1]
+    assert "could feed a model 12.00x faster" in model_bound[0]
+    assert model_bound[1] == "(c) = 80% of the slower stage, 80% of the device's ceiling (a)"
+    assert "the runs vary" in train_step.verdict(a=10.0, b=120.0, c=12.0, cores=2)[1]
