@@ -18,10 +18,11 @@ over a long epoch) and ends on a read of the optimizer's step counter, so queued
 The verdict says which of (a) and (b) limits (c), by how much, and how many host cores at (b)'s per-core
 rate would feed (a).
 
-The model and its pipeline come from the training job's own functions and flag parser (any training flag is
-accepted and means the same as in `run_train.sh`); --weights defaults to `none` here, since weights do not
-change the speed. (a) is one device: with N GPUs under MirroredStrategy the ceiling is about N x (a).
-On a CPU-only host (a) and (b) share the same cores, so (c) falls below both.
+The model and its pipeline come from the training job's own functions and flag parser (any flag of
+`run_train.sh --help` is accepted and means the same); --weights defaults to `none` here, since weights do
+not change the speed. (a) is one device: with N GPUs under MirroredStrategy the ceiling is about N x (a).
+On a CPU-only host (a) and (b) share the same cores: (a) is no device ceiling, and (c) should stay below
+both.
 """
 
 from __future__ import annotations
