@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "This project needs Python 3.11; found " + sys.version.split()[0] + ". Run: make setup PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==26.3  # pinned: the GPU lock test uses its fast-deps feature
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $@
 
@@ -18,7 +18,7 @@ setup: $(VENV)/.installed  ## create .venv and install the project with pinned v
 $(VENV)/.installed-gpu: setup.py constraints-gpu.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "This project needs Python 3.11; found " + sys.version.split()[0] + ". Run: make setup-gpu PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==26.3  # pinned: the GPU lock test uses its fast-deps feature
 	$(PY) -m pip install --quiet -c constraints-gpu.txt -e '.[gpu,test]'
 	@touch $@ $(VENV)/.installed
 
