@@ -84,7 +84,9 @@ def test_hash_shape_dtype_and_determinism():
     h = nd.hash_stains(field)
     assert h.shape == (nd.HASH_WORDS,) and h.dtype == np.uint64
     assert np.array_equal(h, nd.hash_stains(field))
-    assert nd.HASH_BITS == 64 * nd.HASH_WORDS
+    assert nd.HASH_BITS == nd.BITS_PER_STAIN * len(nd.HASHED_STAINS) <= 64 * nd.HASH_WORDS
+    bits = np.unpackbits(h.astype(">u8").view(np.uint8))
+    assert not bits[nd.HASH_BITS :].any()  # padding up to whole words stays zero
 
 
 def test_hash_uses_only_the_hashed_stains():
