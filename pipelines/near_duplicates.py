@@ -71,18 +71,28 @@ _TABLE_BITS = 22  # bands up to this width are looked up in a 2**width table (16
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _reduce_step(factor: int) -> int:
+    """The largest divisor of factor up to 16 (Pillow's `reduce` is fastest in such steps), or factor."""
+    step = next(d for d in range(min(factor, 16), 0, -1) if factor % d == 0)
+    return step if step > 1 else factor
+
+
 def _shrink(image: np.ndarray) -> np.ndarray:
     """The image area-averaged (box filter) to a _THUMB x _THUMB float32 thumbnail.
 
-    Pillow's integer `reduce` does most of the averaging (about 8x cheaper than `resize` on 512 px), the
-    BOX `resize` the rest, so any size (a few pixels to 2048 and more) gives the same kind of thumbnail.
+    Sides that are multiples of _THUMB (512, 2048) go through Pillow's integer `reduce`, a few times cheaper
+    than `resize` and the same averages; any other size (a crop, a few pixels) through a BOX `resize`, whose
+    fractional pixel weights keep the thumbnail of a slightly cropped image close to the original's.
     """
     pil = Image.fromarray(image)
-    fx, fy = min(pil.width // _THUMB, 16), min(pil.height // _THUMB, 16)
-    if fx > 1 or fy > 1:
-        pil = pil.reduce((max(fx, 1), max(fy, 1)))
-    if pil.size != (_THUMB, _THUMB):
-        pil = pil.resize((_THUMB, _THUMB), Image.Resampling.BOX)
+    h, w = image.shape
+    if h % _THUMB or w % _THUMB:
+        return np.asarray(pil.resize((_THUMB, _THUMB), Image.Resampling.BOX), dtype=np.float32)
+    fx, fy = w // _THUMB, h // _THUMB
+    while fx > 1 or fy > 1:
+        sx, sy = _reduce_step(fx), _reduce_step(fy)
+        pil = pil.reduce((sx, sy))
+        fx, fy = fx // sx, fy // sy
     return np.asarray(pil, dtype=np.float32)
 
 
