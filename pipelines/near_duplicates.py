@@ -57,10 +57,11 @@ HASH_WORDS: int = -(-HASH_BITS // 64)
 # Hamming bound (over HASH_BITS bits) under which two samples are near-duplicates.
 DEFAULT_MAX_DISTANCE: int = 15
 
-# Ids of the HPAv18 external set are `{a}_{plate}_{well}_{field}[_suffix]`; fields of one well are
-# near-identical, so they share a group: the key is `{a}_{plate}_{well}`. Competition Ids are UUIDs (no
-# underscore), so they do not match and each stays in its own group.
-HPAV18_WELL_PATTERN = r"^(\d+_\d+_[A-H]\d{1,2})_\d+"
+# Ids of the HPAv18 external set are `{a}_{plate}_{well}_{field}[_suffix]` (plates are numbers or `si<n>`,
+# e.g. `10580_1610_C1_1`, `63683_si35_H1_11`); fields of one well are near-identical, so they share a group:
+# the key is `{a}_{plate}_{well}` (74,606 Ids of HPAv18RBGY_wodpl.csv -> 37,074 wells, every Id matches).
+# Competition Ids are UUIDs (no underscore): they do not match and each stays in its own group.
+HPAV18_WELL_PATTERN = r"^(\d+_[^_]+_[A-Z]\d+)_\d+"
 
 assert set(HASHED_STAINS) <= set(schemas.STAINS), "HASHED_STAINS must be names of schemas.STAINS"
 

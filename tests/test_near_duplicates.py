@@ -99,6 +99,14 @@ def test_hash_uses_only_the_hashed_stains():
     assert np.array_equal(nd.hash_stains(field), nd.hash_stains(only))
 
 
+@pytest.mark.parametrize("shape", [(512, 512), (64, 96), (544, 96), (502, 507), (3, 5)])
+def test_thumbnail_is_pillow_box_resize(shape):
+    """The reference: Pillow's BOX resize (the fast path may round differently by at most one count)."""
+    img = np.random.default_rng(9).integers(0, 256, shape, dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(nd._shrink(img) - ref).max() <= 1
+
+
 @pytest.mark.parametrize("size", [3, 9, 37, 200])
 def test_hash_any_size(size):
     field = {s: img[:size, :size] for s, img in _field(2, 200).items()}
@@ -283,8 +291,10 @@ def test_hpav18_well_pattern():
         "0fa556f8-bbab-11e8-b2ba-ac1f6b6435d0",
         "2266b284-bbc7-11e8-b2bc-ac1f6b6435d0",
         "10580_1610_C10_1",
+        "63683_si35_H1_11",
+        "63683_si35_H1_2",
     ]
-    assert nd.ids_pattern_groups(ids, nd.HPAV18_WELL_PATTERN).tolist() == [0, 0, 2, 3, 3, 5, 6, 7]
+    assert nd.ids_pattern_groups(ids, nd.HPAV18_WELL_PATTERN).tolist() == [0, 0, 2, 3, 3, 5, 6, 7, 8, 8]
 
 
 def test_pattern_without_groups_uses_whole_match():
