@@ -213,6 +213,11 @@ def test_near_pairs_rejects_bad_input():
         nd.near_pairs(np.zeros((3, 2), np.uint64), -1)
 
 
+def test_popcount_fallback_equals_numpy():
+    words = np.random.default_rng(10).integers(0, 2**64, size=(50, 3), dtype=np.uint64)
+    np.testing.assert_array_equal(nd._popcount_bytes(words), np.bitwise_count(words).sum(axis=1))
+
+
 def test_hamming():
     a = np.array([[0, 0]], dtype=np.uint64)
     b = np.array([[1, 2**64 - 1]], dtype=np.uint64)
