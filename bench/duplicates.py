@@ -16,10 +16,11 @@ What is measured (one run, one report):
    image and landmark images shared between some samples, so pairs that share an identical source stain
    file are left out of the distinct pairs (their count is printed). A false match = a distinct pair within
    the bound.
-4. Several hashes (dHash, pHash, aHash; 64 bits per stain) over several stain sets, so the choice made in
-   pipelines.near_duplicates is backed by the same run: max planted distance vs min distinct distance.
-5. near_pairs + group_labels at --scale_n hashes (105,678 = train + HPAv18): uniform random, and clustered
-   (clusters of 2-6 copies with up to half the bound of bits flipped).
+4. Several hashes (dHash, aHash, pHash: 64 bits per stain; the signs of the 6 x 6 lowest DCT frequencies:
+   35 bits per stain, the one pipelines.near_duplicates uses) over several stain sets, so the choice is backed
+   by the same run: max planted distance vs min distinct distance, and the closest distinct pairs.
+5. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
+   random, and clustered (a third of the rows are copies of other rows with 0..bound bits flipped).
 
 Usage:
   python bench/duplicates.py [--smoke_dir ../shared/data/hpa-real-smoke] [--synthetic 600] [--repeats 5]
