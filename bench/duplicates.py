@@ -305,6 +305,10 @@ def _scale(n: int, max_distance: int, seed: int) -> list[list]:
                 f"{t3 - t2:.2f}",
             ]
         )
+    for d in (max_distance - 2, max_distance + 2):
+        t0 = time.perf_counter()
+        nd.near_pairs(_pack(bits), d)
+        rows.append([f"uniform random, bound {d}", n, "", "", f"{time.perf_counter() - t0:.2f}", "", ""])
     return rows
 
 
@@ -471,6 +475,12 @@ def main(argv=None) -> int:
         f"\nrecall {found / len(all_pd):.4f} ({found}/{len(all_pd)}); false matches "
         f"{int((dd <= bound).sum())} of {len(dd)} distinct pairs; planted max {all_pd.max()}, distinct min "
         f"{dd.min()}, margin {dd.min() - all_pd.max()} bits"
+    )
+    sweep = []
+    for b in range(bound - 6, bound + 8, 2):
+        sweep.append([b, f"{np.mean(all_pd <= b):.4f}", int((all_pd > b).sum()), int((dd <= b).sum())])
+    print_table(
+        ["bound", "recall", "planted missed", "false matches"], sweep, title="Other bounds, same pairs"
     )
     pair_a, pair_b = iu[0][keep], iu[1][keep]
     closest = np.argsort(dd, kind="stable")[:8]
