@@ -294,7 +294,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> 
       max_distance: largest Hamming distance (over all 64 * n_words bits) that counts as near.
 
     Returns:
-      (m, 2) int64 index pairs (i, j), i < j, sorted, each pair once.
+      (m, 2) int64 index pairs (i, j), i < j, sorted, each pair once. k equal hashes give k(k-1)/2 pairs
+      (e.g. many blank images): for groups, `duplicate_groups` avoids building them.
 
     Raises:
       ValueError: hashes not a 2-D uint64 array, or max_distance negative.
