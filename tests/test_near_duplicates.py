@@ -67,6 +67,9 @@ _TRANSFORMS = {
     "jpeg95": lambda img, s: _jpeg(img, 95),
     "noise1": _noise,
     "rescale4": lambda img, s: _rescale(img, 4),
+    "upscaled4_kept": lambda img, s: np.asarray(
+        Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.Resampling.BICUBIC)
+    ),
     "crop2_kept": lambda img, s: _crop(img, 0.02, False),
     "crop2_back": lambda img, s: _crop(img, 0.02, True),
 }
