@@ -27,6 +27,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import schemas
+from model import augment as _augment  # noqa: F401 - registers the augmentation layer for loading
 from model.config import WEIGHTS_IMAGENET, WEIGHTS_NONE, ConfigError, ModelConfig
 
 SERVING_SIGNATURE = "serving_default"
@@ -191,12 +192,13 @@ def _local_copy(path: str) -> str:
     return local
 
 
-def build_model(cfg: ModelConfig, mean, std) -> keras.Model:
+def build_model(cfg: ModelConfig, mean, std, augmentation: keras.layers.Layer | None = None) -> keras.Model:
     """The classifier: uint8 [B, H, W, NUM_STAINS] -> float32 probabilities [B, NUM_CLASSES].
 
     Args:
       cfg: backbone, weights, dropout.
       mean, std: per-stain pixel statistics (STAINS order, 0..255 units) from the manifest.
+      augmentation: a first layer active in training only (`model.augment.from_data_config`), or None.
 
     Layers follow the global Keras dtype policy (set it before calling); the classifier stays float32.
     """
@@ -205,7 +207,8 @@ def build_model(cfg: ModelConfig, mean, std) -> keras.Model:
         source = _load_weights_source(cfg)
         transfer_weights(source, backbone)
     inputs = keras.Input((None, None, schemas.NUM_STAINS), dtype="uint8", name="image")
-    x = StainNormalization(mean, std, name="stain_normalization")(inputs)
+    x = inputs if augmentation is None else augmentation(inputs)
+    x = StainNormalization(mean, std, name="stain_normalization")(x)
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)

@@ -214,3 +214,34 @@ def test_training_through_a_tf_data_service_on_loopback(written, tmp_path):
     finally:
         worker._stop()
         dispatcher._stop()
+
+
+def test_deterministic_runs_are_bit_identical_and_a_cached_run_trains_alike(written, tmp_path):
+    flags = ["--epochs", "3", "--steps_per_epoch", "6", "--batch_size", "4", "--learning_rate", "0.01"]
+    flags += ["--seed", "7", "--deterministic", "--crop_size", "12", "--rare_class", "oversample"]
+    outputs = []
+    for name, cache in (("a", "none"), ("b", "none"), ("c", str(tmp_path / "cache"))):
+        model_dir = str(tmp_path / name)
+        train.run(_base(written, model_dir, *flags, "--cache", cache))
+        model = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
+        npz = np.load(os.path.join(model_dir, train.VAL_PREDICTIONS_FILE))
+        outputs.append((model.get_weights(), _history(model_dir), npz["scores"], npz["ids"]))
+    (wa, ha, sa, ia), (wb, hb, sb, ib), (_, hc, _, ic) = outputs
+    assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    assert [r["val_loss"] for r in ha] == [r["val_loss"] for r in hb]
+    assert np.array_equal(sa, sb) and np.array_equal(ia, ib)
+    # Through the cache the records come in another order (the only difference): a similar loss curve.
+    loss_a, loss_c = float(ha[-1]["loss"]), float(hc[-1]["loss"])
+    assert loss_c < float(hc[0]["loss"]) and loss_a < float(ha[0]["loss"])
+    assert abs(loss_a - loss_c) < 0.25 * loss_a, (ha, hc)
+    assert sorted(ic) == sorted(ia)
+
+
+def test_deterministic_with_tf_data_service_is_a_one_line_usage_error(written, tmp_path, capsys):
+    argv = _base(written, str(tmp_path / "m"), "--seed", "1", "--deterministic")
+    assert train.main([*argv, "--tf_data_service", "grpc://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --deterministic cannot be combined with --tf_data_service")
+    assert "\n" not in err
+    assert not os.path.exists(tmp_path / "m")
