@@ -42,6 +42,9 @@ def test_transforms_are_drawn_per_sample_and_are_exactly_the_dihedral_set_of_tta
     assert {o.tobytes() for o in out} == tta
     again = keras.ops.convert_to_numpy(layer(batch, training=True))
     assert [_which_transform(o, image) for o in again] != drawn  # a new draw every step
+    # Other dtypes / channel counts take the unpacked path: the same transforms.
+    floats = keras.ops.convert_to_numpy(layer(batch[..., :3].astype(np.float32), training=True))
+    assert all(_which_transform(o, image[..., :3].astype(np.float32)) >= 0 for o in floats)
 
 
 def test_identity_at_inference_and_same_seed_same_draws():

@@ -217,7 +217,7 @@ def test_training_through_a_tf_data_service_on_loopback(written, tmp_path):
 
 
 def test_deterministic_runs_are_bit_identical_and_a_cached_run_trains_alike(written, tmp_path):
-    flags = ["--epochs", "3", "--steps_per_epoch", "6", "--batch_size", "4", "--learning_rate", "0.01"]
+    flags = ["--epochs", "2", "--steps_per_epoch", "6", "--batch_size", "4", "--learning_rate", "0.01"]
     flags += ["--seed", "7", "--deterministic", "--crop_size", "12", "--rare_class", "oversample"]
     outputs = []
     for name, cache in (("a", "none"), ("b", "none"), ("c", str(tmp_path / "cache"))):
