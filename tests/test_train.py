@@ -238,10 +238,15 @@ def test_deterministic_runs_are_bit_identical_and_a_cached_run_trains_alike(writ
     assert sorted(ic) == sorted(ia)
 
 
-def test_deterministic_with_tf_data_service_is_a_one_line_usage_error(written, tmp_path, capsys):
+def test_deterministic_with_tf_data_service_and_a_bad_cache_dir_are_usage_errors(written, tmp_path, capsys):
     argv = _base(written, str(tmp_path / "m"), "--seed", "1", "--deterministic")
     assert train.main([*argv, "--tf_data_service", "grpc://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --deterministic cannot be combined with --tf_data_service")
     assert "\n" not in err
     assert not os.path.exists(tmp_path / "m")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert train.main([*argv, "--cache", str(blocker / "cache")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")  # checked before the model dir is made
