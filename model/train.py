@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
     )
     p.add_argument("--no_augment", action="store_true", help="no flips / right-angle rotations")
-    p.add_argument("--crop_size", type=int, default=None, help="random crop side while training")
+    p.add_argument(
+        "--crop_size",
+        type=int,
+        default=None,
+        help="random crop side while training (whole images at inference)",
+    )
     p.add_argument("--intensity_jitter", type=float, default=d.intensity_jitter, help="max relative change")
     p.add_argument("--rare_class", choices=RARE_CLASS_MODES, default=d.rare_class)
     p.add_argument("--rare_power", type=float, default=d.rare_power)

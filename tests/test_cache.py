@@ -15,6 +15,7 @@ import schemas
 from model import cache as cache_lib
 from model import data as data_lib
 from model.config import ConfigError, DataConfig
+from tests.fixtures import sigkill_when
 from tests.test_data import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,22 +72,16 @@ def test_a_killed_cache_build_is_never_trusted(tmp_path, capsys):
     cache_dir = str(tmp_path / "cache")
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen([sys.executable, "-c", _FILL_SLOWLY, cache_dir], cwd=ROOT, env=env)
-    try:
-        deadline = time.time() + 120
-        partial = []
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.isdir(cache_dir):
-                partial = [n for n in os.listdir(cache_dir) if ".partial-" in n]
-                if partial and any(files for _, _, files in os.walk(os.path.join(cache_dir, partial[0]))):
-                    time.sleep(0.5)  # some elements written, far from all 400
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.05)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL and partial, "the build was not killed while writing"
+
+    def some_written() -> bool:
+        partial = [n for n in os.listdir(cache_dir) if ".partial-" in n] if os.path.isdir(cache_dir) else []
+        if partial and any(files for _, _, files in os.walk(os.path.join(cache_dir, partial[0]))):
+            time.sleep(0.5)  # some elements written, far from all 400
+            return True
+        return False
+
+    killed = sigkill_when(proc, some_written, poll=0.05)
+    assert killed and proc.returncode == -signal.SIGKILL, "the build was not killed while writing"
     assert cache_lib.complete_path(cache_dir, "folds0-abc") is None  # nothing looks complete
 
     ds = tf.data.Dataset.range(10).map(lambda i: (tf.fill([4, 4, 4], tf.cast(i, tf.uint8)), tf.zeros([28])))

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -19,7 +18,7 @@ import schemas
 from model import model as model_lib
 from model import train
 from model.config import ConfigError
-from tests.fixtures import make_dataset
+from tests.fixtures import make_dataset, sigkill_when
 from tests.test_data import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,17 +170,7 @@ def test_sigkill_mid_training_then_same_command_resumes(written, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     metadata = os.path.join(model_dir, train.BACKUP_DIR, train.BACKUP_METADATA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if train.backup_epoch(model_dir) == 1:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: train.backup_epoch(model_dir) == 1)
     first_out = proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-training:\n{first_out[-3000:]}"
     with open(metadata) as f:
