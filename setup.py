@@ -1,7 +1,8 @@
 """Packaging of the project: `schemas`, `pipelines` and `model`.
 
 Dataflow workers install the project from this file (`--setup_file ./setup.py`). Exact versions that are
-known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[test]`).
+known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[test]`); the CUDA
+build for GPU hosts is the `gpu` extra, locked in constraints-gpu.txt (`make setup-gpu`).
 """
 
 import sys
@@ -21,6 +22,7 @@ REQUIRED = [
     "tensorboard>=2.21,<2.22",  # Keras' TensorBoard callback; TF 2.21 does not bring it
     "numpy",
     "pillow",
+    "urllib3>=2",  # HTTP of the download job (already installed with apache-beam, through requests)
     "scipy",  # the synthetic dataset's rendering
     "matplotlib",  # training curves and report plots
 ]
@@ -35,6 +37,9 @@ TEST = [
     "iterative-stratification",
     "gcp-storage-emulator",
 ]
+# GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
+# several GB), so no system CUDA is needed. The TF range is REQUIRED's.
+GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
 
 setuptools.setup(
     name="hpa-protein-localization",
@@ -45,5 +50,5 @@ setuptools.setup(
     ),
     python_requires=">=3.11,<3.12",
     install_requires=REQUIRED,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "gpu": GPU},
 )

@@ -86,6 +86,31 @@ def build_real_dataset(
     return csv_path, image_dir, total
 
 
+def build_real_shards(
+    work_dir: str, num_samples: int, smoke_dir: str = REAL_SMOKE, image_size: int | None = None
+) -> str:
+    """Runs the preprocessing job on `num_samples` replicated real samples (`build_real_dataset`).
+
+    Args:
+      work_dir: where the images and the job's output go.
+      num_samples: samples to replicate from `smoke_dir`.
+      smoke_dir: folder of real samples (train/, train.csv).
+      image_size: the job's --image_size (resize), None keeps the images' size.
+
+    Returns:
+      The preprocessing output directory (`work_dir/out`).
+    """
+    from pipelines import preprocess
+
+    labels_csv, image_dir, _ = build_real_dataset(work_dir, num_samples, smoke_dir=smoke_dir)
+    data_dir = os.path.join(work_dir, "out")
+    print(f"building {num_samples} samples with the preprocessing job into {data_dir} ...", flush=True)
+    argv = ["--labels_csv", labels_csv, "--input_dir", image_dir, "--output_dir", data_dir]
+    seconds, _ = timed(preprocess.run, argv + (["--image_size", str(image_size)] if image_size else []))
+    print(f"preprocessing took {seconds:.0f} s", flush=True)
+    return data_dir
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     """(seconds, result) of one call."""
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import tensorflow as tf  # noqa: E402
 
 import schemas  # noqa: E402
-from bench._common import REAL_SMOKE, build_real_dataset  # noqa: E402
+from bench._common import REAL_SMOKE, build_real_shards  # noqa: E402
 from model import cache as cache_lib  # noqa: E402
 from model import data as data_lib  # noqa: E402
 from model.config import DataConfig  # noqa: E402
@@ -176,16 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(os.path.join(args.source, "train")):
             print(f"error: {args.source}/train not found (pass --source or --data_dir)", file=sys.stderr)
             return 2
-        from pipelines import preprocess
-
         work = args.work_dir or tempfile.mkdtemp(prefix="bench-input-")
         args.work_dir = work
-        labels_csv, image_dir, _ = build_real_dataset(work, args.samples, smoke_dir=args.source)
-        data_dir = os.path.join(work, "out")
-        print(f"building {args.samples} samples with the preprocessing job into {data_dir} ...", flush=True)
-        t = time.perf_counter()
-        preprocess.run(["--labels_csv", labels_csv, "--input_dir", image_dir, "--output_dir", data_dir])
-        print(f"preprocessing took {time.perf_counter() - t:.0f} s", flush=True)
+        data_dir = build_real_shards(work, args.samples, smoke_dir=args.source)
 
     manifest = schemas.read_manifest(data_dir)
     image_size = data_lib.image_size_of(data_dir, manifest)

@@ -31,9 +31,33 @@ CACHE_NONE = "none"  # --cache: decode the PNGs every epoch
 CACHE_MEMORY = "memory"  # --cache: decoded stains kept in memory; any other value is a directory
 WEIGHTS_NONE = "none"
 
+# Input normalisation (`--input_norm`). `zscore`: each stain minus the dataset's mean, over its std. The
+# others feed the red, green and blue stains the way the backbone's ImageNet weights were trained (Keras'
+# preprocess_input, or EfficientNetV2's built-in preprocessing), and the yellow stain in the same units
+# without an offset (see model.model.input_normalization):
+#   caffe: BGR, 0..255 minus the ImageNet mean;  torch: RGB, x / 255 minus the ImageNet mean, over its std;
+#   pm1: RGB, x / 128 - 1.
+INPUT_NORM_AUTO = "auto"
+INPUT_NORM_ZSCORE = "zscore"
+INPUT_NORM_IMAGENET = "imagenet"
+INPUT_NORM_CHOICES: tuple[str, ...] = (INPUT_NORM_AUTO, INPUT_NORM_ZSCORE, INPUT_NORM_IMAGENET)
+IMAGENET_INPUT_NORMS: dict[str, str] = {
+    "resnet50": "caffe",
+    "densenet121": "torch",
+    "efficientnetv2b0": "torch",  # EfficientNetV2's built-in preprocessing: torch-style for the B variants,
+    "efficientnetv2b1": "torch",
+    "efficientnetv2b2": "torch",
+    "efficientnetv2b3": "torch",
+    "efficientnetv2s": "pm1",  # x / 128 - 1 for S, M and L
+    "efficientnetv2m": "pm1",
+    "efficientnetv2l": "pm1",
+}
+INPUT_NORMS: tuple[str, ...] = (INPUT_NORM_ZSCORE, "caffe", "torch", "pm1")  # the resolved values
+
 
 # Layout of a model directory (--model_dir): what the training job writes and the later steps read.
 CONFIG_FILE = "config.json"
+RUN_SECTION = "run"  # config.json's record of the devices a run trained on (not part of the config)
 MODEL_FILE = "model.keras"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.csv"
@@ -156,12 +180,16 @@ class ModelConfig:
         `.weights.h5`) whose weights are copied, the first convolution adapted to four stains.
       dropout: dropout rate before the classifier.
       small_filters: width of the `small` backbone's first block (doubles per block).
+      input_norm: how the uint8 stains are scaled for the backbone: `auto` (resolved by `resolve_input_norm`:
+        `imagenet` for a keras.applications backbone with pretrained weights, else `zscore`), `zscore`,
+        `imagenet`, or a resolved value of INPUT_NORMS (as config.json records it).
     """
 
     backbone: str = "resnet50"
     weights: str = WEIGHTS_IMAGENET
     dropout: float = 0.25
     small_filters: int = 16
+    input_norm: str = INPUT_NORM_AUTO
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -170,6 +198,34 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.weights:
             raise ConfigError("weights must be 'imagenet', 'none' or a file path")
+        resolve_input_norm(self)
+
+
+def resolve_input_norm(cfg: ModelConfig) -> str:
+    """The input normalisation of INPUT_NORMS that `cfg.input_norm` stands for with this backbone and weights.
+
+    `auto` is `zscore` for the small backbone or `--weights none` (no pretrained kernels expect any range;
+    per-stain standardisation treats the four stains alike) and the backbone's ImageNet normalisation with
+    `imagenet` or a weights file (a 3-channel file is taken to hold weights trained the ImageNet way).
+
+    Raises:
+      ConfigError: an unknown value, or an ImageNet normalisation that does not belong to the backbone.
+    """
+    imagenet = IMAGENET_INPUT_NORMS.get(cfg.backbone)
+    norm = cfg.input_norm
+    if norm == INPUT_NORM_AUTO:
+        return INPUT_NORM_ZSCORE if imagenet is None or cfg.weights == WEIGHTS_NONE else imagenet
+    if norm == INPUT_NORM_ZSCORE:
+        return norm
+    if norm not in (INPUT_NORM_IMAGENET, *INPUT_NORMS):
+        raise ConfigError(f"input_norm must be one of {INPUT_NORM_CHOICES + INPUT_NORMS}, got {norm!r}")
+    if imagenet is None:
+        raise ConfigError(f"the {cfg.backbone} backbone has no ImageNet input normalisation; use zscore")
+    if norm not in (INPUT_NORM_IMAGENET, imagenet):
+        raise ConfigError(
+            f"input_norm {norm!r} does not fit {cfg.backbone}, whose ImageNet weights take {imagenet!r}"
+        )
+    return imagenet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +296,13 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of `config_to_dict`; unknown keys raise a ConfigError."""
+    """Inverse of `config_to_dict`, ignoring config.json's RUN_SECTION; unknown keys raise a ConfigError."""
     d = dict(d)
+    d.pop(RUN_SECTION, None)
     try:
         data = DataConfig(**d.pop("data", {}))
-        model = ModelConfig(**d.pop("model", {}))
+        # Configs written before input_norm existed were trained on z-scored stains.
+        model = ModelConfig(**{"input_norm": INPUT_NORM_ZSCORE, **d.pop("model", {})})
         return TrainConfig(data=data, model=model, **d)
     except TypeError as e:
         raise ConfigError(f"not a training config: {e}") from e

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 import schemas
 from model import cache as cache_lib
+from model import fileio
 from model.config import CACHE_MEMORY, CACHE_NONE, ConfigError, DataConfig
 from model.losses import class_factors
 
@@ -40,7 +41,7 @@ def list_shards(data_dir: str, folds: Sequence[int]) -> list[str]:
     files: list[str] = []
     for fold in folds:
         pattern = schemas.shard_pattern(data_dir, fold)
-        found = sorted(tf.io.gfile.glob(pattern))
+        found = fileio.glob(pattern)
         if not found:
             raise ConfigError(f"no shard files match {pattern}: fold {fold} is absent from {data_dir}")
         files.extend(found)

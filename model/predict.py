@@ -28,7 +28,7 @@ Bad input stops the job with a one-line error: a model dir without thresholds, a
 version, records of another image size than the models were trained on, Ids of --ids_csv that have no record
 (the preprocessing job's `rejected.csv` is quoted when it says why), repeated Ids. Records whose Id is not in
 --ids_csv are reported and kept in the probabilities file, never silently dropped. Paths go through
-`tf.io.gfile`, so gs:// works for every input and output.
+`model.fileio`, so gs:// works for every input and output.
 """
 
 from __future__ import annotations
@@ -38,16 +38,14 @@ import csv
 import dataclasses
 import io
 import json
-import os
-import posixpath
 import sys
-import tempfile
 import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 import schemas
+from model import fileio
 from model.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -194,38 +192,15 @@ def format_submission(ids: Sequence[str], predictions: np.ndarray) -> str:
     return buf.getvalue()
 
 
-# --- file access (tf.io.gfile, so gs:// works) -----------------------------------------------------------
-
-
-def _gfile():
-    import tensorflow as tf
-
-    return tf.io.gfile
-
-
-def _read_text(path: str) -> str:
-    with _gfile().GFile(path, "r") as f:
-        return f.read()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    gfile = _gfile()
-    parent = posixpath.dirname(path) if "://" in path else os.path.dirname(path)
-    if parent and not gfile.exists(parent):
-        gfile.makedirs(parent)
-    with gfile.GFile(path, "wb") as f:
-        f.write(data)
-
-
 def read_id_list(path: str) -> list[str]:
     """The Ids of a CSV with an `Id` column (sample_submission.csv, a label file), in file order.
 
     Raises:
       PredictError: no such file, no `Id` column, no rows, empty or repeated Ids.
     """
-    if not _gfile().exists(path):
+    if not fileio.exists(path):
         raise PredictError(f"--ids_csv {path}: no such file")
-    reader = csv.DictReader(io.StringIO(_read_text(path)))
+    reader = csv.DictReader(io.StringIO(fileio.read_text(path)))
     if schemas.CSV_ID not in (reader.fieldnames or []):
         raise PredictError(f"{path}: no `{schemas.CSV_ID}` column (header: {reader.fieldnames})")
     ids = [(row[schemas.CSV_ID] or "").strip() for row in reader]
@@ -242,11 +217,11 @@ def read_id_list(path: str) -> list[str]:
 
 def _read_rejected(data_dir: str) -> dict[str, str]:
     """Id -> the rest of its row in the preprocessing job's rejected.csv (empty when absent)."""
-    path = posixpath.join(data_dir, schemas.REJECTED_FILE)
-    if not _gfile().exists(path):
+    path = fileio.join(data_dir, schemas.REJECTED_FILE)
+    if not fileio.exists(path):
         return {}
     out = {}
-    for row in csv.DictReader(io.StringIO(_read_text(path))):
+    for row in csv.DictReader(io.StringIO(fileio.read_text(path))):
         sid = row.pop(schemas.CSV_ID, None)
         if sid:
             out[sid] = ", ".join(f"{k}: {v}" for k, v in row.items() if v)
@@ -267,15 +242,14 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
     """Checks a model dir holds a finished training run; reads the image size it was trained on."""
     from model.config import ConfigError, config_from_dict
 
-    gfile = _gfile()
     for name in (MODEL_FILE, CONFIG_FILE):
-        if not gfile.exists(posixpath.join(model_dir, name)):
+        if not fileio.exists(fileio.join(model_dir, name)):
             raise PredictError(
                 f"{model_dir} has no {name}: not the model dir of a finished training run (./run_train.sh)"
             )
-    config_path = posixpath.join(model_dir, CONFIG_FILE)
+    config_path = fileio.join(model_dir, CONFIG_FILE)
     try:
-        cfg = config_from_dict(json.loads(_read_text(config_path)))
+        cfg = config_from_dict(json.loads(fileio.read_text(config_path)))
     except (ValueError, ConfigError) as e:
         raise PredictError(f"{config_path} is not a training config: {e}") from None
     if cfg.data.image_size is None:
@@ -305,8 +279,8 @@ def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None)
         return load(thresholds), thresholds
     files = []
     for d in model_dirs:
-        path = posixpath.join(d, THRESHOLDS_FILE)
-        if not _gfile().exists(path):
+        path = fileio.join(d, THRESHOLDS_FILE)
+        if not fileio.exists(path):
             raise PredictError(
                 f"{d} has no {THRESHOLDS_FILE}: tune them first with "
                 f"`python -m model.evaluate --model_dir {' '.join(model_dirs)}`, or give --thresholds PATH"
@@ -330,15 +304,11 @@ def load_model_dir(model_dir: str):
 
     from model import model as _model_lib  # noqa: F401 - registers the custom layers for loading
 
-    path = posixpath.join(model_dir, MODEL_FILE)
-    if "://" in path:
-        local = os.path.join(tempfile.mkdtemp(prefix="hpa-predict-"), MODEL_FILE)
-        _gfile().copy(path, local, overwrite=True)
-        path = local
+    path = fileio.join(model_dir, MODEL_FILE)
     try:
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(fileio.local_copy(path, prefix="hpa-predict-"), compile=False)
     except Exception as e:  # noqa: BLE001 - any loading failure is a bad model dir
-        raise PredictError(f"cannot load {posixpath.join(model_dir, MODEL_FILE)}: {e}") from e
+        raise PredictError(f"cannot load {path}: {e}") from e
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
@@ -495,7 +465,7 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
                 + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
             )
     predictions = _apply(out_scores, thresholds, cfg.empty)
-    _write_bytes(cfg.out, format_submission(out_ids, predictions).encode("utf-8"))
+    fileio.write_bytes(cfg.out, format_submission(out_ids, predictions).encode("utf-8"))
     empty_rows = int((predictions.sum(axis=1) == 0).sum())
     filled = int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if cfg.empty == "top1" else 0
     log(
@@ -513,7 +483,7 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         if extra:
             index = {sid: i for i, sid in enumerate(ids.tolist())}
             prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
-        _write_bytes(cfg.probabilities, _probabilities_bytes(cfg.probabilities, prob_ids, prob_scores))
+        fileio.write_bytes(cfg.probabilities, _probabilities_bytes(cfg.probabilities, prob_ids, prob_scores))
         log(f"wrote {cfg.probabilities}: probabilities of {len(prob_ids)} records")
     return {
         "submission": cfg.out,

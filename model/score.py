@@ -6,7 +6,7 @@ The submission is `Id,Predicted` and the answers `Id,Target` (space-separated cl
 name the same Ids, each once (the order may differ): a missing, extra or repeated Id, or a class index out
 of range, is an error rather than a silently lower score. Per-class F1 is 0 for a class with neither
 positives nor predictions, as scikit-learn's `f1_score(average="macro", zero_division=0)` counts it.
-Local paths and gs:// (through tf.io.gfile) both work.
+Local paths and gs:// (through `model.fileio`) both work.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 import schemas
+from model import fileio
 from model import thresholds as thr
 
 __all__ = ["ScoreError", "main", "read_label_table", "render_table", "score_files", "score_tables"]
@@ -31,16 +32,8 @@ class ScoreError(ValueError):
 
 
 def _read_text(path: str) -> str:
-    if "://" in path:
-        import tensorflow as tf
-
-        if not tf.io.gfile.exists(path):
-            raise ScoreError(f"{path}: no such file")
-        with tf.io.gfile.GFile(path, "r") as f:
-            return f.read()
     try:
-        with open(path, newline="") as f:
-            return f.read()
+        return fileio.read_text(path)
     except FileNotFoundError:
         raise ScoreError(f"{path}: no such file") from None
 
@@ -165,14 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table.splitlines()[-1] if args.quiet else table, flush=True)
     if args.out:
         text = json.dumps(result, indent=2) + "\n"
-        if "://" in args.out:
-            import tensorflow as tf
-
-            with tf.io.gfile.GFile(args.out, "w") as f:
-                f.write(text)
-        else:
-            with open(args.out, "w") as f:
-                f.write(text)
+        fileio.write_text(args.out, text)
         print(f"wrote {args.out}")
     return 0
 

@@ -8,31 +8,36 @@ serialized tf.Examples), history.csv, plots.png, logs/ (TensorBoard) and val_pre
 Restarting the same command after a crash or preemption resumes from the last finished epoch: weights,
 optimizer state (learning rate included) come from BackupAndRestore's backup, the callbacks' plateau
 counters and history.csv are restored from the epochs already logged.
+
+Devices and strategies (`model/devices.py`): one device, MirroredStrategy over local GPUs or logical CPUs
+(`--cpu_replicas`), or MultiWorkerMirroredStrategy over the machines of TF_CONFIG. Every worker trains and
+keeps its own backup (`model/rundir.py`); the chief alone writes the outputs, from a copy of the trained model
+outside the strategy.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import importlib.util
 import io
 import json
-import os
-import posixpath
 import sys
-import tempfile
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from model import devices as devices_lib
+from model import fileio, rundir
 from model.config import (
     BACKBONES,
     BACKUP_DIR,
     BEST_WEIGHTS,
-    CONFIG_FILE,
+    CACHE_NONE,
     EXPORT_DIR,
     HISTORY_FILE,
+    INPUT_NORM_CHOICES,
     LOGS_DIR,
     LOSSES,
     MODEL_FILE,
@@ -45,17 +50,16 @@ from model.config import (
     VAL_LABELS,
     VAL_PREDICTIONS_FILE,
     VAL_SCORES,
+    WEIGHTS_IMAGENET,
     ConfigError,
     DataConfig,
     ModelConfig,
     TrainConfig,
-    config_from_dict,
-    config_to_dict,
-    config_to_json,
+    resolve_input_norm,
     tta_transforms,
 )
+from model.rundir import read_history, truncate_history
 
-BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
 MONITOR = "val_loss"
 F1_METRIC = "f1"
 AUC_METRIC = "auc"
@@ -74,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fold", type=int, default=t.val_fold, help="fold held out for validation")
     p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
     p.add_argument(
-        "--weights", default=m.weights, help="imagenet, none, or a saved 3/4-channel backbone file"
+        "--weights",
+        default=m.weights,
+        help="imagenet (from the Keras cache $KERAS_HOME/models, else downloaded there), none, or a saved "
+        "3/4-channel backbone file",
+    )
+    p.add_argument(
+        "--input_norm",
+        choices=INPUT_NORM_CHOICES,
+        default=m.input_norm,
+        help="auto: imagenet for a keras.applications backbone with pretrained weights (ImageNet or a file), "
+        "else zscore; imagenet: the red, green, blue stains as the weights were trained (channel order and "
+        "range, see README), yellow in the same units; zscore: the dataset's per-stain mean and std",
     )
     p.add_argument("--dropout", type=float, default=m.dropout)
     p.add_argument("--small_filters", type=int, default=m.small_filters, help="width of the small backbone")
@@ -91,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, default=t.loss)
     p.add_argument("--focal_gamma", type=float, default=t.focal_gamma)
     p.add_argument("--precision", choices=PRECISIONS, default=t.precision)
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        metavar="{" + ",".join(devices_lib.STRATEGIES) + "}",
+        help="auto = multiworker when TF_CONFIG names several machines, mirrored with several GPUs "
+        "(or --cpu_replicas > 1), else default (one device)",
+    )
+    p.add_argument(
+        "--cpu_replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the CPU into N logical devices, one replica each (tests, laptops; not with GPUs)",
+    )
+    p.add_argument(
+        "--jit_compile",
+        default="auto",
+        metavar="{" + ",".join(devices_lib.JIT_CHOICES) + "}",
+        help="XLA for the training step: auto = on with a GPU, off on a CPU, whatever the strategy (but off "
+        "when one process drives several devices, which Keras 3 cannot compile as one step)",
+    )
+    p.add_argument(
+        "--allow_cpu", action="store_true", help="train a backbone other than small without a GPU (slow)"
+    )
     p.add_argument("--lr_factor", type=float, default=t.lr_factor, help="ReduceLROnPlateau factor")
     p.add_argument(
         "--lr_patience", type=int, default=t.lr_patience, help="ReduceLROnPlateau patience (epochs)"
@@ -174,7 +213,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         deterministic=args.deterministic,
     )
     model = ModelConfig(
-        backbone=args.backbone, weights=args.weights, dropout=args.dropout, small_filters=args.small_filters
+        backbone=args.backbone,
+        weights=args.weights,
+        dropout=args.dropout,
+        small_filters=args.small_filters,
+        input_norm=args.input_norm,
     )
     return TrainConfig(
         data_dir=args.data_dir.rstrip("/"),
@@ -198,68 +241,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Devices: strategy and precision.
-
-
-def _tf_config_workers() -> int:
-    """Number of machines named by TF_CONFIG (chief + workers), 0 when unset."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return 0
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from e
-    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
-
-
-def is_chief() -> bool:
-    """True on the machine that writes the outputs (no TF_CONFIG, or the chief, or worker 0 without chief)."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return True
-    conf = json.loads(raw)
-    task = conf.get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    has_chief = bool(conf.get("cluster", {}).get("chief"))
-    return kind == "chief" or (not has_chief and kind == "worker" and index == 0)
-
-
-def make_strategy():
-    """MultiWorkerMirroredStrategy when TF_CONFIG names several machines, MirroredStrategy over >1 local GPU,
-    else the default strategy."""
-    import tensorflow as tf
-
-    if _tf_config_workers() > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def resolve_precision(requested: str, gpu_capabilities: Sequence[tuple[int, int]] | None = None) -> str:
-    """The Keras dtype policy for `--precision`.
-
-    `auto`: mixed_bfloat16 when every GPU has compute capability >= 8.0, mixed_float16 (with Keras's automatic
-    loss scaling) on older GPUs, float32 without a GPU. `gpu_capabilities` defaults to the local GPUs'.
-    """
-    if requested != "auto":
-        return requested
-    if gpu_capabilities is None:
-        import tensorflow as tf
-
-        gpu_capabilities = []
-        for gpu in tf.config.list_physical_devices("GPU"):
-            cap = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-            gpu_capabilities.append(tuple(cap) if cap else (0, 0))
-    if not gpu_capabilities:
-        return "float32"
-    if min(gpu_capabilities) >= (8, 0):
-        return "mixed_bfloat16"
-    return "mixed_float16"
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Inputs and the model directory.
 
 
@@ -273,7 +254,7 @@ def _read_manifest(data_dir: str) -> dict:
 
 
 def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[int], dict[int, int]]:
-    """Checks the config against the dataset and fills the image size from the manifest.
+    """Checks the config against the dataset; fills the image size from the manifest, the input_norm.
 
     Returns:
       (resolved config, training folds, {fold: records written}).
@@ -311,111 +292,8 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
     if sum(written[f] for f in train_folds) == 0:
         raise ConfigError(f"empty training set: folds {train_folds} of {cfg.data_dir} hold no records")
     data = dataclasses.replace(cfg.data, image_size=height)
-    return dataclasses.replace(cfg, data=data), train_folds, written
-
-
-def _join(*parts: str) -> str:
-    return posixpath.join(*parts)
-
-
-def _read_text(path: str) -> str:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read()
-
-
-def _write_text(path: str, text: str) -> None:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(text)
-
-
-def backup_epoch(model_dir: str) -> int | None:
-    """Epochs finished according to BackupAndRestore's backup in model_dir, or None without a backup."""
-    import tensorflow as tf
-
-    path = _join(model_dir, BACKUP_DIR, BACKUP_METADATA)
-    if not tf.io.gfile.exists(path):
-        return None
-    try:
-        return int(json.loads(_read_text(path))["epoch"])
-    except (ValueError, KeyError):
-        return None
-
-
-def prepare_model_dir(cfg: TrainConfig, overwrite: bool) -> int:
-    """Checks model_dir against the config; returns the epoch to start from (> 0 when resuming).
-
-    Raises:
-      ConfigError: model_dir holds another run's config, or a finished run (without --overwrite).
-    """
-    import tensorflow as tf
-
-    config_path = _join(cfg.model_dir, CONFIG_FILE)
-    if tf.io.gfile.exists(config_path) and overwrite:
-        tf.io.gfile.rmtree(cfg.model_dir)
-    if tf.io.gfile.exists(config_path):
-        try:
-            previous = config_from_dict(json.loads(_read_text(config_path)))
-        except (ValueError, ConfigError) as e:
-            raise ConfigError(f"{config_path} is not a training config ({e}); use another --model_dir") from e
-        if previous != cfg:
-            old, new = config_to_dict(previous), config_to_dict(cfg)
-            diff = _dict_diff(old, new)
-            raise ConfigError(
-                f"{cfg.model_dir} holds another run (config differs: {diff}); "
-                "use another --model_dir, or --overwrite to replace it"
-            )
-        epoch = backup_epoch(cfg.model_dir)
-        if epoch is not None:
-            return epoch
-        if tf.io.gfile.exists(_join(cfg.model_dir, MODEL_FILE)):
-            raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
-        return 0
-    tf.io.gfile.makedirs(cfg.model_dir)
-    _write_text(config_path, config_to_json(cfg))
-    return 0
-
-
-def _dict_diff(old: dict, new: dict, prefix: str = "") -> str:
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = _dict_diff(a, b, f"{prefix}{key}.")
-            if sub:
-                parts.append(sub)
-        elif a != b:
-            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return ", ".join(parts)
-
-
-def read_history(path: str) -> list[dict[str, str]]:
-    """Rows of a CSVLogger file (empty when absent)."""
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return []
-    return list(csv.DictReader(io.StringIO(_read_text(path))))
-
-
-def truncate_history(path: str, epochs: int) -> list[dict[str, str]]:
-    """Keeps the rows of epochs < `epochs` (those the backup covers); returns them."""
-    import tensorflow as tf
-
-    rows = [r for r in read_history(path) if int(r["epoch"]) < epochs]
-    if not rows:
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.remove(path)
-        return []
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(path, buf.getvalue())
-    return rows
+    model = dataclasses.replace(cfg.model, input_norm=resolve_input_norm(cfg.model))
+    return dataclasses.replace(cfg, data=data, model=model), train_folds, written
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -456,7 +334,7 @@ def make_callbacks(cfg: TrainConfig, work_dir: str, history_rows: list[dict[str,
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
     best_so_far = min((float(r[MONITOR]) for r in history_rows), default=None)
     checkpoint = keras.callbacks.ModelCheckpoint(
-        _join(work_dir, BEST_WEIGHTS),
+        fileio.join(work_dir, BEST_WEIGHTS),
         monitor=MONITOR,
         save_best_only=True,
         save_weights_only=True,
@@ -467,16 +345,18 @@ def make_callbacks(cfg: TrainConfig, work_dir: str, history_rows: list[dict[str,
         early,
         _replay_callback(history_rows)([reduce_lr, early]),
         checkpoint,
-        keras.callbacks.CSVLogger(_join(work_dir, HISTORY_FILE), append=True),
+        keras.callbacks.CSVLogger(fileio.join(work_dir, HISTORY_FILE), append=True),
     ]
     if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(_join(work_dir, LOGS_DIR), profile_batch=0))
+        callbacks.append(keras.callbacks.TensorBoard(fileio.join(work_dir, LOGS_DIR), profile_batch=0))
     else:
         _print(
             "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
         )
     # Last, so an epoch counts as done only once every other callback has handled it.
-    callbacks.append(keras.callbacks.BackupAndRestore(_join(work_dir, BACKUP_DIR), delete_checkpoint=False))
+    callbacks.append(
+        keras.callbacks.BackupAndRestore(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
+    )
     return callbacks
 
 
@@ -501,19 +381,13 @@ def plot_history(rows: list[dict[str, str]], path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buf.getvalue())
+    fileio.write_bytes(path, buf.getvalue())
 
 
 def _save_npz(path: str, **arrays) -> None:
-    import tensorflow as tf
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buf.getvalue())
+    fileio.write_bytes(path, buf.getvalue())
 
 
 def _print(msg: str) -> None:
@@ -532,6 +406,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    dev = devices_lib.setup(
+        args.strategy, args.jit_compile, cfg.precision, args.cpu_replicas, cfg.model.backbone, args.allow_cpu
+    )
     manifest = _read_manifest(cfg.data_dir)
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
@@ -542,22 +419,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
     import tensorflow as tf
 
     import schemas
-    from model import augment, losses
-    from model import model as model_lib
+    from model import losses
 
-    strategy = make_strategy()
-    precision = resolve_precision(cfg.precision)
-    keras.mixed_precision.set_global_policy(precision)
+    if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
+        from model import model as model_lib
+
+        model_lib.fetch_imagenet_weights(cfg.model.backbone)
     if cfg.data.seed is not None:
         keras.utils.set_random_seed(cfg.data.seed)
     if cfg.data.deterministic:
         tf.config.experimental.enable_op_determinism()
-
-    chief = is_chief()
-    # Non-chief workers of a multi-worker run write to a scratch dir (Keras callbacks need somewhere).
-    work_dir = cfg.model_dir if chief else tempfile.mkdtemp(prefix="hpa-worker-")
-    initial_epoch = prepare_model_dir(cfg, args.overwrite) if chief else 0
-    history_rows = truncate_history(_join(work_dir, HISTORY_FILE), initial_epoch)
 
     n_train = sum(written[f] for f in train_folds)
     n_val = written[cfg.val_fold]
@@ -573,7 +444,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
             epoch_samples = float(data_lib.oversampled_size(n_train, counts, factors))
     steps_per_epoch = cfg.steps_per_epoch or max(1, int(epoch_samples) // cfg.data.batch_size)
     validation_steps = cfg.validation_steps or -(-n_val // cfg.data.batch_size)
-    devices = [d.name for d in tf.config.list_logical_devices() if d.device_type in ("GPU", "TPU")] or ["CPU"]
 
     _print(
         f"data: {cfg.data_dir}  image {cfg.data.image_size}px  "
@@ -587,29 +457,31 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     _print(
         f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size}; "
-        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}), loss {cfg.loss}"
+        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
+        f"loss {cfg.loss}"
     )
     _print(
-        f"devices: {', '.join(devices)}; strategy {type(strategy).__name__} "
-        f"({strategy.num_replicas_in_sync} replica(s)); precision {precision}"
-        + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
+        dev.describe() + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
     )
-    if initial_epoch:
-        _print(f"resuming {cfg.model_dir} after epoch {initial_epoch} (backup found)")
 
-    run_info = {
-        "precision": precision,
-        "strategy": type(strategy).__name__,
-        "replicas": strategy.num_replicas_in_sync,
-        "devices": devices,
-        "steps_per_epoch": steps_per_epoch,
-        "train_samples": n_train,
-        "val_samples": n_val,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-    }
-    if chief:
-        _write_text(_join(cfg.model_dir, RUN_INFO_FILE), json.dumps(run_info, indent=2))
+    run_facts = {**dev.facts(), "tensorflow": tf.__version__, "keras": keras.__version__}
+    if dev.is_chief:
+        work_dir = cfg.model_dir
+        initial_epoch = rundir.prepare_model_dir(cfg, args.overwrite, run_facts)
+        run_info = {
+            **run_facts,
+            "steps_per_epoch": steps_per_epoch,
+            "train_samples": n_train,
+            "val_samples": n_val,
+        }
+        fileio.write_text(fileio.join(cfg.model_dir, RUN_INFO_FILE), json.dumps(run_info, indent=2))
+    else:
+        work_dir = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
+        initial_epoch = rundir.prepare_worker_dir(cfg, work_dir, args.overwrite)
+    devices_lib.check_same_epoch(dev, initial_epoch)
+    if initial_epoch:
+        _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
+    history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
 
     train_ds = data_lib.make_dataset(
         cfg.data_dir, train_folds, cfg.data, training=True, manifest=manifest, counts=counts
@@ -617,52 +489,152 @@ def run(argv: Sequence[str] | None = None) -> dict:
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=manifest
     )
+    if dev.cluster is not None:
+        files = len(data_lib.list_shards(cfg.data_dir, train_folds))
+        # A cache serves decoded elements, not files: split those.
+        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
+        train_ds = _shard_by(train_ds, "FILE" if by_file else "DATA")
+        val_ds = _shard_by(val_ds, "DATA")  # every worker reads the fold in the same order: an exact split
 
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
-    with strategy.scope():
-        model = model_lib.build_model(
-            cfg.model, stats["mean"], stats["std"], augmentation=augment.from_data_config(cfg.data)
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate),
-            loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
-            metrics=[
-                keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
-                keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
-            ],
-        )
+    with dev.strategy.scope():
+        model = _compiled_model(cfg, stats, positive_weights, dev.jit_compile)
+    if dev.cluster is not None:
+        _build_before_fit(model, train_ds, dev.strategy)
 
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    model.fit(
-        train_ds,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds,
-        validation_steps=validation_steps,
-        callbacks=make_callbacks(cfg, work_dir, history_rows),
-        verbose=args.verbose,
-    )
+    with _scalar_mean_across_workers(dev.cluster is not None):
+        model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            validation_steps=validation_steps,
+            callbacks=make_callbacks(cfg, work_dir, history_rows),
+            verbose=args.verbose,
+        )
 
-    best = _join(work_dir, BEST_WEIGHTS)
-    if tf.io.gfile.exists(best):
-        model.load_weights(best)
-    summary = {"model_dir": cfg.model_dir, "precision": precision, "steps_per_epoch": steps_per_epoch}
-    if not chief:
-        return summary
-    _print(f"writing outputs to {cfg.model_dir} ...")
-    model.save(_join(cfg.model_dir, MODEL_FILE))
-    model_lib.export_serving(model, _join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
-    val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
-    ids, y_true, scores = model_lib.predict_with_ids(model, val_ids_ds, tta_transforms(cfg.val_tta))
-    _save_npz(
-        _join(cfg.model_dir, VAL_PREDICTIONS_FILE), **{VAL_IDS: ids, VAL_LABELS: y_true, VAL_SCORES: scores}
-    )
-    rows = read_history(_join(cfg.model_dir, HISTORY_FILE))
-    plot_history(rows, _join(cfg.model_dir, PLOTS_FILE))
-    tf.io.gfile.rmtree(_join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
+    # Every worker loads its best checkpoint (the same weights everywhere: validation loss is global), then
+    # only the chief writes, with a copy of the model outside the strategy: no collective op runs on one
+    # worker alone, and predictions have one row per record whatever the number of replicas.
+    best = fileio.join(work_dir, BEST_WEIGHTS)
+    if fileio.exists(best):
+        model.load_weights(fileio.local_copy(best))
+    summary = {"model_dir": cfg.model_dir, "precision": dev.precision, "steps_per_epoch": steps_per_epoch}
+    rows = read_history(fileio.join(work_dir, HISTORY_FILE))
     summary.update(epochs=len(rows), history=rows)
+    if not dev.is_chief:
+        _print(f"done: {len(rows)} epochs; task {dev.cluster.task_name} leaves the outputs to the chief")
+        return summary
+    plain = _compiled_model(cfg, stats, positive_weights, dev.jit_compile, weights=False)
+    _copy_state(model, plain)
+    _print(f"writing outputs to {cfg.model_dir} ...")
+    plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
+    from model import model as model_lib
+
+    model_lib.export_serving(plain, fileio.join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
+    val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
+    ids, y_true, scores = model_lib.predict_with_ids(plain, val_ids_ds, tta_transforms(cfg.val_tta))
+    _save_npz(
+        fileio.join(cfg.model_dir, VAL_PREDICTIONS_FILE),
+        **{VAL_IDS: ids, VAL_LABELS: y_true, VAL_SCORES: scores},
+    )
+    plot_history(rows, fileio.join(cfg.model_dir, PLOTS_FILE))
+    fileio.rmtree(fileio.join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
     _print(f"done: {len(rows)} epochs; outputs in {cfg.model_dir}")
     return summary
+
+
+def _compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile: bool, weights: bool = True):
+    """The classifier compiled with the run's optimizer, loss and metrics (in the current strategy's scope).
+
+    `weights=False` skips loading pretrained weights (the caller copies trained ones in).
+    """
+    import dataclasses
+
+    import keras
+
+    import schemas
+    from model import augment, losses
+    from model import model as model_lib
+    from model.config import WEIGHTS_NONE
+
+    model_cfg = cfg.model if weights else dataclasses.replace(cfg.model, weights=WEIGHTS_NONE)
+    model = model_lib.build_model(
+        model_cfg, stats["mean"], stats["std"], augmentation=augment.from_data_config(cfg.data)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
+        metrics=[
+            keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
+            keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
+        ],
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def _copy_state(source, target) -> None:
+    """Copies weights and optimizer state of a (distributed) model into the same model built without one."""
+    target.set_weights(source.get_weights())
+    target.optimizer.build(target.trainable_variables)
+    src, dst = source.optimizer.variables, target.optimizer.variables
+    if len(src) != len(dst):
+        _print("warning: optimizer state not copied to model.keras (different layout)")
+        return
+    for s, d in zip(src, dst, strict=True):
+        d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
+
+
+def _build_before_fit(model, dataset, strategy) -> None:
+    """Builds the model's metrics, loss and optimizer state from the dataset's element spec.
+
+    Keras 3.15's fit under MultiWorkerMirroredStrategy builds them from a first distributed batch averaged
+    with `strategy.reduce`, which fails across workers ("Attempt to convert a value (PerReplica...)"); the
+    element spec gives the same shapes without a collective op.
+    """
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+@contextlib.contextmanager
+def _scalar_mean_across_workers(active: bool) -> Iterator[None]:
+    """Keras 3.15's step results under MultiWorkerMirroredStrategy: the mean over all replicas.
+
+    Keras averages each step's per-replica logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
+    scalar losses and metrics ("Invalid reduction dimension 0 for input with 0 dimensions",
+    tensorflow/tensorflow#72388); `axis=None` is the mean over replicas. Epoch logs, which the callbacks
+    act on, come from the metrics' variables summed over every worker, not from these values.
+    """
+    if not active:
+        yield
+        return
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean"):
+            return original(values, strategy, reduction)
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original
+
+
+def _shard_by(dataset, policy: str):
+    """The dataset split between the workers of a multi-worker run by files (FILE) or records (DATA)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = getattr(tf.data.experimental.AutoShardPolicy, policy)
+    return dataset.with_options(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

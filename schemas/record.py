@@ -19,6 +19,12 @@ __all__ = [
     "CSV_ID",
     "CSV_PREDICTED",
     "CSV_TARGET",
+    "DOWNLOAD_BYTES",
+    "DOWNLOAD_DETAIL",
+    "DOWNLOAD_REPORT_COLUMNS",
+    "DOWNLOAD_REPORT_FILE",
+    "DOWNLOAD_STAIN",
+    "DOWNLOAD_STATUS",
     "FOLD_KEY",
     "HEIGHT_KEY",
     "ID_KEY",
@@ -38,6 +44,7 @@ __all__ = [
     "REJECTED_FILE",
     "REJECTED_REASON",
     "REJECTED_SOURCE",
+    "RGB_STAINS",
     "SCHEMA_VERSION",
     "SOURCE_KEY",
     "STAINS",
@@ -102,6 +109,8 @@ NUM_CLASSES = len(CLASS_NAMES)
 # apply to them), yellow fourth. File names use these words: `{Id}_{stain}.png`.
 STAINS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 NUM_STAINS = len(STAINS)
+# The stains that stand for R, G and B of the composite (what ImageNet-trained kernels see), in that order.
+RGB_STAINS: tuple[str, str, str] = ("red", "green", "blue")
 
 UNLABELED_FOLD = -1
 
@@ -131,6 +140,13 @@ REJECTED_REASON = "reason"
 REJECTED_DETAIL = "detail"
 REJECTED_SOURCE = "source"
 REJECTED_COLUMNS = (CSV_ID, REJECTED_REASON, REJECTED_DETAIL, REJECTED_SOURCE)
+# The download job's report (in its --output_dir): one row per stain file requested, with what became of it.
+DOWNLOAD_REPORT_FILE = "download_report.csv"
+DOWNLOAD_STAIN = "stain"
+DOWNLOAD_STATUS = "status"
+DOWNLOAD_DETAIL = "detail"
+DOWNLOAD_BYTES = "bytes"
+DOWNLOAD_REPORT_COLUMNS = (CSV_ID, DOWNLOAD_STAIN, DOWNLOAD_STATUS, DOWNLOAD_DETAIL, DOWNLOAD_BYTES)
 
 
 def shard_prefix(fold: int) -> str:

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
+import urllib.error
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras.src.utils import file_utils as keras_file_utils  # where keras.utils.get_file downloads
 
 import schemas
 from model import losses
 from model import model as model_lib
-from model.config import ConfigError, DataConfig, ModelConfig, tta_transforms
+from model.config import BACKBONES, ConfigError, DataConfig, ModelConfig, resolve_input_norm, tta_transforms
 from model.data import make_eval_dataset
 from tests.test_data import write_dataset
 
 MEAN = [100.0, 90.0, 80.0, 70.0]
 STD = [50.0, 40.0, 30.0, 20.0]
 SMALL = ModelConfig(backbone="small", weights="none", small_filters=4)
+RGB = [schemas.STAINS.index(s) for s in schemas.RGB_STAINS]
+YELLOW = [i for i in range(schemas.NUM_STAINS) if i not in RGB]
+# A keras.applications model of each family as its ImageNet weights are used in Keras, and the preprocessing
+# Keras documents for it (EfficientNetV2's is built into the model: include_preprocessing=True).
+FAMILIES = {
+    "resnet50": (keras.applications.ResNet50, {}, keras.applications.resnet50.preprocess_input),
+    "densenet121": (keras.applications.DenseNet121, {}, keras.applications.densenet.preprocess_input),
+    "efficientnetv2b0": (
+        keras.applications.EfficientNetV2B0,
+        {"include_preprocessing": True},
+        keras.applications.efficientnet_v2.preprocess_input,
+    ),
+}
+
+
+def _keras_application(backbone: str) -> keras.Model:
+    fn, extra, _ = FAMILIES[backbone]
+    return fn(include_top=False, weights=None, input_shape=(None, None, 3), **extra)
+
+
+def _first_kernel(model: keras.Model) -> np.ndarray:
+    return next(w.numpy() for w in model.weights if len(w.shape) == 4)
 
 
 def _images(n=3, size=16, seed=0):
@@ -54,27 +80,215 @@ def test_adapt_first_conv_keeps_rgb_and_adds_their_mean():
         model_lib.adapt_first_conv(np.zeros((3, 3, 4, 5)))
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
-def test_weights_from_a_saved_three_channel_backbone_are_adapted_to_four_stains(tmp_path, suffix):
-    # A small trained-looking 3-channel backbone stands in for ImageNet weights (no download here).
-    source = model_lib.small_backbone(channels=3, filters=4)
+@pytest.mark.parametrize(
+    "backbone,suffix",
+    [
+        ("small", ".keras"),
+        ("small", ".weights.h5"),
+        ("resnet50", ".weights.h5"),
+        ("densenet121", ".weights.h5"),
+        ("efficientnetv2b0", ".weights.h5"),
+    ],
+)
+def test_weights_from_a_saved_three_channel_backbone_are_adapted_to_four_stains(tmp_path, backbone, suffix):
     rng = np.random.default_rng(1)
-    for w in source.weights:
-        w.assign(rng.normal(size=w.shape).astype(np.float32) * 0.1 + (1.0 if "variance" in w.path else 0.0))
+    if backbone == "small":
+        # A small trained-looking 3-channel backbone (random kernels as initialised, random batch norm), fed
+        # z-scored stains as the small backbone always is.
+        source = model_lib.small_backbone(channels=3, filters=4)
+        for w in source.weights:
+            if len(w.shape) == 1:
+                noise = rng.normal(size=w.shape).astype(np.float32) * 0.1
+                w.assign(np.abs(noise) + 1.0 if "variance" in w.path or "gamma" in w.path else noise)
+
+        def preprocess(rgb):
+            return (rgb - np.array(MEAN)[RGB]) / np.array(STD)[RGB]
+
+        cfg = ModelConfig(backbone="small", small_filters=4)
+    else:
+        # The keras.applications model its ImageNet weights go with (random weights stand in for them).
+        source = _keras_application(backbone)
+        preprocess = FAMILIES[backbone][2]
+        cfg = ModelConfig(backbone=backbone)
     path = str(tmp_path / f"rgb{suffix}")
     source.save(path) if suffix == ".keras" else source.save_weights(path)
 
-    model = model_lib.build_model(ModelConfig(backbone="small", weights=path, small_filters=4), MEAN, STD)
-    backbone = model.get_layer(model_lib.BACKBONE_NAME)
-    for s, d in zip(source.weights, backbone.weights, strict=True):
+    model = model_lib.build_model(dataclasses.replace(cfg, weights=path), MEAN, STD)
+    backbone_layer = model.get_layer(model_lib.BACKBONE_NAME)
+    for s, d in zip(source.weights, backbone_layer.weights, strict=True):
         if s.shape == d.shape:
             np.testing.assert_array_equal(s.numpy(), d.numpy())
-    # Functional check: with the yellow stain at zero, the 4-channel backbone computes the RGB model.
-    rgb = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
-    four = np.concatenate([rgb, np.zeros((2, 16, 16, 1), np.float32)], axis=-1)
-    np.testing.assert_allclose(backbone(four).numpy(), source(rgb).numpy(), rtol=1e-4, atol=1e-4)
-    kernel = backbone.get_layer("block0_conv").kernel.numpy()
-    np.testing.assert_allclose(kernel[:, :, 3], kernel[:, :, :3].mean(axis=2), rtol=1e-5)
+    kernel = _first_kernel(backbone_layer)
+    np.testing.assert_allclose(kernel[:, :, 3], kernel[:, :, :3].mean(axis=2), rtol=1e-5, atol=1e-7)
+
+    # Functional check: on stains with yellow = 0, the 4-channel model (its normalisation, then the backbone)
+    # computes the 3-channel model on Keras' preprocessing of the RGB composite. (z-scored, the yellow that
+    # adds nothing is the dataset's yellow mean.)
+    stains = rng.integers(0, 256, (2, 32, 32, schemas.NUM_STAINS), dtype=np.uint8)
+    stains[..., YELLOW] = np.array(MEAN)[YELLOW] if backbone == "small" else 0
+    rgb = stains[..., RGB].astype(np.float32)
+
+    def four_channel(x):
+        return backbone_layer(model.get_layer(model_lib.NORMALIZATION_NAME)(x)).numpy()
+
+    expected = source(preprocess(rgb.copy())).numpy()  # preprocess_input works in place: copies
+    atol = 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(four_channel(stains), expected, rtol=1e-4, atol=atol)
+    # The check can fail: the composite in reversed channel order gives another result; yellow counts.
+    assert np.abs(source(preprocess(rgb[..., ::-1].copy())).numpy() - expected).max() > 100 * atol
+    stains[..., YELLOW] = 200
+    assert np.abs(four_channel(stains) - expected).max() > 100 * atol
+
+
+@pytest.mark.parametrize(
+    "backbone,preprocess,yellow_scale",
+    [
+        ("resnet50", keras.applications.resnet50.preprocess_input, 1.0),  # caffe: 0..255 units
+        (
+            "densenet121",
+            keras.applications.densenet.preprocess_input,
+            1 / (255 * np.mean([0.229, 0.224, 0.225])),
+        ),
+    ],
+)
+def test_imagenet_normalisation_is_keras_preprocess_input_and_yellow_in_the_same_units(
+    tmp_path, backbone, preprocess, yellow_scale
+):
+    layer = model_lib.input_normalization(resolve_input_norm(ModelConfig(backbone=backbone)), MEAN, STD)
+    x = _images(size=8)
+    out = layer(x).numpy()
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[..., :3], preprocess(x[..., RGB].astype(np.float32)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out[..., 3], x[..., YELLOW[0]] * yellow_scale, rtol=1e-6)  # no offset
+
+    # Under mixed precision: computed in float32, then cast once.
+    mixed = model_lib.StainNormalization.from_config({**layer.get_config(), "dtype": "mixed_bfloat16"})
+    y = mixed(x)
+    assert y.dtype == tf.bfloat16
+    np.testing.assert_array_equal(y.numpy(), tf.cast(out, tf.bfloat16).numpy())
+
+    # Kept in model.keras.
+    inputs = keras.Input((None, None, schemas.NUM_STAINS), dtype="uint8")
+    path = str(tmp_path / "norm.keras")
+    keras.Model(inputs, layer(inputs)).save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(reloaded.predict_on_batch(x), out, rtol=1e-6)
+    assert reloaded.layers[-1].get_config()["mode"] == layer.mode
+
+
+def test_efficientnetv2_s_m_l_normalisation_is_their_builtin_preprocessing():
+    reference = keras.applications.EfficientNetV2S(
+        include_top=False, weights=None, input_shape=(None, None, 3), include_preprocessing=True
+    )
+    builtin = keras.Model(reference.input, reference.get_layer("stem_conv").input)  # Keras' preprocessing
+    layer = model_lib.input_normalization(
+        resolve_input_norm(ModelConfig(backbone="efficientnetv2s")), MEAN, STD
+    )
+    x = _images(size=8)
+    out = layer(x).numpy()
+    np.testing.assert_allclose(out[..., :3], builtin(x[..., RGB].astype(np.float32)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(out[..., 3], x[..., YELLOW[0]] / 128.0, rtol=1e-6)
+
+
+def test_a_project_model_trained_on_other_inputs_is_refused_as_weights(tmp_path):
+    inputs = keras.Input((None, None, schemas.NUM_STAINS), dtype="uint8")
+    x = model_lib.input_normalization("caffe", MEAN, STD)(inputs)
+    x = model_lib.small_backbone(schemas.NUM_STAINS, 4)(x)
+    path = str(tmp_path / "caffe.keras")
+    keras.Model(inputs, x).save(path)
+    with pytest.raises(ConfigError, match="trained on caffe inputs, this run would feed zscore"):
+        model_lib.build_model(ModelConfig(backbone="small", weights=path, small_filters=4), MEAN, STD)
+
+
+def go_offline(monkeypatch, home) -> list[str]:
+    """An empty Keras cache in KERAS_HOME=home and downloads failing as without network: the URLs tried."""
+    home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    tried = []
+
+    def no_network(url, *args, **kwargs):
+        tried.append(url)
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(keras_file_utils, "urlretrieve", no_network)
+    return tried
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """(KERAS_HOME, URLs tried) of `go_offline`."""
+    home = tmp_path / "keras_home"
+    return home, go_offline(monkeypatch, home)
+
+
+def test_imagenet_weights_not_cached_and_not_downloadable_give_one_clear_line(offline):
+    home, tried = offline
+    fname, url, _ = model_lib.imagenet_weights_file("densenet121")
+    with pytest.raises(ConfigError) as info:
+        model_lib.build_model(ModelConfig(backbone="densenet121", weights="imagenet"), MEAN, STD)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in (fname, url, f"KERAS_HOME={home}", "--weights PATH", "Temporary failure in name resolution"):
+        assert part in message
+    assert tried == [url]  # one attempt, at the file's URL
+
+
+def test_imagenet_weights_in_the_keras_cache_are_used_without_a_download(offline, monkeypatch):
+    home, tried = offline
+    fname, url, _ = model_lib.imagenet_weights_file("resnet50")
+    cached = _keras_application("resnet50")  # random weights stand in for ImageNet's
+    (home / "models").mkdir()
+    cached.save(str(home / "models" / fname))  # the legacy HDF5 format of Keras' weight files
+
+    model = model_lib.build_model(ModelConfig(backbone="resnet50", weights="imagenet"), MEAN, STD)
+    assert tried == []
+    backbone = model.get_layer(model_lib.BACKBONE_NAME)
+    for s, d in zip(cached.weights, backbone.weights, strict=True):
+        expected = s.numpy() if s.shape == d.shape else model_lib.adapt_first_conv(s.numpy())
+        np.testing.assert_array_equal(d.numpy(), expected)
+
+    # keras.applications asks for the same file and URL for its ImageNet weights.
+    asked = []
+
+    def get_file(fname, origin, **kwargs):
+        asked.append((fname, origin, kwargs.get("file_hash")))
+        return str(home / "models" / fname)
+
+    monkeypatch.setattr(keras_file_utils, "get_file", get_file)
+    keras_resnet = keras.applications.ResNet50(
+        include_top=False, weights="imagenet", input_shape=(None, None, 3)
+    )
+    assert asked == [model_lib.imagenet_weights_file("resnet50")]
+    np.testing.assert_array_equal(_first_kernel(keras_resnet), _first_kernel(cached))
+
+
+@pytest.mark.parametrize("backbone", ["densenet121", "efficientnetv2b0"])
+def test_imagenet_weight_files_are_the_ones_keras_applications_load(backbone, monkeypatch):
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def get_file(fname, origin, **kwargs):
+        asked.append((fname, origin, kwargs.get("file_hash")))
+        raise Asked
+
+    monkeypatch.setattr(keras_file_utils, "get_file", get_file)
+    with pytest.raises(Asked):
+        model_lib.build_backbone(backbone, 3, "imagenet")
+    assert asked == [model_lib.imagenet_weights_file(backbone)]
+    if backbone.startswith("efficientnetv2"):  # the other variants: same rule, Keras' names and hashes
+        from keras.src.applications import efficientnet_v2
+
+        for name in (b for b in BACKBONES if b.startswith("efficientnetv2")):
+            variant = name[len("efficientnetv2") :]
+            fname, url, file_hash = model_lib.imagenet_weights_file(name)
+            assert fname == f"efficientnetv2-{variant}_notop.h5"
+            assert url == efficientnet_v2.BASE_WEIGHTS_PATH + fname
+            assert (
+                file_hash
+                == efficientnet_v2.WEIGHTS_HASHES[variant if variant[0] == "b" else f"-{variant}"][1]
+            )
 
 
 def test_weights_of_another_architecture_or_a_missing_file_are_rejected(tmp_path):

@@ -16,10 +16,18 @@ import tensorflow as tf
 
 import schemas
 from model import model as model_lib
-from model import train
-from model.config import ConfigError
+from model import rundir, train
+from model.config import (
+    CONFIG_FILE,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    config_to_json,
+    resolve_input_norm,
+)
 from tests.fixtures import make_dataset, sigkill_when
 from tests.test_data import write_dataset
+from tests.test_model import go_offline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--backbone", "small", "--weights", "none", "--verbose", "0"]
@@ -64,7 +72,7 @@ def test_end_to_end_real_preprocessing_then_training(preprocessed, tmp_path):
     rows = _history(model_dir)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # loss goes down
-    for name in (train.CONFIG_FILE, train.MODEL_FILE, train.PLOTS_FILE, train.LOGS_DIR, train.RUN_INFO_FILE):
+    for name in (CONFIG_FILE, train.MODEL_FILE, train.PLOTS_FILE, train.LOGS_DIR, train.RUN_INFO_FILE):
         assert os.path.exists(os.path.join(model_dir, name)), name
     assert not os.path.exists(os.path.join(model_dir, train.BACKUP_DIR))
     assert tf.io.gfile.glob(os.path.join(model_dir, train.LOGS_DIR, "*", "events.out.tfevents.*"))
@@ -127,34 +135,71 @@ def test_bad_inputs_give_clear_errors(written, tmp_path, capsys):
         train.build_parser().parse_args(_base(written, other, "--learning_rate", "0.5"))
     )
     cfg, _, _ = train.resolve_config(cfg, schemas.read_manifest(written))
-    with open(os.path.join(other, train.CONFIG_FILE), "w") as f:
-        f.write(train.config_to_json(cfg))
+    with open(os.path.join(other, CONFIG_FILE), "w") as f:
+        f.write(config_to_json(cfg))
     with pytest.raises(ConfigError, match=r"another run .*learning_rate: 0.5 -> 0.0001"):
         train.run(_base(written, other))
     assert train.main(_base(written, other)) == 2
     assert "error:" in capsys.readouterr().err
 
 
-def test_resolve_precision_and_strategy(monkeypatch):
-    assert train.resolve_precision("auto", []) == "float32"
-    assert train.resolve_precision("auto", [(9, 0), (8, 0)]) == "mixed_bfloat16"
-    assert train.resolve_precision("auto", [(7, 0)]) == "mixed_float16"
-    assert train.resolve_precision("float32", [(9, 0)]) == "float32"
-    if not tf.config.list_physical_devices("GPU"):
-        assert train.resolve_precision("auto") == "float32"
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.make_strategy().num_replicas_in_sync == 1 and train.is_chief()
-    cluster = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
-    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
-    assert train._tf_config_workers() == 2 and not train.is_chief()
+def test_input_norm_is_resolved_into_config_json(written):
+    def resolved(backbone, weights="imagenet", input_norm="auto"):
+        return resolve_input_norm(ModelConfig(backbone=backbone, weights=weights, input_norm=input_norm))
+
+    assert resolved("small", "none") == resolved("small", "rgb.keras") == "zscore"
+    assert resolved("resnet50", "none") == resolved("resnet50", input_norm="zscore") == "zscore"
+    assert resolved("resnet50") == resolved("resnet50", "rgb.weights.h5") == "caffe"
+    assert resolved("resnet50", "none", "imagenet") == resolved("resnet50", input_norm="caffe") == "caffe"
+    assert resolved("densenet121") == resolved("efficientnetv2b3") == "torch"
+    assert resolved("efficientnetv2s") == resolved("efficientnetv2l") == "pm1"
+    with pytest.raises(ConfigError, match="small backbone has no ImageNet"):
+        ModelConfig(backbone="small", input_norm="imagenet")
+    with pytest.raises(ConfigError, match="'caffe' does not fit densenet121"):
+        ModelConfig(backbone="densenet121", input_norm="caffe")
+    with pytest.raises(ConfigError, match="input_norm must be one of"):
+        ModelConfig(input_norm="bgr")
+
+    args = ["--backbone", "efficientnetv2s", "--input_norm", "imagenet"]
+    cfg = train.config_from_args(train.build_parser().parse_args(_base(written, "m", *args)))
+    cfg, _, _ = train.resolve_config(cfg, schemas.read_manifest(written))
+    saved = json.loads(config_to_json(cfg))
+    assert saved["model"]["input_norm"] == "pm1" and config_from_dict(saved) == cfg
+    del saved["model"]["input_norm"]  # a config.json from before the field: those runs were z-scored
+    assert config_from_dict(saved).model.input_norm == "zscore"
+
+
+def test_imagenet_weights_offline_exit_2_with_one_line_before_writing(written, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "keras_home"
+    tried = go_offline(monkeypatch, home)
+    fname, url, _ = model_lib.imagenet_weights_file("resnet50")
+    model_dir = str(tmp_path / "run")
+    argv = [
+        "--data_dir",
+        written,
+        "--model_dir",
+        model_dir,
+        "--backbone",
+        "resnet50",
+        "--weights",
+        "imagenet",
+    ]
+    if "--allow_cpu" in train.build_parser().format_help():  # large backbones on a CPU need it
+        argv.append("--allow_cpu")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --weights imagenet:")
+    assert fname in err and url in err and f"KERAS_HOME={home}" in err and "--weights PATH" in err
+    assert tried == [url]
+    assert not os.path.exists(model_dir)
 
 
 def test_history_truncation_and_plot(tmp_path):
     path = str(tmp_path / "h.csv")
     with open(path, "w") as f:
         f.write("epoch,f1,loss,val_f1,val_loss\n0,0.1,1.0,0.1,1.1\n1,0.2,0.9,0.2,1.0\n2,0.3,0.8,0.3,0.95\n")
-    rows = train.truncate_history(path, 2)
-    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in train.read_history(path)] == [
+    rows = rundir.truncate_history(path, 2)
+    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["epoch"] for r in rundir.read_history(path)] == [
         "0",
         "1",
     ]
@@ -168,9 +213,9 @@ def test_sigkill_mid_training_then_same_command_resumes(written, tmp_path):
     cmd = [sys.executable, "-m", "model.train", *_base(written, model_dir)]
     cmd += ["--epochs", "3", "--steps_per_epoch", "150", "--batch_size", "4", "--verbose", "2"]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    metadata = os.path.join(model_dir, train.BACKUP_DIR, train.BACKUP_METADATA)
+    metadata = os.path.join(model_dir, train.BACKUP_DIR, rundir.BACKUP_METADATA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    sigkill_when(proc, lambda: train.backup_epoch(model_dir) == 1)
+    sigkill_when(proc, lambda: rundir.backup_epoch(model_dir) == 1)
     first_out = proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-training:\n{first_out[-3000:]}"
     with open(metadata) as f:

@@ -1,0 +1,151 @@
+"""The model directory of a training run: config check on restart, run facts, history, backups.
+
+`config.json` holds the resolved `TrainConfig` plus a `run` section (devices, strategy, replicas, precision,
+XLA, versions) rewritten by each attempt; only the config part is compared when a run restarts, so a resume
+on other devices continues the same experiment. Only the chief writes the model directory's files; other
+workers of a multi-machine run keep their checkpoints and backups in `workers/<task>/` (`worker_dir`), where
+the same command finds them again after a restart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from model import fileio
+from model.config import (
+    BACKUP_DIR,
+    CONFIG_FILE,
+    MODEL_FILE,
+    RUN_SECTION,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
+
+BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
+WORKERS_DIR = "workers"
+
+
+def worker_dir(model_dir: str, task_name: str) -> str:
+    """The stable directory of a non-chief worker's checkpoints, backup and history."""
+    return fileio.join(model_dir, WORKERS_DIR, task_name)
+
+
+def backup_epoch(work_dir: str) -> int | None:
+    """Epochs finished according to BackupAndRestore's backup in work_dir, or None without a backup."""
+    path = fileio.join(work_dir, BACKUP_DIR, BACKUP_METADATA)
+    if not fileio.exists(path):
+        return None
+    try:
+        return int(json.loads(fileio.read_text(path))["epoch"])
+    except (ValueError, KeyError):
+        return None
+
+
+def config_json(cfg: TrainConfig, run: dict[str, Any] | None = None) -> str:
+    """config.json's text: the config, and the run facts under RUN_SECTION."""
+    d = config_to_dict(cfg)
+    if run is not None:
+        d[RUN_SECTION] = run
+    return json.dumps(d, indent=2, sort_keys=True)
+
+
+def prepare_model_dir(cfg: TrainConfig, overwrite: bool, run: dict[str, Any] | None = None) -> int:
+    """The chief's check of model_dir against the config; writes config.json; returns the epoch to start from.
+
+    With `overwrite` an existing run is removed (except other workers' dirs, which each worker clears).
+
+    Raises:
+      ConfigError: model_dir holds another run's config, or a finished run (without --overwrite).
+    """
+    config_path = fileio.join(cfg.model_dir, CONFIG_FILE)
+    if overwrite and fileio.exists(cfg.model_dir):
+        for name in fileio.listdir(cfg.model_dir):
+            if name != WORKERS_DIR:
+                _remove(fileio.join(cfg.model_dir, name))
+    epoch = 0
+    if fileio.exists(config_path):
+        _check_same_config(cfg, config_path)
+        found = backup_epoch(cfg.model_dir)
+        if found is None and fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)):
+            raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
+        epoch = found or 0
+    fileio.makedirs(cfg.model_dir)
+    fileio.write_text(config_path, config_json(cfg, run))
+    return epoch
+
+
+def prepare_worker_dir(cfg: TrainConfig, work_dir: str, overwrite: bool) -> int:
+    """A non-chief worker's check of its own dir; returns the epoch its backup has reached (0 without).
+
+    Raises:
+      ConfigError: the chief's outputs say the run is finished (visible when model_dir is shared).
+    """
+    if overwrite:
+        fileio.rmtree(work_dir)
+    finished = fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)) and not fileio.exists(
+        fileio.join(cfg.model_dir, BACKUP_DIR)
+    )
+    if finished and not overwrite:
+        raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
+    fileio.makedirs(work_dir)
+    return backup_epoch(work_dir) or 0
+
+
+def _remove(path: str) -> None:
+    if fileio.isdir(path):
+        fileio.rmtree(path)
+    else:
+        fileio.remove(path)
+
+
+def _check_same_config(cfg: TrainConfig, config_path: str) -> None:
+    try:
+        previous = config_from_dict(json.loads(fileio.read_text(config_path)))
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"{config_path} is not a training config ({e}); use another --model_dir") from e
+    if previous != cfg:
+        diff = dict_diff(config_to_dict(previous), config_to_dict(cfg))
+        raise ConfigError(
+            f"{cfg.model_dir} holds another run (config differs: {diff}); "
+            "use another --model_dir, or --overwrite to replace it"
+        )
+
+
+def dict_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """`key: old -> new` for every differing (nested) key, comma-separated."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = dict_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                parts.append(sub)
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return ", ".join(parts)
+
+
+def read_history(path: str) -> list[dict[str, str]]:
+    """Rows of a CSVLogger file (empty when absent)."""
+    if not fileio.exists(path):
+        return []
+    return list(csv.DictReader(io.StringIO(fileio.read_text(path))))
+
+
+def truncate_history(path: str, epochs: int) -> list[dict[str, str]]:
+    """Keeps the rows of epochs < `epochs` (those the backup covers); returns them."""
+    rows = [r for r in read_history(path) if int(r["epoch"]) < epochs]
+    if not rows:
+        fileio.remove(path)
+        return []
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_text(path, buf.getvalue())
+    return rows
