@@ -141,11 +141,13 @@ def compile_like_the_job(cfg, stats: dict, jit_compile):
     import keras
 
     import schemas
-    from model import losses
+    from model import augment, losses
     from model import model as model_lib
     from model.train import AUC_METRIC, F1_METRIC
 
-    model = model_lib.build_model(cfg.model, stats["mean"], stats["std"])
+    # With the augmentation layer the job trains with (flips / rotations, crop, jitter on the device).
+    augmentation = augment.from_data_config(cfg.data)
+    model = model_lib.build_model(cfg.model, stats["mean"], stats["std"], augmentation=augmentation)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss=losses.make_loss(cfg.loss, cfg.focal_gamma),
@@ -264,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench._common import print_table
     from bench.input_pipeline import samples_per_second
     from model import data as data_lib
-    from model import train
+    from model import devices, train
     from model.config import ConfigError
 
     if args.real_samples is not None:
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     gpus = tf.config.list_logical_devices("GPU")
     device = gpus[0].name if gpus else "/device:CPU:0"
-    precision = train.resolve_precision(cfg.precision)
+    precision = devices.resolve_precision(cfg.precision)
     jit = {"auto": "auto", "on": True, "off": False}[args.jit_compile]
     batch_size = cfg.data.batch_size
     n_train = sum(written[f] for f in train_folds)

@@ -27,6 +27,8 @@ LOSSES: tuple[str, ...] = ("bce", "focal")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 RARE_CLASS_MODES: tuple[str, ...] = ("none", "oversample", "weight")
 WEIGHTS_IMAGENET = "imagenet"
+CACHE_NONE = "none"  # --cache: decode the PNGs every epoch
+CACHE_MEMORY = "memory"  # --cache: decoded stains kept in memory; any other value is a directory
 WEIGHTS_NONE = "none"
 
 # Input normalisation (`--input_norm`). `zscore`: each stain minus the dataset's mean, over its std. The
@@ -105,7 +107,11 @@ class DataConfig:
       rare_power: class factor = (max class count / class count) ** rare_power ...
       rare_max_factor: ... clipped to [1, rare_max_factor].
       tf_data_service: `grpc://host:port` of a tf.data service dispatcher that runs the training pipeline.
-      seed: seed of the training shuffles and augmentation (None: different every run).
+      seed: seed of the training shuffles, oversampling draws and augmentation (None: different every run).
+      cache: `none`, `memory` or a local directory: where the decoded stains of the training and validation
+        folds are kept after the first pass (samples x H x W x 4 bytes), see `model.cache`.
+      deterministic: deterministic tf.data order and op determinism, so that the same seed, data and
+        flags give bit-identical results (slower); needs a seed.
     """
 
     image_size: int | None = None
@@ -119,6 +125,8 @@ class DataConfig:
     rare_max_factor: float = 4.0
     tf_data_service: str | None = None
     seed: int | None = None
+    cache: str = CACHE_NONE
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -140,6 +148,20 @@ class DataConfig:
         if self.tf_data_service is not None and "://" not in self.tf_data_service:
             raise ConfigError(
                 f"tf_data_service must look like grpc://host:port, got {self.tf_data_service!r}"
+            )
+        if not self.cache:
+            raise ConfigError("cache must be 'none', 'memory' or a directory")
+        if self.deterministic and self.tf_data_service is not None:
+            raise ConfigError(
+                "--deterministic cannot be combined with --tf_data_service: the service hands out batches "
+                "in the order its workers finish them"
+            )
+        if self.deterministic and self.seed is None:
+            raise ConfigError("--deterministic needs a --seed")
+        if self.tf_data_service is not None and self.cache not in (CACHE_NONE, CACHE_MEMORY):
+            raise ConfigError(
+                "--cache DIR cannot be combined with --tf_data_service (the directory is local to this "
+                "machine); use --cache memory, which each tf.data worker keeps itself"
             )
         if self.tf_data_service is not None and self.seed is not None:
             raise ConfigError(

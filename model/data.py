@@ -1,10 +1,14 @@
 """The input pipeline: fold-tagged TFRecord shards -> batches of uint8 four-stain images and multi-hot labels.
 
-Training: shard files in random order, read with a parallel non-deterministic `interleave`, shuffled as
-serialized records (cheap to hold), parsed and decoded with `schemas`, augmented (the 8 flips / right-angle
-rotations, optional random crop and intensity jitter), batched with full batches, prefetched; optionally
-oversampling rare classes and optionally run by a tf.data service. Images stay uint8: the model normalises
-on the device (shipping uint8 was 1.31x faster than float32, ../shared/FACTS.md).
+Training (`make_dataset`): shard files -> interleave -> parse -> decode -> [cache] -> oversample -> shuffle ->
+batch -> prefetch. The host does no random image work: the flips / right-angle rotations, crop and intensity
+jitter are the model's first layer (`model.augment`), on the device. Without a cache the shuffle holds
+parsed records (PNG bytes) and decoding comes after it; with `cache` the decoded stains of one pass are
+kept (`model.cache`) and every later epoch only shuffles and batches them. Rare-class oversampling repeats a
+record before the shuffle buffer, so its copies land in different batches; its class counts come from the
+manifest. Images stay uint8: the model normalises on the device (shipping uint8 was 1.31x faster than
+float32, ../shared/FACTS.md). With `deterministic` every tf.data stage keeps its order and every draw is
+seeded, so a run can be repeated bit for bit; otherwise stages hand on whatever is ready first (faster).
 
 Evaluation / prediction (`make_eval_dataset`): the same decode without randomness, in a deterministic
 order, optionally with the sample ids and one fixed dihedral transform (test-time augmentation).
@@ -12,14 +16,16 @@ order, optionally with the sample ids and one fixed dihedral transform (test-tim
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 import schemas
+from model import cache as cache_lib
 from model import fileio
-from model.config import ConfigError, DataConfig
+from model.config import CACHE_MEMORY, CACHE_NONE, ConfigError, DataConfig
 from model.losses import class_factors
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -69,42 +75,64 @@ def _labels(features: dict) -> tf.Tensor:
     return tf.cast(features[schemas.LABELS_KEY], tf.float32)
 
 
-def _decode_fn(image_size: int, training: bool, cfg: DataConfig, tta: int | None):
-    """The per-record map: parsed features -> (uint8 image, float labels[, id])."""
-    augment = training and cfg.augment
-    crop = cfg.crop_size if training and cfg.crop_size and cfg.crop_size < image_size else None
-    jitter = cfg.intensity_jitter if training else 0.0
-
+def _image_and_labels(image_size: int):
     def decode(features):
-        image = schemas.decode_stains(features, image_size)
-        if crop is not None:
-            image = tf.image.random_crop(image, [crop, crop, schemas.NUM_STAINS])
-        if augment:
-            image = dihedral(image, tf.random.uniform([], 0, NUM_DIHEDRAL, dtype=tf.int32))
-        elif tta is not None:
-            image = dihedral(image, tta)
-        if jitter > 0:
-            scale = tf.random.uniform([schemas.NUM_STAINS], 1.0 - jitter, 1.0 + jitter)
-            image = tf.cast(
-                tf.clip_by_value(tf.round(tf.cast(image, tf.float32) * scale), 0.0, 255.0), tf.uint8
-            )
-        return image, features
+        return schemas.decode_stains(features, image_size), _labels(features)
 
     return decode
 
 
-def _oversample_fn(factors: np.ndarray):
-    """flat_map that repeats a parsed record by its largest class factor, rounded stochastically."""
-    table = tf.constant(factors, dtype=tf.float32)
+def fold_sizes(manifest: dict, folds: Sequence[int]) -> int:
+    """Records written into the given folds according to the manifest."""
+    written = manifest[schemas.MANIFEST_WRITTEN]
+    return sum(int(written.get(schemas.written_key(f), 0)) for f in folds)
 
-    def repeat(features):
-        has = features[schemas.LABELS_KEY] > 0
+
+def class_counts(data_dir: str, folds: Sequence[int], manifest: dict | None = None) -> np.ndarray:
+    """Positives per class [NUM_CLASSES] of the given folds, from the manifest's `class_counts_per_fold`.
+
+    A manifest without them (written by an older preprocessing job) falls back to reading the labels of
+    every record, with a message.
+    """
+    manifest = schemas.read_manifest(data_dir) if manifest is None else manifest
+    per_fold = manifest.get(schemas.MANIFEST_CLASS_COUNTS)
+    if per_fold is None:
+        print(f"{data_dir}: the manifest has no class counts; reading the labels of folds {list(folds)} ...")
+        return read_labels(data_dir, folds).sum(axis=0).astype(np.int64)
+    counts = np.zeros(schemas.NUM_CLASSES, np.int64)
+    for f in folds:
+        counts += np.asarray(per_fold.get(schemas.written_key(f), [0] * schemas.NUM_CLASSES), np.int64)
+    return counts
+
+
+def oversampled_size(num_samples: int, counts: np.ndarray, factors: np.ndarray) -> int:
+    """Estimated records per oversampled pass from class counts alone (no scan of the shards).
+
+    Every positive of class c adds factor_c - 1 expected copies; a sample with several rare classes is
+    repeated by its largest factor only, so this is an upper bound (exact for single-label samples), capped
+    at num_samples x the largest factor.
+    """
+    extra = float(np.sum(np.asarray(counts, np.float64) * (np.asarray(factors, np.float64) - 1.0)))
+    return int(min(num_samples + extra, num_samples * float(np.max(factors, initial=1.0))))
+
+
+def _oversample(ds: tf.data.Dataset, factors: np.ndarray, seed: int, labels_of) -> tf.data.Dataset:
+    """Repeats each element by its largest class factor, rounded stochastically.
+
+    The rounding draw is stateless, keyed by (seed, position in the stream), so it is reproducible.
+    """
+    table = tf.constant(factors, dtype=tf.float32)
+    seed = tf.constant(seed, tf.int64)
+
+    def repeat(index, element):
+        has = labels_of(element) > 0
         factor = tf.reduce_max(tf.where(has, table, tf.ones_like(table)))
         whole = tf.floor(factor)
-        n = tf.cast(whole, tf.int64) + tf.cast(tf.random.uniform([]) < factor - whole, tf.int64)
-        return tf.data.Dataset.from_tensors(features).repeat(n)
+        draw = tf.random.stateless_uniform([], seed=tf.stack([seed, index]))
+        n = tf.cast(whole, tf.int64) + tf.cast(draw < factor - whole, tf.int64)
+        return tf.data.Dataset.from_tensors(element).repeat(n)
 
-    return repeat
+    return ds.enumerate().flat_map(repeat)
 
 
 def read_labels(data_dir: str, folds: Sequence[int]) -> np.ndarray:
@@ -127,13 +155,70 @@ def read_labels(data_dir: str, folds: Sequence[int]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, schemas.NUM_CLASSES), np.int8)
 
 
+def _read_records(files: list[str], deterministic: bool) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 16),
+        block_length=1,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
+    )
+
+
+def _decoded_pass(files: list[str], image_size: int, deterministic: bool) -> tf.data.Dataset:
+    """One pass of (uint8 image, float labels) over the files: what a cache holds."""
+    ds = _read_records(files, deterministic)
+    ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return ds.map(_image_and_labels(image_size), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def check_cache_room(cfg: DataConfig, data_dir: str, manifest: dict, folds_sets: Sequence[Sequence[int]]):
+    """Checks, before any work, that `cfg.cache` can hold the decoded folds (a complete cache needs no room).
+
+    Raises:
+      ConfigError: unwritable directory, not enough disk space or memory (the message gives the size).
+    """
+    if cfg.cache == CACHE_NONE:
+        return
+    image_size = cfg.image_size or image_size_of(data_dir, manifest)
+    todo = 0
+    for folds in folds_sets:
+        if cfg.cache != CACHE_MEMORY and os.path.isdir(cfg.cache):
+            key = cache_lib.cache_key(data_dir, manifest, list_shards(data_dir, folds), folds)
+            if cache_lib.complete_path(cfg.cache, key):
+                continue
+        todo += fold_sizes(manifest, folds)
+    cache_lib.check_cache(cfg.cache, todo, image_size)
+
+
+def _cached(
+    files: list[str],
+    image_size: int,
+    cfg: DataConfig,
+    data_dir: str,
+    folds: Sequence[int],
+    manifest: dict,
+    shuffle_files: bool,
+) -> tf.data.Dataset:
+    """One pass of decoded (image, labels) served from `cfg.cache` (filled first for a directory)."""
+    if cfg.cache == CACHE_MEMORY:
+        return _decoded_pass(files, image_size, cfg.deterministic).cache()
+    key = cache_lib.cache_key(data_dir, manifest, files, folds)
+    # Written in a fixed order, so that the saved files are the same whatever the run's flags.
+    path = cache_lib.fill_dir_cache(
+        _decoded_pass(files, image_size, True), cfg.cache, key, fold_sizes(manifest, folds)
+    )
+    return cache_lib.load_dir_cache(path, cfg.seed, shuffle=shuffle_files)
+
+
 def make_dataset(
     data_dir: str,
     folds: Sequence[int],
     cfg: DataConfig,
     training: bool,
     *,
-    labels: np.ndarray | None = None,
+    manifest: dict | None = None,
+    counts: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """The training (or validation) input pipeline.
 
@@ -141,35 +226,46 @@ def make_dataset(
       data_dir: the preprocessing job's output directory (local or gs://).
       folds: folds to read.
       cfg: pipeline settings; `cfg.image_size` None takes the manifest's.
-      training: infinite, shuffled, augmented, full batches (and tf.data service / oversampling when
-        configured); otherwise one deterministic pass without randomness.
-      labels: the folds' labels from `read_labels`, to spare a scan when oversampling.
+      training: infinite, shuffled, full batches (and tf.data service / oversampling / cache when
+        configured); otherwise `make_eval_dataset`.
+      manifest: the dataset's manifest (read when None).
+      counts: positives per class of the folds for oversampling (None: `class_counts` from the manifest).
 
     Returns:
       A dataset of (uint8 images [B, H, W, NUM_STAINS], float32 labels [B, NUM_CLASSES]).
     """
     if not training:
-        return make_eval_dataset(data_dir, folds, cfg)
-    image_size = cfg.image_size or image_size_of(data_dir)
+        return make_eval_dataset(data_dir, folds, cfg, manifest=manifest)
+    manifest = schemas.read_manifest(data_dir) if manifest is None else manifest
+    image_size = cfg.image_size or image_size_of(data_dir, manifest)
     files = list_shards(data_dir, folds)
-    seed = cfg.seed
-    ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
-    ds = ds.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 16),
-        block_length=1,
-        num_parallel_calls=AUTOTUNE,
-        deterministic=False,
-    )
-    ds = ds.shuffle(cfg.shuffle_buffer, seed=seed)
-    ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=False)
+    det = cfg.deterministic
+    seed = cfg.seed if cfg.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    shuffle_seed = cfg.seed  # None: tf.data draws its own seeds
+    factors = None
     if cfg.rare_class == "oversample":
-        if labels is None:
-            labels = read_labels(data_dir, folds)
-        factors = class_factors(labels.sum(axis=0), cfg.rare_power, cfg.rare_max_factor)
-        ds = ds.flat_map(_oversample_fn(factors))
-    decode = _decode_fn(image_size, True, cfg, None)
-    ds = ds.map(lambda f: _to_pair(*decode(f)), num_parallel_calls=AUTOTUNE, deterministic=False)
+        counts = class_counts(data_dir, folds, manifest) if counts is None else counts
+        factors = class_factors(counts, cfg.rare_power, cfg.rare_max_factor)
+    if cfg.cache == CACHE_NONE:
+        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=shuffle_seed).repeat()
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), 16),
+            block_length=1,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=det,
+        )
+        ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=det)
+        if factors is not None:
+            ds = _oversample(ds, factors, seed, lambda f: f[schemas.LABELS_KEY])
+        # Parsed records (PNG bytes, half the size of decoded stains) wait in the buffer; decode after it.
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
+        ds = ds.map(_image_and_labels(image_size), num_parallel_calls=AUTOTUNE, deterministic=det)
+    else:
+        ds = _cached(files, image_size, cfg, data_dir, folds, manifest, shuffle_files=True).repeat()
+        if factors is not None:
+            ds = _oversample(ds, factors, seed, lambda element: element[1])
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     if cfg.tf_data_service:
         # Every worker runs the whole (infinite, randomly shuffled) pipeline; the trainer takes batches from
@@ -183,10 +279,6 @@ def make_dataset(
     return ds.prefetch(AUTOTUNE)
 
 
-def _to_pair(image, features):
-    return image, _labels(features)
-
-
 def make_eval_dataset(
     data_dir: str,
     folds: Sequence[int],
@@ -195,16 +287,20 @@ def make_eval_dataset(
     with_ids: bool = False,
     tta: int | None = None,
     batch_size: int | None = None,
+    cached: bool = False,
+    manifest: dict | None = None,
 ) -> tf.data.Dataset:
     """One deterministic pass over the given folds, without random augmentation (for validation, prediction).
 
     Args:
       data_dir: the preprocessing job's output directory (local or gs://).
       folds: folds to read; `[schemas.UNLABELED_FOLD]` reads the test shards (their labels are all zero).
-      cfg: pipeline settings (image_size, batch_size; the random augmentations are ignored).
+      cfg: pipeline settings (image_size, batch_size, cache; the augmentation settings are ignored).
       with_ids: also yield the sample ids (bytes) as a third element.
       tta: apply the fixed dihedral transform `dihedral(image, tta)`, tta in 0..7 (test-time augmentation).
       batch_size: overrides cfg.batch_size.
+      cached: serve the decoded images from `cfg.cache` (the validation fold during training; not with ids).
+      manifest: the dataset's manifest (read when needed and None).
 
     Returns:
       A dataset of (uint8 images [B, H, W, NUM_STAINS], float32 labels [B, NUM_CLASSES][, string ids [B]]),
@@ -212,19 +308,21 @@ def make_eval_dataset(
     """
     if tta is not None and not 0 <= tta < NUM_DIHEDRAL:
         raise ValueError(f"tta must be in 0..{NUM_DIHEDRAL - 1}, got {tta}")
-    image_size = cfg.image_size or image_size_of(data_dir)
+    image_size = cfg.image_size or image_size_of(data_dir, manifest)
     files = list_shards(data_dir, folds)
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 16),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=True,
-    )
+    if cached and cfg.cache != CACHE_NONE and not with_ids:
+        manifest = schemas.read_manifest(data_dir) if manifest is None else manifest
+        ds = _cached(files, image_size, cfg, data_dir, folds, manifest, shuffle_files=False)
+        if tta is not None:
+            ds = ds.map(lambda image, labels: (dihedral(image, tta), labels), num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size or cfg.batch_size).prefetch(AUTOTUNE)
+    ds = _read_records(files, True)
     ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=True)
-    decode = _decode_fn(image_size, False, cfg, tta)
 
     def to_tuple(features):
-        image, features = decode(features)
+        image = schemas.decode_stains(features, image_size)
+        if tta is not None:
+            image = dihedral(image, tta)
         if with_ids:
             return image, _labels(features), features[schemas.ID_KEY]
         return image, _labels(features)

@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import schemas
+from model import augment as _augment  # noqa: F401 - registers the augmentation layer for loading
 from model import fileio
 from model.config import (
     INPUT_NORM_ZSCORE,
@@ -347,12 +348,13 @@ def _check_input_norm(loaded: keras.Model, cfg: ModelConfig) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, mean, std) -> keras.Model:
+def build_model(cfg: ModelConfig, mean, std, augmentation: keras.layers.Layer | None = None) -> keras.Model:
     """The classifier: uint8 [B, H, W, NUM_STAINS] -> float32 probabilities [B, NUM_CLASSES].
 
     Args:
       cfg: backbone, weights, dropout, input normalisation (`input_normalization`).
       mean, std: per-stain pixel statistics (STAINS order, 0..255 units) from the manifest (for zscore).
+      augmentation: a first layer active in training only (`model.augment.from_data_config`), or None.
 
     Layers follow the global Keras dtype policy (set it before calling); the classifier stays float32.
     """
@@ -361,7 +363,8 @@ def build_model(cfg: ModelConfig, mean, std) -> keras.Model:
     if source is not None:
         transfer_weights(source, backbone)
     inputs = keras.Input((None, None, schemas.NUM_STAINS), dtype="uint8", name="image")
-    x = input_normalization(resolve_input_norm(cfg), mean, std)(inputs)
+    x = inputs if augmentation is None else augmentation(inputs)
+    x = input_normalization(resolve_input_norm(cfg), mean, std)(x)
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)

@@ -34,6 +34,7 @@ from model.config import (
     BACKBONES,
     BACKUP_DIR,
     BEST_WEIGHTS,
+    CACHE_NONE,
     EXPORT_DIR,
     HISTORY_FILE,
     INPUT_NORM_CHOICES,
@@ -147,13 +148,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
     )
     p.add_argument("--no_augment", action="store_true", help="no flips / right-angle rotations")
-    p.add_argument("--crop_size", type=int, default=None, help="random crop side while training")
+    p.add_argument(
+        "--crop_size",
+        type=int,
+        default=None,
+        help="random crop side while training (whole images at inference)",
+    )
     p.add_argument("--intensity_jitter", type=float, default=d.intensity_jitter, help="max relative change")
     p.add_argument("--rare_class", choices=RARE_CLASS_MODES, default=d.rare_class)
     p.add_argument("--rare_power", type=float, default=d.rare_power)
     p.add_argument("--rare_max_factor", type=float, default=d.rare_max_factor)
     p.add_argument("--tf_data_service", default=None, help="grpc://host:port of a tf.data service dispatcher")
-    p.add_argument("--seed", type=int, default=None, help="seed of shuffles, augmentation and initialisation")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the shuffles of files and records, the oversampling draws, the augmentation layer's "
+        "draws (its keras.random.SeedGenerator) and the weight initialisation (keras.utils.set_random_seed); "
+        "without --deterministic, parallel tf.data stages still hand on records in the order they finish, "
+        "so runs differ",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="reproducible runs (needs --seed; not with --tf_data_service): tf.data stages keep their order "
+        "and TF ops run deterministically (tf.config.experimental.enable_op_determinism), so the same seed, "
+        "data and flags give bit-identical weights, history.csv and val_predictions.npz on the same machine; "
+        "slower than the default",
+    )
+    p.add_argument(
+        "--cache",
+        default=d.cache,
+        metavar="none|memory|DIR",
+        help="keep the decoded stains of the training and validation folds after one pass, so later epochs "
+        "skip the PNG decoding (the cost that limits training on few cores); they take samples x H x W x 4 "
+        "bytes (1 MiB per 512 px sample, 32 GiB for 31,072 samples). memory: filled during the first epoch, "
+        "when that fits in free memory. DIR: a directory on a local disk, filled before the first epoch and "
+        "reused by later runs on the same data (keyed by the manifest and shards; a cache of other data or "
+        "a half-written one is rebuilt). none: decode every epoch (enough when the accelerator is slower "
+        "than the cores' decoding)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
     )
@@ -175,6 +209,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         rare_max_factor=args.rare_max_factor,
         tf_data_service=args.tf_data_service,
         seed=args.seed,
+        cache=args.cache,
+        deterministic=args.deterministic,
     )
     model = ModelConfig(
         backbone=args.backbone,
@@ -375,12 +411,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     manifest = _read_manifest(cfg.data_dir)
     cfg, train_folds, written = resolve_config(cfg, manifest)
+    from model import data as data_lib
+
+    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
 
     import keras
     import tensorflow as tf
 
     import schemas
-    from model import data as data_lib
     from model import losses
 
     if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
@@ -389,20 +427,21 @@ def run(argv: Sequence[str] | None = None) -> dict:
         model_lib.fetch_imagenet_weights(cfg.model.backbone)
     if cfg.data.seed is not None:
         keras.utils.set_random_seed(cfg.data.seed)
+    if cfg.data.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
     n_train = sum(written[f] for f in train_folds)
     n_val = written[cfg.val_fold]
-    labels = None
+    counts = None
     positive_weights = None
     epoch_samples = float(n_train)
     if cfg.data.rare_class != "none":
-        _print(f"reading the labels of folds {train_folds} for rare-class {cfg.data.rare_class} ...")
-        labels = data_lib.read_labels(cfg.data_dir, train_folds)
-        factors = losses.class_factors(labels.sum(axis=0), cfg.data.rare_power, cfg.data.rare_max_factor)
+        counts = data_lib.class_counts(cfg.data_dir, train_folds, manifest)
+        factors = losses.class_factors(counts, cfg.data.rare_power, cfg.data.rare_max_factor)
         if cfg.data.rare_class == "weight":
             positive_weights = factors
         else:
-            epoch_samples = float(losses.sample_repeats(labels, factors).sum())
+            epoch_samples = float(data_lib.oversampled_size(n_train, counts, factors))
     steps_per_epoch = cfg.steps_per_epoch or max(1, int(epoch_samples) // cfg.data.batch_size)
     validation_steps = cfg.validation_steps or -(-n_val // cfg.data.batch_size)
 
@@ -444,11 +483,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
 
-    train_ds = data_lib.make_dataset(cfg.data_dir, train_folds, cfg.data, training=True, labels=labels)
-    val_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data)
+    train_ds = data_lib.make_dataset(
+        cfg.data_dir, train_folds, cfg.data, training=True, manifest=manifest, counts=counts
+    )
+    val_ds = data_lib.make_eval_dataset(
+        cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=manifest
+    )
     if dev.cluster is not None:
         files = len(data_lib.list_shards(cfg.data_dir, train_folds))
-        train_ds = _shard_by(train_ds, "FILE" if files >= dev.cluster.workers else "DATA")
+        # A cache serves decoded elements, not files: split those.
+        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
+        train_ds = _shard_by(train_ds, "FILE" if by_file else "DATA")
         val_ds = _shard_by(val_ds, "DATA")  # every worker reads the fold in the same order: an exact split
 
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
@@ -510,12 +555,14 @@ def _compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile
     import keras
 
     import schemas
-    from model import losses
+    from model import augment, losses
     from model import model as model_lib
     from model.config import WEIGHTS_NONE
 
     model_cfg = cfg.model if weights else dataclasses.replace(cfg.model, weights=WEIGHTS_NONE)
-    model = model_lib.build_model(model_cfg, stats["mean"], stats["std"])
+    model = model_lib.build_model(
+        model_cfg, stats["mean"], stats["std"], augmentation=augment.from_data_config(cfg.data)
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),

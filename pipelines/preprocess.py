@@ -975,7 +975,7 @@ def run(argv: list[str] | None = None):
             "unlisted_images": summary["unlisted_images"],
             "unlisted_examples": summary["unlisted_examples"],
             "converted_stains": summary["conversions"],
-            "class_counts_per_fold": summary["class_counts_per_fold"],
+            schemas.MANIFEST_CLASS_COUNTS: summary["class_counts_per_fold"],
             "fold_quality": summary["fold_quality"],
             "shards": shards,
             "arguments": dataclasses.asdict(cfg),

@@ -30,6 +30,7 @@ __all__ = [
     "ID_KEY",
     "IMAGE_KEYS",
     "LABELS_KEY",
+    "MANIFEST_CLASS_COUNTS",
     "MANIFEST_FILE",
     "MANIFEST_IMAGE_SIZE",
     "MANIFEST_NUM_FOLDS",
@@ -313,6 +314,7 @@ MANIFEST_IMAGE_SIZE = "image_size"  # [height, width] shared by every record
 MANIFEST_NUM_FOLDS = "num_folds"
 MANIFEST_WRITTEN = "written_per_fold"  # {"0": n, ..., "test": n} keyed by shard_prefix without "fold"
 MANIFEST_STAIN_STATS = "stain_stats"  # {"mean": [...], "std": [...]} in STAINS order, pixel units 0..255
+MANIFEST_CLASS_COUNTS = "class_counts_per_fold"  # {"0": [NUM_CLASSES positives], ...} per labelled fold
 
 
 def written_key(fold: int) -> str:

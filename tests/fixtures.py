@@ -78,3 +78,27 @@ def make_dataset(
     csv_path = os.path.join(root, "train.csv")
     write_labels_csv(csv_path, [(sid, " ".join(map(str, labs))) for sid, labs in labels.items()])
     return csv_path, image_dir, labels
+
+
+def sigkill_when(proc, ready, timeout: float = 120.0, poll: float = 0.02) -> bool:
+    """SIGKILLs a running subprocess as soon as `ready()` is true; returns whether it was killed so.
+
+    Always leaves the process ended (killed at the deadline if it still runs).
+    """
+    import signal
+    import time
+
+    killed = False
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(poll)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return killed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -42,6 +43,7 @@ def write_dataset(
     )
     pixels = []
     index = 0
+    counts = {schemas.written_key(f): [0] * schemas.NUM_CLASSES for f in range(len(per_fold))}
     for fold, n in folds:
         if n == 0:
             continue
@@ -71,6 +73,8 @@ def write_dataset(
             writers[j % shards_per_fold].write(schemas.to_example(sample).SerializeToString())
             image = np.stack(stains, axis=-1)
             samples[sid] = {"fold": fold, "labels": labels, "image": image}
+            if fold != schemas.UNLABELED_FOLD:
+                counts[schemas.written_key(fold)] = (counts[schemas.written_key(fold)] + labels).tolist()
             pixels.append(image.reshape(-1, schemas.NUM_STAINS))
             index += 1
         for w in writers:
@@ -82,6 +86,7 @@ def write_dataset(
         schemas.MANIFEST_NUM_FOLDS: len(per_fold),
         schemas.MANIFEST_WRITTEN: {schemas.written_key(f): n for f, n in folds},
         schemas.MANIFEST_STAIN_STATS: {"mean": allpix.mean(0).tolist(), "std": allpix.std(0).tolist()},
+        schemas.MANIFEST_CLASS_COUNTS: counts,
     }
     with open(os.path.join(root, schemas.MANIFEST_FILE), "w") as f:
         json.dump(manifest, f)
@@ -150,55 +155,33 @@ def test_dihedral_gives_the_eight_symmetries():
     assert len({o.tobytes() for o in outs}) == 8
 
 
-def test_training_dataset_is_infinite_full_batches_of_augmented_stored_images(dataset):
+def test_training_dataset_is_infinite_full_batches_of_stored_images(dataset):
+    # The host pipeline only shuffles and batches: augmentation is the model's first layer (model.augment).
     root, samples = dataset
     cfg = DataConfig(batch_size=4, shuffle_buffer=8)
     ds = data_lib.make_dataset(root, [0, 2], cfg, training=True)
-    variants = {
-        dihedral_np(v["image"], k).tobytes(): sid
-        for sid, v in samples.items()
-        if v["fold"] in (0, 2)
-        for k in range(8)
-    }
+    stored = {v["image"].tobytes(): sid for sid, v in samples.items() if v["fold"] in (0, 2)}
     batches = list(ds.take(10))  # 40 samples from 13: the dataset repeats
     assert len(batches) == 10
-    transformed = 0
+    seen = set()
     for images, labels in batches:
         assert images.dtype == tf.uint8 and tuple(images.shape) == (4, 16, 16, schemas.NUM_STAINS)
         for img, lab in zip(images.numpy(), labels.numpy(), strict=True):
-            sid = variants.get(img.tobytes())
-            assert sid is not None, "a training image is not a flip/rotation of a stored image of folds 0, 2"
+            sid = stored.get(img.tobytes())
+            assert sid is not None, "a training image is not a stored image of folds 0, 2"
             np.testing.assert_array_equal(lab, samples[sid]["labels"])
-            transformed += not np.array_equal(img, samples[sid]["image"])
-    assert transformed > 0  # augmentation is on
+            seen.add(sid)
+    assert seen == set(stored.values())
 
 
-def test_training_without_augmentation_crop_and_jitter(dataset):
-    root, samples = dataset
-    stored = {v["image"].tobytes() for v in samples.values()}
-    plain = data_lib.make_dataset(root, [1], DataConfig(batch_size=5, augment=False), training=True)
-    images, _ = next(iter(plain))
-    assert all(img.tobytes() in stored for img in images.numpy())
-
-    cropped = data_lib.make_dataset(
-        root, [1], DataConfig(batch_size=5, augment=False, crop_size=8), training=True
-    )
-    images, _ = next(iter(cropped))
-    assert images.shape == (5, 8, 8, schemas.NUM_STAINS)
-    windows = {
-        v["image"][y : y + 8, x : x + 8].tobytes()
-        for v in samples.values()
-        for y in range(9)
-        for x in range(9)
-    }
-    assert all(img.tobytes() in windows for img in images.numpy())
-
-    jitter = data_lib.make_dataset(
-        root, [1], DataConfig(batch_size=5, augment=False, intensity_jitter=0.3), training=True
-    )
-    images, _ = next(iter(jitter))
-    assert images.dtype == tf.uint8
-    assert not any(img.tobytes() in stored for img in images.numpy())
+def test_class_counts_come_from_the_manifest_and_bound_the_oversampled_epoch(tmp_path):
+    root = str(tmp_path)
+    write_dataset(root, per_fold=(16, 16), labels_fn=lambda i: [27] if i % 8 == 0 else [0])
+    counts = data_lib.class_counts(root, [0, 1])
+    np.testing.assert_array_equal(counts, data_lib.read_labels(root, [0, 1]).sum(axis=0))
+    factors = np.ones(schemas.NUM_CLASSES, np.float32)
+    factors[27] = 2.5
+    assert data_lib.oversampled_size(32, counts, factors) == 32 + 4 * 1.5
 
 
 def test_oversampling_raises_the_share_of_rare_class_samples(tmp_path):
@@ -217,6 +200,28 @@ def test_oversampling_raises_the_share_of_rare_class_samples(tmp_path):
     # factor of class 27 = min(3, (28 / 4) ** 0.5) = 2.65: expected share 4 * 2.65 / (28 + 4 * 2.65) = 0.27
     assert base == pytest.approx(4 / 32, abs=0.05)
     assert over == pytest.approx(0.27, abs=0.05)
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_oversampled_copies_of_a_record_are_spread_over_several_batches(tmp_path, cache):
+    root = str(tmp_path)
+    # Every record is rare enough to be repeated 4 times (class 27 on 2 of 24 records, factor capped at 4).
+    samples = write_dataset(root, per_fold=(24,), labels_fn=lambda i: [27] if i % 12 == 0 else [0])
+    cfg = DataConfig(batch_size=8, shuffle_buffer=64, rare_class="oversample", rare_power=1.0)
+    cfg = dataclasses.replace(cfg, seed=0, deterministic=True, cache=cache)
+    rare = {v["image"].tobytes() for v in samples.values() if v["labels"][27]}
+    batches_of: dict[bytes, list[int]] = {}
+    for b, (images, _) in enumerate(data_lib.make_dataset(root, [0], cfg, training=True).take(12)):
+        for img in images.numpy():
+            if img.tobytes() in rare:
+                batches_of.setdefault(img.tobytes(), []).append(b)
+    copies = sum(len(v) for v in batches_of.values())
+    distinct = sum(len(set(v)) for v in batches_of.values())
+    # 2 rare records x 4 copies per pass (factor 22 / 2 capped at 4), 30 records a pass, 96 records read.
+    assert len(batches_of) == 2 and copies >= 16
+    # Copies made after the shuffle (the old pipeline) sit side by side, mostly in one batch (distinct /
+    # copies ~ 1/3); made before the shuffle buffer, they land in different batches.
+    assert distinct / copies >= 0.6, batches_of
 
 
 def test_tf_data_service_serves_the_training_pipeline(dataset):
@@ -245,3 +250,9 @@ def test_config_rejects_bad_values():
         DataConfig(tf_data_service="grpc://localhost:5000", seed=1)
     with pytest.raises(ConfigError, match="rare_class"):
         DataConfig(rare_class="upsample")
+    with pytest.raises(ConfigError, match="--deterministic cannot be combined with --tf_data_service"):
+        DataConfig(tf_data_service="grpc://localhost:5000", deterministic=True)
+    with pytest.raises(ConfigError, match="needs a --seed"):
+        DataConfig(deterministic=True)
+    with pytest.raises(ConfigError, match="--cache DIR cannot"):
+        DataConfig(tf_data_service="grpc://localhost:5000", cache="/tmp/c")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -26,7 +25,7 @@ from model.config import (
     config_to_json,
     resolve_input_norm,
 )
-from tests.fixtures import make_dataset
+from tests.fixtures import make_dataset, sigkill_when
 from tests.test_data import write_dataset
 from tests.test_model import go_offline
 
@@ -216,17 +215,7 @@ def test_sigkill_mid_training_then_same_command_resumes(written, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     metadata = os.path.join(model_dir, train.BACKUP_DIR, rundir.BACKUP_METADATA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if rundir.backup_epoch(model_dir) == 1:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(proc, lambda: rundir.backup_epoch(model_dir) == 1)
     first_out = proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-training:\n{first_out[-3000:]}"
     with open(metadata) as f:
@@ -259,3 +248,39 @@ def test_training_through_a_tf_data_service_on_loopback(written, tmp_path):
     finally:
         worker._stop()
         dispatcher._stop()
+
+
+def test_deterministic_runs_are_bit_identical_and_a_cached_run_trains_alike(written, tmp_path):
+    flags = ["--epochs", "2", "--steps_per_epoch", "6", "--batch_size", "4", "--learning_rate", "0.01"]
+    flags += ["--seed", "7", "--deterministic", "--crop_size", "12", "--rare_class", "oversample"]
+    outputs = []
+    for name, cache in (("a", "none"), ("b", "none"), ("c", str(tmp_path / "cache"))):
+        model_dir = str(tmp_path / name)
+        train.run(_base(written, model_dir, *flags, "--cache", cache))
+        model = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
+        npz = np.load(os.path.join(model_dir, train.VAL_PREDICTIONS_FILE))
+        outputs.append((model.get_weights(), _history(model_dir), npz["scores"], npz["ids"]))
+    (wa, ha, sa, ia), (wb, hb, sb, ib), (_, hc, _, ic) = outputs
+    assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    assert [r["val_loss"] for r in ha] == [r["val_loss"] for r in hb]
+    assert np.array_equal(sa, sb) and np.array_equal(ia, ib)
+    # Through the cache the records come in another order (the only difference): a similar loss curve.
+    loss_a, loss_c = float(ha[-1]["loss"]), float(hc[-1]["loss"])
+    assert loss_c < float(hc[0]["loss"]) and loss_a < float(ha[0]["loss"])
+    assert abs(loss_a - loss_c) < 0.25 * loss_a, (ha, hc)
+    assert sorted(ic) == sorted(ia)
+
+
+def test_deterministic_with_tf_data_service_and_a_bad_cache_dir_are_usage_errors(written, tmp_path, capsys):
+    argv = _base(written, str(tmp_path / "m"), "--seed", "1", "--deterministic")
+    assert train.main([*argv, "--tf_data_service", "grpc://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --deterministic cannot be combined with --tf_data_service")
+    assert "\n" not in err
+    assert not os.path.exists(tmp_path / "m")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert train.main([*argv, "--cache", str(blocker / "cache")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")  # checked before the model dir is made
