@@ -220,8 +220,9 @@ def test_oversampled_copies_of_a_record_are_spread_over_several_batches(tmp_path
     # 2 rare records x 4 copies per pass (factor 22 / 2 capped at 4), 30 records a pass, 96 records read.
     assert len(batches_of) == 2 and copies >= 16
     # Copies made after the shuffle (the old pipeline) sit side by side, mostly in one batch (distinct /
-    # copies ~ 1/3); made before the shuffle buffer, they land in different batches.
-    assert distinct / copies >= 0.6, batches_of
+    # copies ~ 1/3); made before the shuffle buffer, they land in different batches (0.59-0.76 over seeds
+    # 0-11; the draws also depend on the global seed an earlier test may have set).
+    assert distinct / copies >= 0.5, batches_of
 
 
 def test_tf_data_service_serves_the_training_pipeline(dataset):
