@@ -24,12 +24,17 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
 
-from apache_beam.io.tfrecordio import _TFRecordUtil  # noqa: E402
-
 import schemas  # noqa: E402
 from bench._common import build_real_dataset, median, print_table, timed  # noqa: E402
 from pipelines import labels as labels_lib  # noqa: E402
-from pipelines import preprocess, stains  # noqa: E402
+from pipelines import (  # noqa: E402
+    preprocess,  # noqa: E402
+    stains,
+    tfrecord,
+)
+from pipelines.transforms.folds import compute_folds  # noqa: E402
+from pipelines.transforms.samples import Candidate  # noqa: E402
+from pipelines.transforms.shards import plan_fold_shards  # noqa: E402
 
 FACTS_PIL_CEILING_PER_CORE = 155.0  # samples/s, real PNGs, PIL x4, one core of this machine (FACTS.md)
 
@@ -56,7 +61,7 @@ def _write_shard(args) -> int:
                 shard.fold,
                 c.source,
             )
-            _TFRecordUtil.write_record(out, schemas.to_example(sample).SerializeToString())
+            tfrecord.write_record(out, schemas.to_example(sample).SerializeToString())
             written += 1
     return written
 
@@ -72,16 +77,12 @@ def plain_loop(
         checked = labels_lib.check_row(row)
         paths = tuple(os.path.join(image_dir, f"{row.id}_{s}.png") for s in schemas.STAINS)
         cands.append(
-            preprocess.Candidate(
-                "train", row.id, checked.labels, True, paths, sum(os.path.getsize(p) for p in paths)
-            )
+            Candidate("train", row.id, checked.labels, True, paths, sum(os.path.getsize(p) for p in paths))
         )
-    fold_of = preprocess.compute_folds(cands, num_folds, seed=0, order=2, groups=None)
+    fold_of = compute_folds(cands, num_folds, seed=0, order=2, groups=None)
     shards = []
     for k in range(num_folds):
-        shards += preprocess.plan_fold_shards(
-            k, [c for c in cands if fold_of[c.id] == k], shard_mb * 1e6, None
-        )
+        shards += plan_fold_shards(k, [c for c in cands if fold_of[c.id] == k], shard_mb * 1e6, None)
     os.makedirs(out_dir, exist_ok=True)
     # chunksize 1, largest first: the same load balance a runner would aim for
     with multiprocessing.get_context("fork").Pool(workers) as pool:

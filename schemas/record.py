@@ -19,6 +19,9 @@ __all__ = [
     "CSV_ID",
     "CSV_PREDICTED",
     "CSV_TARGET",
+    "DUPLICATES_COLUMNS",
+    "DUPLICATES_FILE",
+    "DUPLICATES_GROUP",
     "FOLD_KEY",
     "HEIGHT_KEY",
     "ID_KEY",
@@ -130,6 +133,10 @@ REJECTED_REASON = "reason"
 REJECTED_DETAIL = "detail"
 REJECTED_SOURCE = "source"
 REJECTED_COLUMNS = (CSV_ID, REJECTED_REASON, REJECTED_DETAIL, REJECTED_SOURCE)
+# duplicates.csv: one row per sample in a group of two or more near-duplicates (group numbered from 0).
+DUPLICATES_FILE = "duplicates.csv"
+DUPLICATES_GROUP = "group"
+DUPLICATES_COLUMNS = (DUPLICATES_GROUP, CSV_ID, REJECTED_SOURCE)
 
 
 def shard_prefix(fold: int) -> str:
