@@ -86,7 +86,7 @@ class JobConfig:
 
     def job_identity(self) -> dict:
         """What decides the output (a finished `.incomplete/` is published only for the same identity)."""
-        skip = {"overwrite", "publish_only", "progress_seconds"}
+        skip = {"output_dir", "overwrite", "publish_only", "progress_seconds"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
