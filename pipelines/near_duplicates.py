@@ -1,16 +1,18 @@
 """Perceptual hashes of samples and near-duplicate groups (pure numpy + Pillow, no Beam or TF).
 
-Hash. `hash_stains` turns one sample's decoded stains into `HASH_WORDS` uint64 words: for each stain of
-`HASHED_STAINS`, a 64-bit difference hash (dHash) of the stain shrunk to 9x8 pixels by area averaging
-(each bit: is a pixel brighter than its right neighbour). Area averaging makes the hash independent of the
-image size, and comparing neighbours makes it independent of brightness and contrast; re-encoding, pixel
-noise, rescaling and small crops flip few bits, different fields flip about half of them.
+Hash. `hash_stains` turns one sample's decoded stains into HASH_BITS = 140 bits (HASH_WORDS uint64 words):
+for each of the four stains, the signs of the 35 lowest-frequency coefficients (6 x 6 without the constant
+term) of the 2-D DCT of a 32 x 32 area-averaged thumbnail. Area averaging makes the hash independent of the
+image size; signs of the low frequencies do not change with brightness or contrast and move little under
+re-encoding, pixel noise, rescaling and small crops, while different fields differ in about half of them.
+The choice (against dHash, aHash and 64-bit pHash, over several stain sets) and DEFAULT_MAX_DISTANCE come
+from `bench/duplicates.py`: see the README.
 
 Search. `near_pairs` finds every pair within a Hamming distance without comparing all pairs (multi-index
-hashing): the bits are cut into m bands; if two hashes differ in at most d bits, one of the bands differs in
-at most r = ceil((d + 1) / m) - 1 bits (pigeonhole). So each band is a sorted table, each hash looks up its
-band's key and the keys r bits away, and only the candidates found get the exact Hamming check. m is chosen
-for the least expected work on uniform hashes; the result is exact for any data.
+hashing): the bits that vary are cut into m bands; if two hashes differ in at most d bits, one of the bands
+differs in at most r = ceil((d + 1) / m) - 1 bits (pigeonhole). So each band is a table of keys, each hash
+looks up its band's key and the keys r bits away, and only the candidates found get the exact Hamming check.
+m and r are chosen for the least expected work on uniform hashes; the result is exact for any data.
 
 Groups. `group_labels` turns pairs (and other groupings: `--groups_csv`, `ids_pattern_groups`) into
 connected components, labelled by their smallest member index (numpy union-find by pointer jumping).
@@ -33,6 +35,7 @@ import schemas
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
     "HASHED_STAINS",
+    "BITS_PER_STAIN",
     "HASH_BITS",
     "HASH_WORDS",
     "HPAV18_WELL_PATTERN",
@@ -45,33 +48,63 @@ __all__ = [
 ]
 
 # Stains whose hashes make up a sample's hash, in this order (names as in schemas.STAINS).
-HASHED_STAINS: tuple[str, ...] = ("green", "blue")
-_HASH_SIDE = 8  # an 8x8 grid of comparisons = 64 bits per stain
-HASH_WORDS: int = len(HASHED_STAINS)
-HASH_BITS: int = 64 * HASH_WORDS
+HASHED_STAINS: tuple[str, ...] = tuple(schemas.STAINS)
+_THUMB = 32  # side of the area-averaged thumbnail the DCT is taken of
+_LOW = 6  # the lowest 6 x 6 frequencies of the DCT, without the constant term: 35 bits per stain
+BITS_PER_STAIN: int = _LOW * _LOW - 1
+HASH_BITS: int = BITS_PER_STAIN * len(HASHED_STAINS)
+HASH_WORDS: int = -(-HASH_BITS // 64)
 # Hamming bound (over HASH_BITS bits) under which two samples are near-duplicates.
-DEFAULT_MAX_DISTANCE: int = 24
+DEFAULT_MAX_DISTANCE: int = 15
 
-# Ids of the HPAv18 external set are `{a}_{plate}_{well}_{field}[_suffix]`; fields of one well are
-# near-identical, so they share a group: the key is `{a}_{plate}_{well}`. Competition Ids are UUIDs (no
-# underscore), so they do not match and each stays in its own group.
-HPAV18_WELL_PATTERN = r"^(\d+_\d+_[A-H]\d{1,2})_\d+"
+# Ids of the HPAv18 external set are `{a}_{plate}_{well}_{field}[_suffix]` (plates are numbers or `si<n>`,
+# e.g. `10580_1610_C1_1`, `63683_si35_H1_11`); fields of one well are near-identical, so they share a group:
+# the key is `{a}_{plate}_{well}` (74,606 Ids of HPAv18RBGY_wodpl.csv -> 37,074 wells, every Id matches).
+# Competition Ids are UUIDs (no underscore): they do not match and each stays in its own group.
+HPAV18_WELL_PATTERN = r"^(\d+_[^_]+_[A-Z]\d+)_\d+"
 
 assert set(HASHED_STAINS) <= set(schemas.STAINS), "HASHED_STAINS must be names of schemas.STAINS"
 
+# Rows of the DCT-II basis for the lowest _LOW frequencies over _THUMB samples.
+_DCT = np.cos(np.pi * np.outer(np.arange(_LOW), 2 * np.arange(_THUMB) + 1) / (2 * _THUMB)).astype(np.float32)
+_PAD_BITS = 64 * HASH_WORDS - HASH_BITS
+_TABLE_BITS = 22  # bands up to this width are looked up in a 2**width table (16 MB at most)
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The image area-averaged (box filter) to height x width, as float32."""
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BOX), dtype=np.float32)
+def _reduce_step(factor: int) -> int:
+    """The largest divisor of factor up to 16 (Pillow's `reduce` is fastest in such steps), or factor."""
+    step = next(d for d in range(min(factor, 16), 0, -1) if factor % d == 0)
+    return step if step > 1 else factor
 
 
-def _dhash(image: np.ndarray) -> np.uint64:
-    """64-bit difference hash of a 2-D uint8 image: bit = pixel > right neighbour on a 9x8 thumbnail."""
-    small = _shrink(image, _HASH_SIDE + 1, _HASH_SIDE)
-    bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+def _shrink(image: np.ndarray) -> np.ndarray:
+    """The image area-averaged (box filter) to a _THUMB x _THUMB float32 thumbnail.
+
+    Sides that are multiples of _THUMB (512, 2048) go through Pillow's integer `reduce`, a few times cheaper
+    than `resize` and the same averages; any other size (a crop, a few pixels) through a BOX `resize`, whose
+    fractional pixel weights keep the thumbnail of a slightly cropped image close to the original's.
+    """
+    pil = Image.fromarray(image)
+    h, w = image.shape
+    if h % _THUMB or w % _THUMB:
+        return np.asarray(pil.resize((_THUMB, _THUMB), Image.Resampling.BOX), dtype=np.float32)
+    fx, fy = w // _THUMB, h // _THUMB
+    while fx > 1 or fy > 1:
+        sx, sy = _reduce_step(fx), _reduce_step(fy)
+        pil = pil.reduce((sx, sy))
+        fx, fy = fx // sx, fy // sy
+    return np.asarray(pil, dtype=np.float32)
+
+
+def _stain_bits(image: np.ndarray) -> np.ndarray:
+    """BITS_PER_STAIN bools: signs of the lowest 2-D DCT coefficients (without the constant) of the thumbnail.
+
+    Signs of the low frequencies do not change with brightness or contrast, and move little under
+    re-encoding, pixel noise, rescaling or a crop of a few percent.
+    """
+    low = _DCT @ _shrink(image) @ _DCT.T
+    return low.ravel()[1:] > 0
 
 
 def _check_stain(name: str, image: object) -> np.ndarray:
@@ -93,7 +126,8 @@ def hash_stains(stains: Mapping[str, np.ndarray]) -> np.ndarray:
         be there, others are ignored. Any size; the stains need not have the same size.
 
     Returns:
-      A (HASH_WORDS,) uint64 array: one 64-bit dHash per stain of HASHED_STAINS, in that order.
+      A (HASH_WORDS,) uint64 array: the BITS_PER_STAIN bits of each stain of HASHED_STAINS in that order,
+        most significant bit of word 0 first, then zero bits up to a whole word.
 
     Raises:
       ValueError: a hashed stain is missing, not 2-D, not uint8 or empty.
@@ -101,7 +135,9 @@ def hash_stains(stains: Mapping[str, np.ndarray]) -> np.ndarray:
     missing = [s for s in HASHED_STAINS if s not in stains]
     if missing:
         raise ValueError(f"hash_stains needs the stains {list(HASHED_STAINS)}; missing {missing}")
-    return np.array([_dhash(_check_stain(s, stains[s])) for s in HASHED_STAINS], dtype=np.uint64)
+    bits = [_stain_bits(_check_stain(s, stains[s])) for s in HASHED_STAINS]
+    packed = np.packbits(np.concatenate([*bits, np.zeros(_PAD_BITS, dtype=bool)]))
+    return packed.view(">u8").astype(np.uint64)
 
 
 def _check_hashes(hashes: np.ndarray) -> np.ndarray:
@@ -151,7 +187,8 @@ def _plan(n: int, n_bits: int, max_distance: int) -> tuple[int, int]:
             continue
         probes = sum(math.comb(width, k) for k in range(r + 1))
         expected_candidates = n * probes * n / 2.0**width
-        cost = m * (n * probes + expected_candidates)
+        # Measured: a candidate costs about 3 table probes; a binary search about 4.
+        cost = m * (n * probes * (1 if width <= _TABLE_BITS else 4) + 3 * expected_candidates)
         if best is None or cost < best[0]:
             best = (cost, m, r)
     if best is None:
@@ -167,27 +204,41 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return owner, np.repeat(starts, counts) + offset
 
 
-def _band_candidates(keys: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Pairs (i < j) whose band keys are equal or differ by one of the non-zero `masks`, as codes i*n+j."""
+def _band_candidates(keys: np.ndarray, width: int, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) whose `width`-bit band keys are equal or differ by one of the non-zero `masks`."""
     n = len(keys)
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    unique_keys = sorted_keys[starts]
+    sizes = np.diff(np.r_[starts, n])
     # Equal keys: each element pairs with the ones after it in its run.
-    run_end = np.searchsorted(sorted_keys, sorted_keys, side="right")
-    counts = run_end - np.arange(n) - 1
-    owner, pos = _expand(np.arange(n) + 1, counts)
+    run_end = np.repeat(starts + sizes, sizes)
+    owner, pos = _expand(np.arange(1, n + 1), run_end - np.arange(n) - 1)
     a, b = order[owner], order[pos]
-    parts = [np.minimum(a, b) * n + np.maximum(a, b)]
-    # Keys one mask away: look each (key ^ mask) up; keep i < j so each pair comes once per mask set.
+    found_a, found_b = [np.minimum(a, b)], [np.maximum(a, b)]
+    # Keys one mask away: look each (key ^ mask) up among the distinct keys; keep i < j. Narrow bands use a
+    # table indexed by key (a gather per probe), wide ones a binary search.
+    table = None
+    if width <= _TABLE_BITS:
+        table = np.full(1 << width, -1, dtype=np.int32)
+        table[unique_keys.astype(np.int64)] = np.arange(len(unique_keys))
     for mask in masks:
         probe = keys ^ mask
-        lo = np.searchsorted(sorted_keys, probe, side="left")
-        hi = np.searchsorted(sorted_keys, probe, side="right")
-        owner, pos = _expand(lo, hi - lo)
-        a, b = owner, order[pos]
+        if table is not None:
+            at = table[probe.astype(np.int64)]
+            hit = np.flatnonzero(at >= 0)
+        else:
+            at = np.minimum(np.searchsorted(unique_keys, probe), len(unique_keys) - 1)
+            hit = np.flatnonzero(unique_keys[at] == probe)
+        if hit.size == 0:
+            continue
+        owner, pos = _expand(starts[at[hit]], sizes[at[hit]])
+        a, b = hit[owner], order[pos]
         keep = a < b
-        parts.append(a[keep] * n + b[keep])
-    return np.concatenate(parts)
+        found_a.append(a[keep])
+        found_b.append(b[keep])
+    return np.concatenate(found_a), np.concatenate(found_b)
 
 
 def _masks(width: int, radius: int) -> np.ndarray:
@@ -200,31 +251,32 @@ def _masks(width: int, radius: int) -> np.ndarray:
     return np.array(out, dtype=np.uint64)
 
 
-def _near_pairs_distinct(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """near_pairs on rows that may repeat; exact, via multi-index hashing."""
-    n, words = hashes.shape
-    n_bits = 64 * words
+def _all_pairs(n: int) -> np.ndarray:
+    a, b = np.triu_indices(n, 1)
+    return np.stack([a, b], axis=1).astype(np.int64)
+
+
+def _search(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """near_pairs without the input checks: exact, via multi-index hashing on the bits that vary."""
+    n = len(hashes)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    if max_distance >= n_bits:
-        a, b = np.triu_indices(n, 1)
-        return np.stack([a, b], axis=1).astype(np.int64)
-    m, r = _plan(n, n_bits, max_distance)
     bits = _bits(hashes)
+    # Bits equal in every hash add nothing to any distance: only the others are cut into bands.
+    bits = bits[:, bits.any(axis=0) & ~bits.all(axis=0)]
+    n_bits = bits.shape[1]
+    if max_distance >= n_bits:
+        return _all_pairs(n)
+    m, r = _plan(n, n_bits, max_distance)
     edges = np.linspace(0, n_bits, m + 1).round().astype(int)
     found = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         width = hi - lo
-        weights = (np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
+        weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
         keys = (bits[:, lo:hi].astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-        codes = _band_candidates(keys, _masks(width, r))
-        if codes.size:
-            codes = np.unique(codes)
-            i, j = codes // n, codes % n
-            keep = hamming(hashes[i], hashes[j]) <= max_distance
-            found.append(codes[keep])
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
+        i, j = _band_candidates(keys, width, _masks(width, r))
+        keep = hamming(hashes[i], hashes[j]) <= max_distance
+        found.append(i[keep] * n + j[keep])
     codes = np.unique(np.concatenate(found))
     return np.stack([codes // n, codes % n], axis=1).astype(np.int64)
 
@@ -245,7 +297,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> 
     hashes = _check_hashes(hashes)
     if int(max_distance) != max_distance or max_distance < 0:
         raise ValueError(f"max_distance must be a non-negative integer; got {max_distance!r}")
-    return _near_pairs_distinct(hashes, int(max_distance))
+    return _search(hashes, int(max_distance))
 
 
 def _union(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -84,7 +84,9 @@ def test_hash_shape_dtype_and_determinism():
     h = nd.hash_stains(field)
     assert h.shape == (nd.HASH_WORDS,) and h.dtype == np.uint64
     assert np.array_equal(h, nd.hash_stains(field))
-    assert nd.HASH_BITS == 64 * nd.HASH_WORDS
+    assert nd.HASH_BITS == nd.BITS_PER_STAIN * len(nd.HASHED_STAINS) <= 64 * nd.HASH_WORDS
+    bits = np.unpackbits(h.astype(">u8").view(np.uint8))
+    assert not bits[nd.HASH_BITS :].any()  # padding up to whole words stays zero
 
 
 def test_hash_uses_only_the_hashed_stains():
@@ -95,6 +97,14 @@ def test_hash_uses_only_the_hashed_stains():
     assert np.array_equal(nd.hash_stains(field), nd.hash_stains(other))
     only = {s: field[s] for s in nd.HASHED_STAINS}
     assert np.array_equal(nd.hash_stains(field), nd.hash_stains(only))
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (64, 96), (544, 96), (502, 507), (3, 5)])
+def test_thumbnail_is_pillow_box_resize(shape):
+    """The reference: Pillow's BOX resize (the fast path may round differently by at most one count)."""
+    img = np.random.default_rng(9).integers(0, 256, shape, dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(nd._shrink(img) - ref).max() <= 1
 
 
 @pytest.mark.parametrize("size", [3, 9, 37, 200])
@@ -281,8 +291,10 @@ def test_hpav18_well_pattern():
         "0fa556f8-bbab-11e8-b2ba-ac1f6b6435d0",
         "2266b284-bbc7-11e8-b2bc-ac1f6b6435d0",
         "10580_1610_C10_1",
+        "63683_si35_H1_11",
+        "63683_si35_H1_2",
     ]
-    assert nd.ids_pattern_groups(ids, nd.HPAV18_WELL_PATTERN).tolist() == [0, 0, 2, 3, 3, 5, 6, 7]
+    assert nd.ids_pattern_groups(ids, nd.HPAV18_WELL_PATTERN).tolist() == [0, 0, 2, 3, 3, 5, 6, 7, 8, 8]
 
 
 def test_pattern_without_groups_uses_whole_match():
