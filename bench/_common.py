@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -192,3 +194,40 @@ def build_distinct_dataset(
         w.writerow([schemas.CSV_ID, schemas.CSV_TARGET])
         w.writerows(rows)
     return csv_path, image_dir
+
+
+def evict(paths: list[str]) -> None:
+    """Drops these files' clean pages from the page cache (posix_fadvise DONTNEED; nothing else)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[str]) -> None:
+    """Reads the files once so that they are in the page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def cached_share(paths: list[str], sample: int = 400) -> float | None:
+    """Share of the bytes of a random sample of the files that is in the page cache (fincore), or None."""
+    chosen = random.Random(0).sample(paths, min(sample, len(paths)))
+    try:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *chosen],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    res = size = 0
+    for line in out.splitlines():
+        r, s = line.split()[:2]
+        res, size = res + int(r), size + int(s)
+    return min(1.0, res / size) if size else None  # pages are rounded up: RES can exceed SIZE

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
 
 import schemas  # noqa: E402
-from bench._common import _ROOT, build_distinct_dataset, print_table  # noqa: E402
+from bench._common import _ROOT, build_distinct_dataset, cached_share, evict, print_table, warm  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
@@ -85,7 +84,7 @@ class _Sampler(threading.Thread):
 
 def _subset(data_dir: str, image_dir: str, n: int, total: int) -> tuple[str, str]:
     """A folder holding the first n samples (links to the same files, each once) and their label file."""
-    if n == total:
+    if len(os.listdir(image_dir)) == n * len(schemas.STAINS):
         return os.path.join(data_dir, "train.csv"), image_dir
     root = f"{data_dir.rstrip('/')}-first{n}"
     sub = os.path.join(root, "train")
@@ -107,41 +106,6 @@ def _subset(data_dir: str, image_dir: str, n: int, total: int) -> tuple[str, str
 
 def _files(image_dir: str) -> list[str]:
     return [os.path.join(image_dir, n) for n in os.listdir(image_dir)]
-
-
-def _evict(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _warm(paths: list[str]) -> None:
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
-
-
-def cached_share(paths: list[str], sample: int = 400) -> float | None:
-    """Share of the bytes of a random sample of the files that is in the page cache (fincore), or None."""
-    chosen = random.Random(0).sample(paths, min(sample, len(paths)))
-    try:
-        out = subprocess.run(
-            ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *chosen],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    res = size = 0
-    for line in out.splitlines():
-        r, s = line.split()[:2]
-        res, size = res + int(r), size + int(s)
-    return res / size if size else None
 
 
 def run_job(csv_path, image_dir, out_dir, mode, image_size, workers, extra) -> dict:
@@ -213,7 +177,7 @@ def main(argv=None) -> None:
     args, extra = parser.parse_known_args(argv)
 
     n_total = args.num_samples
-    csv_all, image_dir = build_distinct_dataset(args.data_dir, n_total, workers=args.gen_workers)
+    _, image_dir = build_distinct_dataset(args.data_dir, n_total, workers=args.gen_workers)
     out_root = args.out_root or f"{args.data_dir.rstrip('/')}-out"
     rows = []
     for frac in [float(f) for f in args.fractions.split(",")]:
@@ -223,9 +187,9 @@ def main(argv=None) -> None:
         bytes_in = sum(os.path.getsize(p) for p in paths)
         for mode in args.modes.split(","):
             if args.cache == "cold":
-                _evict(paths)
+                evict(paths)
             elif args.cache == "warm":
-                _warm(paths)
+                warm(paths)
             cached = cached_share(paths)
             load_before = os.getloadavg()
             r = run_job(
@@ -302,9 +266,11 @@ def main(argv=None) -> None:
     if len(sizes) > 1:
         for mode in modes:
             small, big = by[(sizes[0], mode)], by[(sizes[-1], mode)]
+            rss = big["peak_rss_gb"] / small["peak_rss_gb"]
+            pss = big["peak_pss_gb"] / small["peak_pss_gb"]
             print(
-                f"memory at {big['n']} / at {small['n']} ({mode}): RSS {big['peak_rss_gb'] / small['peak_rss_gb']:.2f}x, "
-                f"PSS {big['peak_pss_gb'] / small['peak_pss_gb']:.2f}x (target <= 1.5x)"
+                f"memory at {big['n']} / at {small['n']} ({mode}): RSS {rss:.2f}x, PSS {pss:.2f}x "
+                "(target <= 1.5x)"
             )
     if "off" in modes and "group" in modes:
         for n in sizes:
