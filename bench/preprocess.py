@@ -20,7 +20,6 @@ are compared on the same terms. Before each run the share of the input in the pa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -44,7 +43,7 @@ from bench._common import (  # noqa: E402
 from pipelines import labels as labels_lib  # noqa: E402
 from pipelines import near_duplicates, preprocess, stains, tfrecord  # noqa: E402
 from pipelines.transforms.folds import compute_folds  # noqa: E402
-from pipelines.transforms.images import checksums  # noqa: E402
+from pipelines.transforms.images import checksums, inspect_candidate  # noqa: E402
 from pipelines.transforms.samples import Candidate  # noqa: E402
 from pipelines.transforms.shards import plan_fold_shards  # noqa: E402
 
@@ -60,24 +59,14 @@ def _read_all(c) -> dict[str, bytes]:
 
 
 def _inspect(args):
-    """The inspection pass of one sample: returns (candidate with statistics, hash bytes) or None."""
+    """The inspection pass of one sample (the job's function): (candidate, hash bytes) or None."""
     c, hashing = args
-    data = _read_all(c)
     try:
-        seen = stains.inspect_stains(data)
+        return inspect_candidate(
+            c, _read_all(c), None, False, near_duplicates.hash_stains if hashing else None
+        )
     except stains.Rejected:
         return None
-    h = near_duplicates.hash_stains(seen.pixels).tobytes() if hashing else b""
-    checked = dataclasses.replace(
-        c,
-        height=seen.height,
-        width=seen.width,
-        mean=seen.mean,
-        sq_mean=seen.sq_mean,
-        checksums=checksums(data),
-        conversions=seen.conversions,
-    )
-    return checked, h
 
 
 def _write_shard(args) -> int:

@@ -111,6 +111,33 @@ def read_stains(c: Candidate) -> dict[str, bytes]:
     return data
 
 
+def inspect_candidate(
+    c: Candidate, data: dict[str, bytes], image_size: int | None, strict_modes: bool, hash_fn=None
+) -> tuple[Candidate, bytes]:
+    """One sample's inspection: (the candidate with what the write pass needs, its hash bytes or b"").
+
+    `num_bytes` becomes the planned output bytes: the stored streams' sizes, or an estimate of the PNG a
+    converted or resized stain will be re-encoded as. Raises stains.Rejected.
+    """
+    seen = stains_lib.inspect_stains(data, image_size, strict_modes)
+    planned = sum(
+        stains_lib.estimate_png_bytes(seen.pixels[s]) if note else len(data[s])
+        for s, note in zip(schemas.STAINS, seen.conversions)
+    )
+    h = b"" if hash_fn is None else np.asarray(hash_fn(seen.pixels), np.uint64).tobytes()
+    inspected = dataclasses.replace(
+        c,
+        num_bytes=int(planned),
+        height=seen.height,
+        width=seen.width,
+        mean=seen.mean,
+        sq_mean=seen.sq_mean,
+        checksums=checksums(data),
+        conversions=seen.conversions,
+    )
+    return inspected, h
+
+
 class _InspectFn(beam.DoFn):
     """Reads and decodes one sample; emits it with its statistics and planned bytes, or a rejection."""
 
@@ -134,8 +161,7 @@ class _InspectFn(beam.DoFn):
 
     def _inspect(self, c: Candidate):
         try:
-            data = read_stains(c)
-            seen = stains_lib.inspect_stains(data, self._image_size, self._strict)
+            inspected, h = inspect_candidate(c, read_stains(c), self._image_size, self._strict, self._hash_fn)
         except stains_lib.Rejected as e:
             beam.metrics.Metrics.counter(COUNTERS, f"rejected_{e.reason}").inc()
             self._progress.add(rejected=1)
@@ -147,23 +173,9 @@ class _InspectFn(beam.DoFn):
                 self.REJECTED, rejection(c.source, c.id, stains_lib.MISSING_STAIN, str(e))
             )
             return
-        planned = sum(
-            stains_lib.estimate_png_bytes(seen.pixels[s]) if note else len(data[s])
-            for s, note in zip(schemas.STAINS, seen.conversions)
-        )
         self._progress.add(done=1)
-        h = b"" if self._hash_fn is None else np.asarray(self._hash_fn(seen.pixels), np.uint64).tobytes()
         yield beam.pvalue.TaggedOutput(self.HASHES, (c.id, c.source, c.labeled, h))
-        yield dataclasses.replace(
-            c,
-            num_bytes=int(planned),
-            height=seen.height,
-            width=seen.width,
-            mean=seen.mean,
-            sq_mean=seen.sq_mean,
-            checksums=checksums(data),
-            conversions=seen.conversions,
-        )
+        yield inspected
 
 
 @beam.ptransform_fn
