@@ -353,8 +353,12 @@ def _read_inputs(cfg: JobConfig) -> list[tuple[str, str, list[labels_lib.LabelRo
     return rows_by_source
 
 
-def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float) -> dict:
-    """Checks the finished `.incomplete/` and publishes it. Returns the manifest."""
+def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float, local_transform: str | None = None) -> dict:
+    """Checks the finished `.incomplete/` and publishes it. Returns the manifest.
+
+    `local_transform`: a local copy of the transform output to read the statistics from (TensorFlow reads
+    it; a local run writing to an object store has one in its staging folder).
+    """
     out, work = cfg.output_dir, publish.work_dir(cfg.output_dir)
     input_rows = sum(len(rows) for _, _, rows in rows_by_source)
     missing = publish.missing_parts(work)
@@ -365,7 +369,7 @@ def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float) -> dict:
         )
     summary = publish.read_summary(work)
     height, width = publish.check_summary(summary, input_rows, work)
-    stain_stats = read_stain_stats(posixpath.join(work, schemas.TRANSFORM_DIR))
+    stain_stats = read_stain_stats(local_transform or posixpath.join(work, schemas.TRANSFORM_DIR))
     shards = publish.move_into_place(out, work, (schemas.DUPLICATES_FILE,))
     manifest = {
         schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
@@ -475,7 +479,8 @@ def run(argv: list[str] | None = None):
             )
         summary = publish.read_summary(work)
         publish.check_summary(summary, input_rows, work)  # the size error before anything else
-        _finish(cfg, beam_args, rows_by_source, t0)
+        local_transform = posixpath.join(stage, schemas.TRANSFORM_DIR) if staged_stats else None
+        _finish(cfg, beam_args, rows_by_source, t0, local_transform)
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
