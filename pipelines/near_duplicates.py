@@ -149,12 +149,17 @@ def _check_hashes(hashes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _popcount(words: np.ndarray) -> np.ndarray:
-    """Set bits per row of a (n, w) uint64 array."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(words).sum(axis=1, dtype=np.int64)
+def _popcount_bytes(words: np.ndarray) -> np.ndarray:
+    """Set bits per row of a (n, w) uint64 array by a byte table (numpy before 2.0)."""
     as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(len(words), -1)
     return _BYTE_POPCOUNT[as_bytes].sum(axis=1, dtype=np.int64)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per row of a (n, w) uint64 array."""
+    if not hasattr(np, "bitwise_count"):
+        return _popcount_bytes(words)
+    return np.bitwise_count(words).sum(axis=1, dtype=np.int64)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -289,7 +294,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> 
       max_distance: largest Hamming distance (over all 64 * n_words bits) that counts as near.
 
     Returns:
-      (m, 2) int64 index pairs (i, j), i < j, sorted, each pair once.
+      (m, 2) int64 index pairs (i, j), i < j, sorted, each pair once. k equal hashes give k(k-1)/2 pairs
+      (e.g. many blank images): for groups, `duplicate_groups` avoids building them.
 
     Raises:
       ValueError: hashes not a 2-D uint64 array, or max_distance negative.
