@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -132,3 +134,125 @@ def print_table(headers: list[str], rows: list[list], title: str | None = None) 
     print("| " + " | ".join("-" * w for w in widths) + " |")
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def _distinct_sample(task) -> int:
+    """Writes sample `index` of a distinct-fields dataset (see build_distinct_dataset); returns its bytes."""
+    from pipelines.synthetic import encode_png
+
+    index, image_dir, sid, bases = task
+    rng = np.random.default_rng([20261129, index])
+    b, c = rng.choice(len(bases), size=2, replace=False)
+    k, flip = int(rng.integers(4)), bool(rng.integers(2))
+    shift_b = tuple(int(v) for v in rng.integers(0, 512, 2))
+    shift_c = tuple(int(v) for v in rng.integers(0, 512, 2))
+    alpha = float(rng.uniform(0.3, 0.8))
+    total = 0
+    for stain in schemas.STAINS:
+        field = np.rot90(bases[b][stain], k)
+        field = np.roll(field[:, ::-1] if flip else field, shift_b, axis=(0, 1))
+        other = np.roll(bases[c][stain], shift_c, axis=(0, 1))
+        mixed = np.maximum(field, (other * alpha).astype(np.uint8))
+        data = encode_png(np.ascontiguousarray(mixed))
+        path = os.path.join(image_dir, f"{sid}_{stain}.png")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+        total += len(data)
+    return total
+
+
+def distinct_id(index: int) -> str:
+    return f"dx{index:06d}"
+
+
+def build_distinct_dataset(
+    root: str, num_samples: int, workers: int = 2, smoke_dir: str = REAL_SMOKE, labels_csv: str = REAL_LABELS
+) -> tuple[str, str]:
+    """A dataset of `num_samples` distinct fields made from the real four-stain samples of `smoke_dir`.
+
+    Sample i is one real field, rotated/flipped and rolled by a random offset, mixed (pixel maximum) with
+    another real field rolled elsewhere at 30-80 % intensity: distinct images, so near-duplicate grouping
+    sees distinct samples, written as separate files (fast PNG encoder of pipelines.synthetic). Samples
+    already on disk are kept, so the set can grow. Labels: whole rows of the real label file.
+
+    Returns:
+      (labels_csv path, image folder).
+    """
+    import multiprocessing
+
+    from PIL import Image
+
+    src_dir = os.path.join(smoke_dir, "train")
+    if not os.path.isdir(src_dir):
+        sys.exit(f"{src_dir} not found: these benchmarks need the real sample images (../shared/data)")
+    base_ids = sorted({name.rsplit("_", 1)[0] for name in os.listdir(src_dir) if name.endswith(".png")})
+    bases = [
+        {
+            s: np.asarray(Image.open(os.path.join(src_dir, f"{b}_{s}.png")).convert("L"))
+            for s in schemas.STAINS
+        }
+        for b in base_ids
+    ]
+    image_dir = os.path.join(root, "train")
+    os.makedirs(image_dir, exist_ok=True)
+    have = set(os.listdir(image_dir))
+    todo = [
+        (i, image_dir, distinct_id(i), bases)
+        for i in range(num_samples)
+        if not all(f"{distinct_id(i)}_{s}.png" in have for s in schemas.STAINS)
+    ]
+    if todo:
+        print(f"writing {len(todo)} distinct samples into {image_dir} ...", flush=True)
+        t0 = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for n, _ in enumerate(pool.imap(_distinct_sample, todo, chunksize=8), 1):
+                if n % 1000 == 0:
+                    rate = n / (time.perf_counter() - t0)
+                    print(f"  {n}/{len(todo)} ({rate:.1f} samples/s)", flush=True)
+    rng = np.random.default_rng(0)
+    targets = [t for _, t in read_label_rows(labels_csv)] if os.path.exists(labels_csv) else ["0"]
+    rows = [(distinct_id(i), targets[int(rng.integers(len(targets)))]) for i in range(num_samples)]
+    csv_path = os.path.join(root, "train.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([schemas.CSV_ID, schemas.CSV_TARGET])
+        w.writerows(rows)
+    return csv_path, image_dir
+
+
+def evict(paths: list[str]) -> None:
+    """Drops these files' clean pages from the page cache (posix_fadvise DONTNEED; nothing else)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[str]) -> None:
+    """Reads the files once so that they are in the page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def cached_share(paths: list[str], sample: int = 400) -> float | None:
+    """Share of the bytes of a random sample of the files that is in the page cache (fincore), or None."""
+    chosen = random.Random(0).sample(paths, min(sample, len(paths)))
+    try:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *chosen],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    res = size = 0
+    for line in out.splitlines():
+        r, s = line.split()[:2]
+        res, size = res + int(r), size + int(s)
+    return min(1.0, res / size) if size else None  # pages are rounded up: RES can exceed SIZE

@@ -75,12 +75,17 @@ def parse_label_table(text: str, source: str, input_dir: str, path: str = "<labe
     extra columns are ignored.
 
     Raises:
-      LabelFileError: empty file, no header, or no `Id` column / neither `Target` nor `Predicted`.
+      LabelFileError: empty file, no header, no `Id` column / neither `Target` nor `Predicted`, or a line
+        that is not CSV (unbalanced quotes, a stray carriage return) or has another number of columns than
+        the header; the message names the file and the line.
     """
     if not text.strip():
         raise LabelFileError(f"{path} is empty: expected a header `Id,Target` and one row per sample")
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip().lstrip("\ufeff") for h in next(reader)]
+    reader = csv.reader(io.StringIO(text), strict=True)  # lines end at \n only: a lone CR is an error
+    try:
+        header = [h.strip().lstrip("\ufeff") for h in next(reader)]
+    except csv.Error as e:
+        raise LabelFileError(f"{path} line {reader.line_num}: {_csv_problem(e)}") from None
     if schemas.CSV_ID not in header:
         raise LabelFileError(f"{path} has no `{schemas.CSV_ID}` column (header: {header})")
     if schemas.CSV_TARGET in header:
@@ -94,18 +99,38 @@ def parse_label_table(text: str, source: str, input_dir: str, path: str = "<labe
         )
     id_col = header.index(schemas.CSV_ID)
     rows = []
-    for line, fields in enumerate(reader, start=2):
+    line = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise LabelFileError(f"{path} line {reader.line_num}: {_csv_problem(e)}") from None
+        line = reader.line_num
         if not fields or all(not f.strip() for f in fields):
             continue  # blank line
-        sid = fields[id_col].strip() if id_col < len(fields) else ""
-        if target_col is None:
-            target = None
-        else:
-            target = fields[target_col] if target_col < len(fields) else ""
+        if len(fields) != len(header):
+            raise LabelFileError(
+                f"{path} line {line}: {len(fields)} column(s) where the header has {len(header)} "
+                f"({', '.join(header)}); quote fields that hold commas"
+            )
+        sid = fields[id_col].strip()
+        target = None if target_col is None else fields[target_col]
         rows.append(LabelRow(source, input_dir, line, sid, target))
     if not rows:
         raise LabelFileError(f"{path} has a header but no rows")
     return rows
+
+
+def _csv_problem(e: csv.Error) -> str:
+    """A plain-words description of a CSV parsing error."""
+    msg = str(e)
+    if "new-line character" in msg:
+        return "a line break (CR) inside a field; save the file with plain line ends"
+    if "unexpected end of data" in msg or "expected" in msg and "after" in msg:
+        return f"unbalanced quotes ({msg})"
+    return msg
 
 
 def check_id(sample_id: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -126,6 +127,19 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_PNG_OVERHEAD = 70  # signature, IHDR, IDAT and IEND framing, per-row filter bytes aside
+
+
+def estimate_png_bytes(pixels: np.ndarray) -> int:
+    """About how many bytes `encode_png(pixels)` takes, at a small part of its cost.
+
+    Deflate level 1 over the horizontally differenced rows (PNG's Sub filter): PNG's level 6 with adaptive
+    filters compresses somewhat better, so this errs on the large side (bench/scale.py reports how far).
+    """
+    diff = np.diff(pixels, axis=1, prepend=np.zeros((pixels.shape[0], 1), pixels.dtype))
+    return len(zlib.compress(diff.tobytes(), 1)) + pixels.shape[0] + _PNG_OVERHEAD
+
+
 def resize(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resizes 8-bit grayscale pixels to size x size with area averaging (box filter) when shrinking."""
     img = Image.fromarray(pixels, mode="L")
@@ -133,18 +147,34 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), method), dtype=np.uint8)
 
 
-def validate_stains(
+@dataclasses.dataclass(frozen=True)
+class InspectedStains:
+    """One sample's stains decoded, checked and (if asked) resized, before any encoding.
+
+    Attributes:
+      pixels: 8-bit single-channel pixels per stain, at the output size.
+      height, width: output size.
+      mean, sq_mean: per-stain mean and mean of squares of `pixels`, in schemas.STAINS order.
+      conversions: per-stain notes (`""` when the source stream can be stored as it is).
+    """
+
+    pixels: dict[str, np.ndarray]
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    sq_mean: tuple[float, ...]
+    conversions: tuple[str, ...]
+
+
+def inspect_stains(
     data: dict[str, bytes], image_size: int | None = None, strict_modes: bool = False
-) -> ValidStains:
-    """Checks and prepares the four stains of one sample.
+) -> InspectedStains:
+    """Decodes, checks and resizes the four stains of one sample without encoding anything.
 
     Args:
       data: raw file bytes per stain name (all of schemas.STAINS).
-      image_size: if set, resize every stain to image_size x image_size (re-encoded as PNG).
+      image_size: if set, resize every stain to image_size x image_size.
       strict_modes: reject instead of converting stains that are not 8-bit single channel.
-
-    Returns:
-      ValidStains.
 
     Raises:
       Rejected: a stain is missing, empty, corrupt, of an unsupported mode, or the stains differ in size.
@@ -167,19 +197,62 @@ def validate_stains(
     if min(height, width) < _MIN_SIDE:
         raise Rejected(TOO_SMALL, f"stains are {width}x{height}, smaller than {_MIN_SIDE}x{_MIN_SIDE}")
 
-    images, means, sq_means, notes = {}, [], [], []
+    out, means, sq_means, notes = {}, [], [], []
     for stain in schemas.STAINS:
         pixels, note = decoded[stain]
         if image_size is not None and (height, width) != (image_size, image_size):
             pixels = resize(pixels, image_size)
             note = "+".join(filter(None, [note, "resized"]))
-        images[stain] = encode_png(pixels) if note else data[stain]
+        out[stain] = pixels
         mean, sq_mean = _moments(pixels)
         means.append(mean)
         sq_means.append(sq_mean)
         notes.append(note)
     out_h, out_w = (image_size, image_size) if image_size is not None else (height, width)
-    return ValidStains(images, out_h, out_w, tuple(means), tuple(sq_means), tuple(notes))
+    return InspectedStains(out, out_h, out_w, tuple(means), tuple(sq_means), tuple(notes))
+
+
+def validate_stains(
+    data: dict[str, bytes], image_size: int | None = None, strict_modes: bool = False
+) -> ValidStains:
+    """Checks and prepares the four stains of one sample (`inspect_stains`, then the bytes to store).
+
+    Args:
+      data: raw file bytes per stain name (all of schemas.STAINS).
+      image_size: if set, resize every stain to image_size x image_size (re-encoded as PNG).
+      strict_modes: reject instead of converting stains that are not 8-bit single channel.
+
+    Returns:
+      ValidStains.
+
+    Raises:
+      Rejected: a stain is missing, empty, corrupt, of an unsupported mode, or the stains differ in size.
+    """
+    seen = inspect_stains(data, image_size, strict_modes)
+    images = {
+        stain: encode_png(seen.pixels[stain]) if note else data[stain]
+        for stain, note in zip(schemas.STAINS, seen.conversions)
+    }
+    return ValidStains(images, seen.height, seen.width, seen.mean, seen.sq_mean, seen.conversions)
+
+
+HEADER_BYTES = 1 << 16  # PNG's IHDR and JPEG's SOF lie well within the first 64 KiB of a file
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first bytes of an image file (PNG IHDR, JPEG SOF, TIFF tags), or None.
+
+    Pillow's `Image.open` parses only the header; None means the header could not be read from these bytes
+    (a corrupt file, or a TIFF whose tags lie further on): the full decode later decides.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(head))
+            width, height = img.size
+    except Exception:  # noqa: BLE001 (any parser failure means "unknown here")
+        return None
+    return int(height), int(width)
 
 
 def decode_gray8(stain: str, data: bytes, strict_modes: bool = False) -> tuple[np.ndarray, str, str]:

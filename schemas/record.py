@@ -25,6 +25,9 @@ __all__ = [
     "DOWNLOAD_REPORT_FILE",
     "DOWNLOAD_STAIN",
     "DOWNLOAD_STATUS",
+    "DUPLICATES_COLUMNS",
+    "DUPLICATES_FILE",
+    "DUPLICATES_GROUP",
     "FOLD_KEY",
     "HEIGHT_KEY",
     "ID_KEY",
@@ -147,6 +150,10 @@ DOWNLOAD_STATUS = "status"
 DOWNLOAD_DETAIL = "detail"
 DOWNLOAD_BYTES = "bytes"
 DOWNLOAD_REPORT_COLUMNS = (CSV_ID, DOWNLOAD_STAIN, DOWNLOAD_STATUS, DOWNLOAD_DETAIL, DOWNLOAD_BYTES)
+# duplicates.csv: one row per sample in a group of two or more near-duplicates (group numbered from 0).
+DUPLICATES_FILE = "duplicates.csv"
+DUPLICATES_GROUP = "group"
+DUPLICATES_COLUMNS = (DUPLICATES_GROUP, CSV_ID, REJECTED_SOURCE)
 
 
 def shard_prefix(fold: int) -> str:

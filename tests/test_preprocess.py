@@ -20,6 +20,11 @@ from PIL import Image
 
 import schemas
 from pipelines import labels, preprocess, stains
+from pipelines.transforms import folds as folds_tf
+from pipelines.transforms import rows as rows_tf
+from pipelines.transforms import shards as shards_tf
+from pipelines.transforms import stats as stats_tf
+from pipelines.transforms.samples import Candidate
 from tests import fixtures
 
 IN_PROCESS = ["--direct_num_workers", "1"]  # faster start for tests; one test runs the multi-process default
@@ -213,7 +218,7 @@ def test_stain_stats_from_tf_transform(dirty):
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     np.testing.assert_allclose(stats["mean"], pixels.mean(axis=(0, 1, 2)), rtol=1e-4)
     np.testing.assert_allclose(stats["std"], pixels.std(axis=(0, 1, 2)), rtol=1e-3)
-    assert preprocess.read_stain_stats(os.path.join(dirty["out"], schemas.TRANSFORM_DIR)) == stats
+    assert stats_tf.read_stain_stats(os.path.join(dirty["out"], schemas.TRANSFORM_DIR)) == stats
     assert not os.path.exists(os.path.join(dirty["out"], preprocess.INCOMPLETE_DIR))
 
 
@@ -267,7 +272,7 @@ def test_wrong_paths_give_clear_errors(tmp_path):
                 str(tmp_path / "out"),
             ]
         )
-        == 1
+        == 2
     )
 
 
@@ -344,19 +349,16 @@ def test_multiple_sources_resized_unlabeled_and_multiprocess(tmp_path):
 
 
 def test_plan_fold_shards_balances_bytes_and_keeps_id_order():
-    cands = [
-        preprocess.Candidate("s", f"id{i:03d}", (0,), True, ("p",) * 4, 100 + (i % 7) * 10)
-        for i in range(100)
-    ]
+    cands = [Candidate("s", f"id{i:03d}", (0,), True, ("p",) * 4, 100 + (i % 7) * 10) for i in range(100)]
     random.Random(0).shuffle(cands)
-    shards = preprocess.plan_fold_shards(1, cands, shard_bytes=2000, num_shards=None)
+    shards = shards_tf.plan_fold_shards(1, cands, shard_bytes=2000, num_shards=None)
     assert len(shards) == round(sum(c.num_bytes for c in cands) / 2000)
     flat = [s.id for sh in shards for s in sh.samples]
     assert flat == sorted(c.id for c in cands)
     sizes = [sum(s.num_bytes for s in sh.samples) for sh in shards]
     assert max(sizes) - min(sizes) <= 2 * 160
     assert [sh.name for sh in shards][0] == schemas.shard_name(1, 0, len(shards))
-    assert len(preprocess.plan_fold_shards(1, cands[:3], 1, num_shards=10)) == 3
+    assert len(shards_tf.plan_fold_shards(1, cands[:3], 1, num_shards=10)) == 3
 
 
 def test_compute_folds_independent_of_order_and_groups_kept_together():
@@ -364,10 +366,10 @@ def test_compute_folds_independent_of_order_and_groups_kept_together():
     cands = []
     for i in range(60):
         labs = tuple(sorted(set(rng.choice(6, size=rng.integers(1, 3), replace=False).tolist())))
-        cands.append(preprocess.Candidate("s", f"id{i:02d}", labs, True, ("p",) * 4, 1))
+        cands.append(Candidate("s", f"id{i:02d}", labs, True, ("p",) * 4, 1))
     groups = {f"id{i:02d}": f"g{i // 3}" for i in range(30)}
-    a = preprocess.compute_folds(cands, 3, seed=1, order=2, groups=groups)
-    b = preprocess.compute_folds(list(reversed(cands)), 3, seed=1, order=2, groups=groups)
+    a = folds_tf.compute_folds(cands, 3, seed=1, order=2, groups=groups)
+    b = folds_tf.compute_folds(list(reversed(cands)), 3, seed=1, order=2, groups=groups)
     assert a == b and len(a) == 60
     for g in range(10):
         assert len({a[f"id{i:02d}"] for i in range(3 * g, 3 * g + 3)}) == 1
@@ -376,7 +378,7 @@ def test_compute_folds_independent_of_order_and_groups_kept_together():
 def test_check_rows_transform():
     rows = [labels.LabelRow("train", "/in", 2, "ok", "1 2"), labels.LabelRow("train", "/in", 3, "../x", "1")]
     with test_pipeline.TestPipeline() as p:
-        out = p | beam.Create(rows) | preprocess.CheckRows()
+        out = p | beam.Create(rows) | rows_tf.CheckRows()
         assert_that(
             out.valid, equal_to([labels.CheckedRow("train", "/in", "ok", (1, 2), True)]), label="Valid"
         )

@@ -109,3 +109,35 @@ def test_resize_reencodes_all_stains():
     # asking for the size the images already have keeps the source bytes
     data = _stains(size=16)
     assert stains.validate_stains(data, image_size=16).images == data
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_header_size_reads_only_the_first_bytes(fmt):
+    arr = np.zeros((40, 72), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    data = buf.getvalue()
+    head = data[: min(len(data), 1024)] if fmt != "TIFF" else data
+    assert stains.header_size(head) == (40, 72)
+    assert stains.header_size(b"not an image") is None
+
+
+def test_estimate_png_bytes_is_close_to_the_encoded_size():
+    """On stain-like images (dark background, bright blobs, camera noise); the bench measures real ones."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    for seed in range(3):
+        field = np.zeros((128, 128))
+        for cy, cx, r in rng.uniform([0, 0, 5], [128, 128, 20], size=(6, 3)):
+            field += 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        px = np.clip(field + rng.normal(8, 3 + seed, field.shape), 0, 255).astype(np.uint8)
+        ratio = stains.estimate_png_bytes(px) / len(stains.encode_png(px))
+        assert 0.8 < ratio < 1.5, ratio
+
+
+def test_inspect_matches_validate():
+    data = _stains(size=16)
+    seen = stains.inspect_stains(data, image_size=8)
+    valid = stains.validate_stains(data, image_size=8)
+    assert (seen.height, seen.width, seen.mean, seen.conversions) == (8, 8, valid.mean, valid.conversions)
+    assert all(p.shape == (8, 8) for p in seen.pixels.values())

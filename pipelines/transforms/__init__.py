@@ -1,0 +1,1 @@
+"""The preprocessing job's Beam transforms, one module per stage (pipelines.preprocess wires them)."""

@@ -1,0 +1,111 @@
+"""Stain files: listing the input folders and joining files with label rows (ListImages, MatchFiles)."""
+
+from __future__ import annotations
+
+import collections
+import posixpath
+
+import apache_beam as beam
+from apache_beam.io import fileio
+
+import schemas
+from pipelines import labels as labels_lib
+from pipelines import stains as stains_lib
+from pipelines.transforms.samples import Candidate, rejection
+
+COUNTERS = "preprocess"
+# Preference when one stain exists in several formats (e.g. a PNG and the full-size TIFF).
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def stain_of(path: str) -> tuple[str, str, str] | None:
+    """`dir/{Id}_{stain}.{ext}` -> (Id, stain, ext), or None for a file that is not a stain image."""
+    stem, ext = posixpath.splitext(posixpath.basename(path))
+    ext = ext.lower()
+    if ext not in EXTENSIONS or "_" not in stem:
+        return None
+    sample_id, stain = stem.rsplit("_", 1)
+    if stain not in schemas.STAINS or not sample_id:
+        return None
+    return sample_id, stain, ext
+
+
+class _StainFileFn(beam.DoFn):
+    def __init__(self, source: str):
+        self._source = source
+
+    def process(self, meta):
+        parsed = stain_of(meta.path)
+        if parsed is None:
+            beam.metrics.Metrics.counter(COUNTERS, "ignored_files").inc()
+            return
+        sample_id, stain, ext = parsed
+        yield (self._source, sample_id), (stain, ext, meta.path, meta.size_in_bytes)
+
+
+@beam.ptransform_fn
+def ListImages(pbegin, input_dir: str, source: str):  # noqa: N802
+    """The stain image files of one input folder, keyed by (source, Id)."""
+    pattern = posixpath.join(input_dir, "*")
+    return (
+        pbegin
+        | "Pattern" >> beam.Create([pattern])
+        | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        | "ParseName" >> beam.ParDo(_StainFileFn(source))
+    )
+
+
+def _join_files(item):
+    (source, sample_id), grouped = item
+    rows = list(grouped["rows"])
+    files = list(grouped["files"])
+    if not rows:
+        if not list(grouped["listed"]):  # images whose Id has no row at all (a rejected row is no reason)
+            beam.metrics.Metrics.counter(COUNTERS, "unlisted_images").inc()
+            yield beam.pvalue.TaggedOutput("unlisted", (source, sample_id))
+        return
+    (row,) = rows  # DropDuplicateIds left one row per Id
+    by_stain: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
+    for stain, ext, path, size in files:
+        by_stain[stain].append((ext, path, size))
+    missing = [s for s in schemas.STAINS if s not in by_stain]
+    if missing:
+        beam.metrics.Metrics.counter(COUNTERS, f"rejected_{stains_lib.MISSING_STAIN}").inc()
+        detail = f"no {', '.join(missing)} file for Id {sample_id!r} in {row.input_dir}"
+        yield beam.pvalue.TaggedOutput(
+            "rejected", rejection(source, sample_id, stains_lib.MISSING_STAIN, detail)
+        )
+        return
+    chosen = [min(by_stain[s], key=lambda f: (EXTENSIONS.index(f[0]), f[1])) for s in schemas.STAINS]
+    yield Candidate(
+        source=source,
+        id=sample_id,
+        labels=row.labels,
+        labeled=row.labeled,
+        paths=tuple(path for _, path, _ in chosen),
+        num_bytes=sum(size for _, _, size in chosen),
+    )
+
+
+def _key_by_source_id(row: labels_lib.CheckedRow):
+    return (row.source, row.id), row
+
+
+def _listed_key(row: labels_lib.LabelRow):
+    return (row.source, row.id), None
+
+
+@beam.ptransform_fn
+def MatchFiles(inputs):  # noqa: N802
+    """(usable rows, all label rows, files) -> Candidate per usable row with all four stains.
+
+    Side outputs: `rejected` (a stain is missing) and `unlisted` (image files whose Id has no label row).
+    """
+    rows, all_rows, files = inputs
+    keyed_rows = rows | "KeyBySourceId" >> beam.Map(_key_by_source_id)
+    listed = all_rows | "KeyListed" >> beam.Map(_listed_key)
+    return (
+        {"rows": keyed_rows, "listed": listed, "files": files}
+        | "JoinById" >> beam.CoGroupByKey()
+        | "Join" >> beam.FlatMap(_join_files).with_outputs("rejected", "unlisted", main="candidates")
+    )
