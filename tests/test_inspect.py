@@ -20,8 +20,15 @@ import tensorflow as tf
 import schemas
 from model import inspect as insp
 from model import thresholds as thr
-from model.config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, DataConfig, ModelConfig, TrainConfig
-from model.config import config_to_json
+from model.config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    THRESHOLDS_FILE,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    config_to_json,
+)
 from model.model import build_model
 from tests.fixtures import png_bytes
 
