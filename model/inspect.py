@@ -38,6 +38,7 @@ import io
 import os
 import sys
 import time
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -214,6 +215,9 @@ def _head_layers(model):
     return chain, names.index(BACKBONE_NAME)
 
 
+_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models whose chain matched model(x)
+
+
 def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heat maps of one class per image, at the image size.
 
@@ -259,13 +263,15 @@ def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndar
         logits = tf.matmul(h, tf.cast(last.kernel, tf.float32)) + tf.cast(last.bias, tf.float32)
         picked = tf.gather(logits, classes, axis=1, batch_dims=1)
         total = tf.reduce_sum(picked)  # samples are independent in inference mode
-    probs = np.asarray(model(images, training=False), np.float64)
-    mine = 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
-    if not np.allclose(mine, probs, atol=1e-3):
-        raise InspectError(
-            f"model {model.name} is not a chain of layers around its backbone with a sigmoid Dense head: "
-            "cannot compute Grad-CAM"
-        )
+    if model not in _CHECKED:  # once per model: the chain computes what the model does
+        probs = np.asarray(model(images, training=False), np.float64)
+        mine = 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
+        if not np.allclose(mine, probs, atol=1e-3):
+            raise InspectError(
+                f"model {model.name} is not a chain of layers around its backbone with a sigmoid Dense head: "
+                "cannot compute Grad-CAM"
+            )
+        _CHECKED.add(model)
     grads = tape.gradient(total, features)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
@@ -278,12 +284,15 @@ def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndar
 # --- drawing ---------------------------------------------------------------------------------------------
 
 
-def _font(size: int = _FONT_SIZE):
+def _font(size: int | None = None):
+    """Pillow's own fonts: the bitmap one (fast: tiles have four lines each) or the scalable one at `size`."""
     from PIL import ImageFont
 
+    if size is None and hasattr(ImageFont, "load_default_imagefont"):
+        return ImageFont.load_default_imagefont()
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has a single bitmap font
+        return ImageFont.load_default(size=size or _FONT_SIZE)
+    except TypeError:  # Pillow < 10.1 has the bitmap font only
         return ImageFont.load_default()
 
 
@@ -329,7 +338,7 @@ def _sheet(title: Sequence[str], rows: Sequence[tuple[str, list]], per_class: in
     height = head + len(rows) * (caption + tile_h + _PAD)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    big, font = _font(_FONT_SIZE + 3), _font()
+    big, font = _font(_FONT_SIZE + 3), _font(_FONT_SIZE)
     for k, line in enumerate(title):
         draw.text((_PAD, _PAD + k * (_LINE + 3)), line, fill="black", font=big if k == 0 else font)
     y = head
@@ -340,7 +349,7 @@ def _sheet(title: Sequence[str], rows: Sequence[tuple[str, list]], per_class: in
             sheet.paste(tile, (_PAD + i * (tile_w + 2 * _PAD), y))
         y += tile_h + _PAD
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
+    sheet.save(buf, format="PNG", compress_level=1)  # fast: level 6 took as long as the drawing
     return buf.getvalue()
 
 
