@@ -297,7 +297,9 @@ def _font(size: int | None = None):
 
 
 def _fit(text: str, width_chars: int) -> str:
-    return text if len(text) <= width_chars else text[: width_chars - 1] + "…"
+    """Cut to `width_chars`, in Latin-1 (what Pillow's bitmap font draws; other characters become `?`)."""
+    text = text if len(text) <= width_chars else text[: width_chars - 3] + "..."
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def _label_text(indices, scores=None) -> str:

@@ -272,3 +272,9 @@ def test_bad_input(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "different image sizes" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "g")
+
+
+def test_tile_text_is_cut_and_any_character_drawn():
+    image = np.zeros((8, 8, schemas.NUM_STAINS), np.uint8)
+    tile = insp._tile(image, np.zeros((8, 8)), ["Id-\u00e9\u20ac\u2026 " * 30, "x"])
+    assert tile.size[0] == 2 * 160 + 6
