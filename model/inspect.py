@@ -215,17 +215,51 @@ def _head_layers(model):
     return chain, names.index(BACKBONE_NAME)
 
 
-_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models whose chain matched model(x)
+_CAM_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled Grad-CAM
+
+
+def _cam_fn(model):
+    """A tf.function (images, classes) -> (raw maps [B, H, W], logits [B, C]) for one model, built once."""
+    import keras
+    import tensorflow as tf
+
+    if model in _CAM_FNS:
+        return _CAM_FNS[model]
+    chain, b = _head_layers(model)
+    last = chain[-1]
+    if not isinstance(last, keras.layers.Dense):
+        raise InspectError(f"the model's last layer {last.name} is not Dense: cannot take its logit")
+
+    @tf.function(reduce_retracing=True)
+    def cam_fn(images, classes):
+        x = images
+        for layer in chain[: b + 1]:
+            x = layer(x, training=False)
+        features = tf.cast(x, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            h = features
+            for layer in chain[b + 1 : -1]:
+                h = layer(h, training=False)
+            h = tf.cast(h, tf.float32)
+            logits = tf.matmul(h, tf.cast(last.kernel, tf.float32)) + tf.cast(last.bias, tf.float32)
+            total = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))  # samples independent
+        weights = tf.reduce_mean(tape.gradient(total, features), axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+        return tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")[..., 0], logits
+
+    _CAM_FNS[model] = cam_fn
+    return cam_fn
 
 
 def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heat maps of one class per image, at the image size.
 
-    The model is run as the chain of its layers (checked against `model(images)`): the layers up to and
-    including the backbone give the feature map A [B, h, w, K]; the gradient of the class's logit (the
-    last Dense layer without its sigmoid) with respect to A, averaged over h and w, weighs the K channels;
-    relu(sum_k weight_k A_k) is upsampled bilinearly to [H, W] and divided by its maximum (all zero when
-    the map is zero everywhere).
+    The model is run as the chain of its layers (checked once per model against `model(images)`): the
+    layers up to and including the backbone give the feature map A [B, h, w, K]; the gradient of the
+    class's logit (the last Dense layer without its sigmoid) with respect to A, averaged over h and w,
+    weighs the K channels; relu(sum_k weight_k A_k) is upsampled bilinearly to [H, W] and divided by its
+    maximum (all zero when the map is zero everywhere).
 
     Args:
       model: a classifier of this project (nested backbone named model.model.BACKBONE_NAME).
@@ -235,7 +269,6 @@ def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndar
     Returns:
       (heat maps float32 [B, H, W] in 0..1, the raw maps' maxima float32 [B]).
     """
-    import keras
     import tensorflow as tf
 
     images = tf.convert_to_tensor(images)
@@ -244,38 +277,21 @@ def grad_cam(model, images, classes: Sequence[int]) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"{images.shape[0]} images but {len(classes)} classes")
     if len(classes) == 0:
         return np.zeros((0, *images.shape[1:3]), np.float32), np.zeros((0,), np.float32)
-    chain, b = _head_layers(model)
-    x = images
-    for layer in chain[: b + 1]:
-        x = layer(x, training=False)
-    features = tf.cast(x, tf.float32)
-    if features.shape.rank != 4:
-        raise InspectError(f"the backbone's output has shape {features.shape}; Grad-CAM needs a 4-D map")
-    last = chain[-1]
-    if not isinstance(last, keras.layers.Dense):
-        raise InspectError(f"the model's last layer {last.name} is not Dense: cannot take its logit")
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        h = features
-        for layer in chain[b + 1 : -1]:
-            h = layer(h, training=False)
-        h = tf.cast(h, tf.float32)
-        logits = tf.matmul(h, tf.cast(last.kernel, tf.float32)) + tf.cast(last.bias, tf.float32)
-        picked = tf.gather(logits, classes, axis=1, batch_dims=1)
-        total = tf.reduce_sum(picked)  # samples are independent in inference mode
-    if model not in _CHECKED:  # once per model: the chain computes what the model does
+    checked = model in _CAM_FNS
+    try:
+        cam, logits = _cam_fn(model)(images, tf.constant(classes))
+    except ValueError as e:  # e.g. a backbone without a 4-D output
+        raise InspectError(f"cannot compute Grad-CAM of model {model.name}: {str(e).splitlines()[0]}") from e
+    if not checked:  # the chain must compute what the model does
         probs = np.asarray(model(images, training=False), np.float64)
         mine = 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
         if not np.allclose(mine, probs, atol=1e-3):
+            _CAM_FNS.pop(model, None)
             raise InspectError(
                 f"model {model.name} is not a chain of layers around its backbone with a sigmoid Dense head: "
                 "cannot compute Grad-CAM"
             )
-        _CHECKED.add(model)
-    grads = tape.gradient(total, features)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
-    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
+    cam = cam.numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1)
     scaled = np.divide(cam, peak[:, None, None], out=np.zeros_like(cam), where=peak[:, None, None] > 0)
     return scaled.astype(np.float32), peak.astype(np.float32)
@@ -484,7 +500,7 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         raise InspectError(str(e)) from None
     if len(ids) == 0:
         raise InspectError(f"{subset} of {cfg.data_dir} holds no records")
-    labels = _labels_in_order(dataset(), ids) if labeled else np.zeros_like(scores, dtype=np.int8)
+    labels = _labels_by_id(cfg.data_dir, fold, ids) if labeled else np.zeros_like(scores, dtype=np.int8)
     scored = time.perf_counter()
     predicted = thr.apply_thresholds(scores, thresholds)
     selections = select_tiles(labels, scores, thresholds, cfg.per_class, labeled)
@@ -573,15 +589,22 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     return summary
 
 
-def _labels_in_order(dataset, ids: np.ndarray) -> np.ndarray:
-    """The labels of a (images, labels, ids) dataset, checked to come in the order of `ids`."""
-    got_ids, chunks = [], []
-    for _, y, batch_ids in dataset:
-        chunks.append(y.numpy().astype(np.int8))
-        got_ids.extend(i.decode("utf-8") for i in batch_ids.numpy())
-    if got_ids != [str(i) for i in ids]:
-        raise InspectError("the data came in a different order in two passes")
-    return np.concatenate(chunks)
+def _labels_by_id(data_dir: str, fold: int, ids: np.ndarray) -> np.ndarray:
+    """The labels [len(ids), C] of the records of a fold, read without decoding the images."""
+    import tensorflow as tf
+
+    from model import data as data_lib
+
+    spec = {k: schemas.feature_spec()[k] for k in (schemas.ID_KEY, schemas.LABELS_KEY)}
+    ds = tf.data.TFRecordDataset(data_lib.list_shards(data_dir, [fold])).batch(1024)
+    found: dict[str, np.ndarray] = {}
+    for batch in ds.map(lambda s: tf.io.parse_example(s, spec)):
+        for sid, y in zip(batch[schemas.ID_KEY].numpy(), batch[schemas.LABELS_KEY].numpy()):
+            found[sid.decode("utf-8")] = y
+    missing = [str(i) for i in ids if str(i) not in found]
+    if missing:
+        raise InspectError(f"records vanished between two passes over the data, e.g. {missing[:3]}")
+    return np.stack([found[str(i)] for i in ids]).astype(np.int8)
 
 
 def _validation_fold(model_dirs: Sequence[str]) -> int:
