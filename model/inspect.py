@@ -534,7 +534,7 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
                 pred = np.flatnonzero(predicted[i])
                 pred = pred[np.argsort(-scores[i, pred], kind="stable")]
                 lines = [
-                    f"{ids[i]}   {name}: {scores[i, c]:.3f} (thr {thresholds[c]:.2f})",
+                    f"{ids[i]}   {name}: {scores[i, c]:.3f} (thr {thresholds[c]:.3f})",
                     f"true: {_label_text(true)}" if labeled else "true: unknown",
                     f"pred: {_label_text(pred, scores[i])}",
                     "left: atlas RGB; right: green + Grad-CAM",
