@@ -492,7 +492,10 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         return data_lib.make_eval_dataset(cfg.data_dir, [fold], dcfg, with_ids=True)
 
     log(f"loading {len(cfg.model_dirs)} model(s): {', '.join(cfg.model_dirs)}")
-    models = [load_model_dir(d) for d in cfg.model_dirs]
+    try:
+        models = [load_model_dir(d) for d in cfg.model_dirs]
+    except PredictError as e:
+        raise InspectError(str(e).splitlines()[0]) from None
     log(f"scoring {subset} of {cfg.data_dir} ({image_size} px), {cfg.tta} transform(s) per model")
     try:
         ids, scores = predict_scores(models, dataset(), tta_transforms(cfg.tta), log=log)

@@ -278,3 +278,14 @@ def test_tile_text_is_cut_and_any_character_drawn():
     image = np.zeros((8, 8, schemas.NUM_STAINS), np.uint8)
     tile = insp._tile(image, np.zeros((8, 8)), ["Id-\u00e9\u20ac\u2026 " * 30, "x"])
     assert tile.size[0] == 2 * 160 + 6
+
+
+def test_unreadable_model_file(trained, tmp_path, capsys):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(trained["model_dir"], broken)
+    with open(os.path.join(broken, MODEL_FILE), "wb") as f:
+        f.write(b"not a keras file")
+    args = ["--model_dir", broken, "--data_dir", trained["data_dir"], "--out", str(tmp_path / "g")]
+    assert insp.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and len(err.strip().splitlines()) == 1
