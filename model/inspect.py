@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True, help="preprocessing output (or gs://)")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
-        "--fold", type=int, default=None, help="labeled fold to show (default: validation fold)"
+        "--fold", type=int, default=None, help="labeled fold to show (None: the models' validation fold)"
     )
     which.add_argument("--test", action="store_true", help="show the unlabeled test shards")
     p.add_argument("--out", required=True, help="gallery directory to write (or gs://)")
