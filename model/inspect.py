@@ -394,7 +394,11 @@ def _index_html(cfg: InspectConfig, summary: dict, table: Sequence[dict], labele
         f"thresholds: {esc(summary['thresholds'])}",
     ]
     if labeled:
-        notes.append(f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f}")
+        notes.append(
+            f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds; "
+            "on the fold they were tuned on (the validation fold) this is the optimistic in-sample figure, "
+            "model.evaluate's report.md has the cross-fitted one"
+        )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>HPA gallery</title>\n"
         "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:right} "
@@ -537,10 +541,10 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
                 pred = np.flatnonzero(predicted[i])
                 pred = pred[np.argsort(-scores[i, pred], kind="stable")]
                 lines = [
-                    f"{ids[i]}   {name}: {scores[i, c]:.3f} (thr {thresholds[c]:.3f})",
+                    f"{name}: {scores[i, c]:.3f} (threshold {thresholds[c]:.3f})",
+                    str(ids[i]),
                     f"true: {_label_text(true)}" if labeled else "true: unknown",
                     f"pred: {_label_text(pred, scores[i])}",
-                    "left: atlas RGB; right: green + Grad-CAM",
                 ]
                 tiles.append(_tile(images[ids[i]], cams[(int(i), c)], lines))
             rows.append((ROW_TITLES[kind], tiles))
@@ -551,9 +555,9 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
                 f"{metrics.recall[c]:.3f}, {metrics.support[c]} positives, {metrics.predicted[c]} predicted"
             )
         title.append(
-            f"scores: mean of {len(models)} model(s) x {cfg.tta} transform(s); Grad-CAM: "
-            + ("first model, " if len(models) > 1 else "")
-            + "untransformed image"
+            "each tile: left the atlas RGB composite (yellow added to red and green), right the green stain "
+            f"under the Grad-CAM of {name}; scores: mean of {len(models)} model(s) x {cfg.tta} transform(s); "
+            "Grad-CAM: " + ("first model, " if len(models) > 1 else "") + "untransformed image"
         )
         fileio.write_bytes(fileio.join(cfg.out, sheet_name(c)), _sheet(title, rows, cfg.per_class))
         row = {"index": c, "name": name, "sheet": sheet_name(c), "threshold": float(thresholds[c])}
