@@ -50,9 +50,9 @@ def _blob_images(n: int, rng: np.random.Generator, positive: np.ndarray):
         ry, rx = rng.integers(lo, hi, 2)
         images[i, :, :, RED][(yy - ry) ** 2 + (xx - rx) ** 2 <= RADIUS**2] = 230
         if positive[i]:
-            while True:  # keep the two blobs apart, so that a peak on one is not a peak on the other
+            while True:  # blobs far apart: a peak near one is not near the other
                 gy, gx = rng.integers(lo, hi, 2)
-                if (gy - ry) ** 2 + (gx - rx) ** 2 > (4 * RADIUS) ** 2:
+                if (gy - ry) ** 2 + (gx - rx) ** 2 > (2 * NEAR) ** 2:
                     break
             images[i, :, :, GREEN][(yy - gy) ** 2 + (xx - gx) ** 2 <= RADIUS**2] = 230
             centres[i] = (gy, gx)
@@ -174,7 +174,7 @@ def test_grad_cam_peaks_where_the_class_pattern_was_drawn(trained):
     # The red blob, the distractor, is not where class 0's heat map peaks.
     red = images[..., RED].astype(float)
     red_at = np.array([np.unravel_index(np.argmax(r), r.shape) for r in red])
-    assert (np.hypot(*(at - red_at).T) <= NEAR).mean() <= 0.3
+    assert (np.hypot(*(at - red_at).T) <= NEAR).mean() <= 0.2
 
 
 def test_gallery_files(trained, tmp_path, capsys):
