@@ -423,8 +423,10 @@ def test_kill_then_rerun_completes_fetching_only_what_is_missing(tmp_path):
         server.log.clear()
         server.latency = 0.0
         summary = _run(*argv)
-        fetched = sorted(server.log)
-    assert fetched == sorted(server.path(*m[:-4].rsplit("_", 1)) for m in missing)
+        fetched = set(server.log)
+    # As a set: on a loaded machine a request may time out and be retried (and so logged twice); what counts
+    # is that nothing already present is asked for again, and everything missing is.
+    assert fetched == {server.path(*m[:-4].rsplit("_", 1)) for m in missing}
     assert summary["by_status"] == {download.PRESENT: len(before), download.DOWNLOADED: len(missing)}
     assert summary["complete_samples"] == len(ids)
     after = _valid_stain_files(out, bodies)
