@@ -23,7 +23,7 @@ from tests.image_server import HTML, ImageServer, atlas_jpeg, cut, ok, slow, sta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short timeouts and waits so that retries cost milliseconds; one DoFn worker in-process.
-FAST = ["--timeout", "0.3", "--connect_timeout", "1", "--retries", "2", "--backoff", "0.01"]
+FAST = ["--timeout", "0.6", "--connect_timeout", "1", "--retries", "2", "--backoff", "0.01"]
 FAST += ["--progress_seconds", "0.5", "--direct_num_workers", "1"]
 
 
