@@ -1,91 +1,57 @@
-"""Progress of a local run: workers write small count files, a launcher thread prints their totals.
+"""Progress of the preprocessing job's local runs, per phase, on the counter files of `progress_files`.
 
-Each DoFn instance that does long per-sample work owns one `ProgressFile` (a JSON file named after its phase
-and a random token); `Progress` sums the files of every phase every few seconds and prints one line.
+Each DoFn instance that does long per-sample work owns one `ProgressFile` (its done and rejected counts under
+its phase's keys); `Progress` sums the files of every phase every few seconds and prints one line.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import threading
-import time
-import uuid
+import collections
+
+from pipelines import progress_files
+
+
+def _keys(phase: str) -> tuple[str, str]:
+    return f"{phase}.done", f"{phase}.rejected"
 
 
 class ProgressFile:
     """Counts of one worker's DoFn instance, written at most every `interval` seconds (and on flush)."""
 
     def __init__(self, progress_dir: str | None, phase: str, interval: float = 2.0):
-        self._path = os.path.join(progress_dir, f"{phase}-{uuid.uuid4().hex}.json") if progress_dir else None
-        self._interval = interval
-        self._last = 0.0
+        self._file = progress_files.CounterFile(progress_dir, interval) if progress_dir else None
+        self._done_key, self._rejected_key = _keys(phase)
         self.done = self.rejected = 0
 
     def add(self, done: int = 0, rejected: int = 0) -> None:
         self.done += done
         self.rejected += rejected
-        if self._path and time.monotonic() - self._last > self._interval:
-            self.flush()
+        self._write(force=False)
 
     def flush(self) -> None:
-        if self._path is None:
-            return
-        with open(self._path + ".tmp", "w") as f:
-            json.dump({"done": self.done, "rejected": self.rejected}, f)
-        os.replace(self._path + ".tmp", self._path)
-        self._last = time.monotonic()
+        self._write(force=True)
+
+    def _write(self, force: bool) -> None:
+        if self._file is not None:
+            self._file.update({self._done_key: self.done, self._rejected_key: self.rejected}, force=force)
 
 
-def read_counts(progress_dir: str) -> dict[str, tuple[int, int]]:
-    """Phase -> (done, rejected), summed over the progress files."""
-    out: dict[str, tuple[int, int]] = {}
-    for name in os.listdir(progress_dir) if os.path.isdir(progress_dir) else []:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(progress_dir, name)) as f:
-                d = json.load(f)
-        except (OSError, ValueError):
-            continue
-        phase = name.rsplit("-", 1)[0]
-        done, rejected = out.get(phase, (0, 0))
-        out[phase] = (done + d["done"], rejected + d["rejected"])
-    return out
-
-
-class Progress:
+class Progress(progress_files.Printer):
     """Prints, every `interval` seconds, each phase's done/total, rejections and rate (a context manager)."""
 
     def __init__(self, progress_dir: str, total: int, interval: float, phases: tuple[str, ...], prog: str):
-        self._dir, self._total, self._interval = progress_dir, total, interval
-        self._phases, self._prog = phases, prog
-        self._stop = threading.Event()
-        self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._total, self._phases, self._prog = total, phases, prog
+        super().__init__(progress_dir, interval, self._format)
 
-    def line(self) -> str:
-        counts = read_counts(self._dir)
-        elapsed = time.monotonic() - self._t0
+    def _format(self, counts: collections.Counter, elapsed: float) -> str:
         parts = []
+        total_work = 0
         for phase in self._phases:
-            done, rejected = counts.get(phase, (0, 0))
-            n = done + rejected
+            done_key, rejected_key = _keys(phase)
+            rejected = counts[rejected_key]
+            n = counts[done_key] + rejected
+            total_work += n
             pct = 100.0 * n / self._total if self._total else 100.0
             parts.append(f"{phase} {n}/{self._total} ({pct:.0f}%, {rejected} rejected)")
-        total_work = sum(sum(counts.get(p, (0, 0))) for p in self._phases)
         rate = total_work / max(elapsed, 1e-9)
         return f"{self._prog}: {', '.join(parts)}, {rate:.1f} samples/s, {elapsed:.0f} s"
-
-    def _run(self):
-        while not self._stop.wait(self._interval):
-            print(self.line(), file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
