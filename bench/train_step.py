@@ -135,31 +135,6 @@ def synthetic_batch(element_spec, seed: int = 0) -> tuple:
     return tuple(tf.nest.pack_sequence_as(element_spec, arrays))
 
 
-def compile_like_the_job(cfg, stats: dict, jit_compile):
-    """The training job's model and compile step (`model.train.run`): loss, metrics, Adam, dtype policy set
-    by the caller. Rare-class positive weights are left out: an element-wise product costs nothing here."""
-    import keras
-
-    import schemas
-    from model import augment, losses
-    from model import model as model_lib
-    from model.train import AUC_METRIC, F1_METRIC
-
-    # With the augmentation layer the job trains with (flips / rotations, crop, jitter on the device).
-    augmentation = augment.from_data_config(cfg.data)
-    model = model_lib.build_model(cfg.model, stats["mean"], stats["std"], augmentation=augmentation)
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss=losses.make_loss(cfg.loss, cfg.focal_gamma),
-        metrics=[
-            keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
-            keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
-        ],
-        jit_compile=jit_compile,
-    )
-    return model
-
-
 def _sync(model) -> int:
     """Waits for every queued step: reading the step counter needs the last update."""
     return int(model.optimizer.iterations.numpy())
@@ -303,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.data.seed is not None:
             keras.utils.set_random_seed(cfg.data.seed)
         train_ds = data_lib.make_dataset(cfg.data_dir, train_folds, cfg.data, training=True)
-        model = compile_like_the_job(cfg, manifest[schemas.MANIFEST_STAIN_STATS], jit)
+        # The job's own model and compile step; no rare-class positive weights (element-wise, no cost).
+        model = train.compiled_model(cfg, manifest[schemas.MANIFEST_STAIN_STATS], None, jit)
         model.make_train_function()
         with tf.device(device):  # the synthetic batch lives on the device for the whole of (a)
             batch = tf.nest.map_structure(tf.identity, synthetic_batch(train_ds.element_spec))

@@ -498,7 +498,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():
-        model = _compiled_model(cfg, stats, positive_weights, dev.jit_compile)
+        model = compiled_model(cfg, stats, positive_weights, dev.jit_compile)
     if dev.cluster is not None:
         _build_before_fit(model, train_ds, dev.strategy)
 
@@ -526,7 +526,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not dev.is_chief:
         _print(f"done: {len(rows)} epochs; task {dev.cluster.task_name} leaves the outputs to the chief")
         return summary
-    plain = _compiled_model(cfg, stats, positive_weights, dev.jit_compile, weights=False)
+    plain = compiled_model(cfg, stats, positive_weights, dev.jit_compile, weights=False)
     _copy_state(model, plain)
     _print(f"writing outputs to {cfg.model_dir} ...")
     plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
@@ -545,7 +545,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
-def _compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile: bool, weights: bool = True):
+def compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile: bool, weights: bool = True):
     """The classifier compiled with the run's optimizer, loss and metrics (in the current strategy's scope).
 
     `weights=False` skips loading pretrained weights (the caller copies trained ones in).
