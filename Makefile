@@ -9,7 +9,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "This project needs Python 3.11; found " + sys.version.split()[0] + ". Run: make setup PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3  # pinned: the GPU lock test uses its fast-deps feature
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[synthetic,test]'
 	@touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install the project with pinned versions
@@ -19,7 +19,7 @@ $(VENV)/.installed-gpu: setup.py constraints-gpu.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "This project needs Python 3.11; found " + sys.version.split()[0] + ". Run: make setup-gpu PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3  # pinned: the GPU lock test uses its fast-deps feature
-	$(PY) -m pip install --quiet -c constraints-gpu.txt -e '.[gpu,test]'
+	$(PY) -m pip install --quiet -c constraints-gpu.txt -e '.[gpu,synthetic,test]'
 	@touch $@ $(VENV)/.installed
 
 setup-gpu: $(VENV)/.installed-gpu  ## create .venv with the CUDA build of TensorFlow, pinned by constraints-gpu.txt
@@ -38,7 +38,7 @@ lint: $(VENV)/.installed
 
 lock:  ## regenerate constraints.txt from a fresh install of setup.py's ranges
 	rm -rf /tmp/hpa-lock && $(PYTHON) -m venv /tmp/hpa-lock
-	/tmp/hpa-lock/bin/pip install --quiet -e '.[test]'
+	/tmp/hpa-lock/bin/pip install --quiet -e '.[synthetic,test]'
 	( head -2 constraints.txt; /tmp/hpa-lock/bin/pip freeze --exclude-editable ) > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # constraints-gpu.txt: what `.[gpu,test]` resolves to under constraints.txt's pins (so the two never differ on a
@@ -46,7 +46,7 @@ lock:  ## regenerate constraints.txt from a fresh install of setup.py's ranges
 # wheels with HTTP range requests), not the GB-sized nvidia wheels. Run after `make lock`.
 lock-gpu: $(VENV)/.installed  ## regenerate constraints-gpu.txt from setup.py's gpu extra and constraints.txt
 	$(PY) -m pip install --dry-run --ignore-installed --quiet --use-feature=fast-deps \
-		--report /tmp/hpa-lock-gpu.json -c constraints.txt '.[gpu,test]'
+		--report /tmp/hpa-lock-gpu.json -c constraints.txt '.[gpu,synthetic,test]'
 	( head -4 constraints-gpu.txt; $(PY) -c 'import json, sys; r = json.load(open(sys.argv[1])); \
 		print(*sorted((i["metadata"]["name"] + "==" + i["metadata"]["version"] for i in r["install"] \
 		if "dir_info" not in i["download_info"]), key=str.lower), sep="\n")' /tmp/hpa-lock-gpu.json \

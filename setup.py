@@ -1,7 +1,7 @@
 """Packaging of the project: `schemas`, `pipelines` and `model`.
 
 Dataflow workers install the project from this file (`--setup_file ./setup.py`). Exact versions that are
-known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[test]`); the CUDA
+known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[synthetic,test]`); the CUDA
 build for GPU hosts is the `gpu` extra, locked in constraints-gpu.txt (`make setup-gpu`).
 """
 
@@ -23,9 +23,12 @@ REQUIRED = [
     "numpy",
     "pillow",
     "urllib3>=2",  # HTTP of the download job (already installed with apache-beam, through requests)
-    "scipy",  # the synthetic dataset's rendering
     "matplotlib",  # training curves and report plots
 ]
+# The synthetic dataset generator (`pipelines/synthetic/`: demo, tests, benchmarks) blurs with scipy.ndimage.
+# It is an extra, not a requirement: the preprocessing and training jobs never import it, so Dataflow workers
+# (which install REQUIRED from this file) do without scipy.
+SYNTHETIC = ["scipy"]
 # scikit-multilearn and iterative-stratification are the reference implementations that pipelines/folds.py
 # is tested and benchmarked against; scikit-learn is the reference for the F1 and threshold code.
 TEST = [
@@ -36,6 +39,7 @@ TEST = [
     "scikit-learn",
     "iterative-stratification",
     "gcp-storage-emulator",
+    *SYNTHETIC,  # the tests render synthetic fixtures
 ]
 # GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
 # several GB), so no system CUDA is needed. The TF range is REQUIRED's.
@@ -50,5 +54,5 @@ setuptools.setup(
     ),
     python_requires=">=3.11,<3.12",
     install_requires=REQUIRED,
-    extras_require={"test": TEST, "gpu": GPU},
+    extras_require={"synthetic": SYNTHETIC, "test": TEST, "gpu": GPU},
 )

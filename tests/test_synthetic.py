@@ -1,4 +1,4 @@
-"""Tests of the synthetic HPA-like dataset generator (pipelines/synthetic.py and its pattern library)."""
+"""Tests of the synthetic HPA-like dataset generator (the pipelines.synthetic package)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from scipy import ndimage
 
 import schemas
 from pipelines import synthetic
-from pipelines import synthetic_cells as sc
-from pipelines import synthetic_patterns as sp
+from pipelines.synthetic import cells as sc
+from pipelines.synthetic import patterns as sp
 from tests import fixtures
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

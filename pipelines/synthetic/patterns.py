@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 import schemas
-from pipelines import synthetic_cells as sc
+from pipelines.synthetic import cells as sc
 
 
 class Scene:

@@ -4,7 +4,7 @@ A `Layout` is one field of view: a few cells of random size, shape and position 
 or cut by the border), each with a nucleus, nucleoli, a centrosome beside the nucleus, microtubules radiating
 from it, and optionally dividing cells (a mitotic cell with a chromosome plate and spindle, or two daughter
 cells joined by a cytokinetic bridge). Per-pixel fields (owner cell, normalised distances to the cell and
-nucleus rims) let the protein patterns of `pipelines.synthetic_patterns` be placed relative
+nucleus rims) let the protein patterns of `pipelines.synthetic.patterns` be placed relative
 to these landmarks. Sizes are given in reference pixels of a 512 px image and scale with the image size.
 
 Everything here is pure numpy (plus scipy.ndimage for blurs); per-cell work happens in the cell's bounding
@@ -17,7 +17,14 @@ import dataclasses
 import functools
 
 import numpy as np
-from scipy import ndimage
+
+try:
+    from scipy import ndimage
+except ImportError as e:  # an install without the extra, e.g. a Dataflow worker's
+    raise ImportError(
+        "the synthetic dataset generator needs scipy: install the project with its `synthetic` extra "
+        "(pip install -e '.[synthetic]'; `make setup` does)"
+    ) from e
 
 REFERENCE_SIZE = 512  # sizes in reference pixels are for a 512 px image
 TYPICAL_CELL_RADIUS = 0.135  # mean cell radius of an unmagnified field, as a fraction of the image side
