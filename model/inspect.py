@@ -1,7 +1,7 @@
 """Image galleries with class activation maps: what the model gets right and wrong, class by class.
 
-    python -m model.inspect --model_dir runs/fold0 [runs/fold1 ...] --data_dir out [--fold K | --test] \\
-        --out gallery [--per_class 6] [--tta 1]
+    python -m model.inspect --model_dir runs/fold0 [runs/fold1 ...] --data_dir out \\
+        [--fold K | --test [--answers test_labels.csv]] --out gallery [--per_class 6] [--tta 1]
 
 Scores one fold (default: the models' validation fold) or the test shards with the models (their
 probabilities averaged over `--tta` transforms and then over the models, as `model.predict` does), and writes
@@ -12,7 +12,9 @@ for every class a PNG sheet `class_{index:02d}.png` with three rows:
   * the worst false negatives (positives with the lowest scores),
 
 where positive means score >= the class's threshold (thresholds.json of the model dirs where present, else
-0.5). With `--test` (no labels) the sheet holds the highest-scoring samples only. Each tile shows the
+0.5). With `--test` (no labels) the sheet holds the highest-scoring samples only, unless `--answers` gives
+the test part's labels (`Id,Target`, as `model.score` reads them): then its rows and F1 table are those of
+held-out samples. Each tile shows the
 sample as the atlas shows it (RGB composite: red microtubules, green protein, blue nucleus, yellow ER added
 to red and green) beside the green stain with the Grad-CAM heat map of the sheet's class over it, and under
 them the Id, the class's score, the true labels and the predicted labels with their scores. `index.html`
@@ -92,6 +94,8 @@ class InspectConfig:
       out: the gallery directory to write (local or gs://).
       fold: the labeled fold to show; None with `test` False: the models' validation fold.
       test: show the unlabeled test shards instead of a fold.
+      answers: with `test`, a CSV (`Id,Target`) of the test part's labels (e.g. the synthetic dataset's
+        test_labels.csv): the gallery then has the three rows and the F1 table, on held-out samples.
       per_class: tiles per row of a sheet.
       tta: transforms averaged per model for the scores (one of TTA_CHOICES).
       batch_size: records per batch.
@@ -102,6 +106,7 @@ class InspectConfig:
     out: str
     fold: int | None = None
     test: bool = False
+    answers: str | None = None
     per_class: int = 6
     tta: int = 1
     batch_size: int = 32
@@ -113,6 +118,8 @@ class InspectConfig:
             raise InspectError(f"a model dir is given twice: {list(self.model_dirs)}")
         if self.test and self.fold is not None:
             raise InspectError("give --fold or --test, not both")
+        if self.answers is not None and not self.test:
+            raise InspectError("--answers gives the labels of the test shards: use it with --test")
         if self.fold is not None and self.fold < 0:
             raise InspectError(f"--fold must be >= 0, got {self.fold} (use --test for the test shards)")
         if self.per_class < 1:
@@ -393,7 +400,12 @@ def _index_html(cfg: InspectConfig, summary: dict, table: Sequence[dict], labele
         + (" (the first model only)" if len(cfg.model_dirs) > 1 else ""),
         f"thresholds: {esc(summary['thresholds'])}",
     ]
-    if labeled:
+    if labeled and cfg.answers:
+        notes.append(
+            f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds on "
+            f"held-out samples (labels from {esc(cfg.answers)}; the thresholds were tuned on validation data)"
+        )
+    elif labeled:
         notes.append(
             f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds; "
             "on the fold they were tuned on (the validation fold) this is the optimistic in-sample figure, "
@@ -483,8 +495,9 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     fold = schemas.UNLABELED_FOLD if cfg.test else cfg.fold
     if fold is None:
         fold = _validation_fold(cfg.model_dirs)
-    labeled = fold != schemas.UNLABELED_FOLD
-    subset = "test shards" if not labeled else f"fold {fold}"
+    answers = _read_answers(cfg.answers) if cfg.answers else None
+    labeled = fold != schemas.UNLABELED_FOLD or answers is not None
+    subset = f"fold {fold}" if fold != schemas.UNLABELED_FOLD else "test shards"
     thresholds, thresholds_source = _resolve_thresholds(cfg.model_dirs, log)
     dcfg = DataConfig(image_size=image_size, batch_size=cfg.batch_size)
     try:
@@ -507,7 +520,12 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         raise InspectError(str(e)) from None
     if len(ids) == 0:
         raise InspectError(f"{subset} of {cfg.data_dir} holds no records")
-    labels = _labels_by_id(cfg.data_dir, fold, ids) if labeled else np.zeros_like(scores, dtype=np.int8)
+    if answers is not None:
+        labels = _answers_for(answers, ids, cfg.answers)
+    elif labeled:
+        labels = _labels_by_id(cfg.data_dir, fold, ids)
+    else:
+        labels = np.zeros_like(scores, dtype=np.int8)
     scored = time.perf_counter()
     predicted = thr.apply_thresholds(scores, thresholds)
     selections = select_tiles(labels, scores, thresholds, cfg.per_class, labeled)
@@ -596,6 +614,26 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     return summary
 
 
+def _read_answers(path: str) -> dict[str, np.ndarray]:
+    """Id -> multi-hot labels of an `Id,Target` file (read before the models load: bad input stops early)."""
+    from model.score import ScoreError, read_label_table
+
+    try:
+        return read_label_table(path, schemas.CSV_TARGET)
+    except ScoreError as e:
+        raise InspectError(f"--answers {e}") from None
+
+
+def _answers_for(answers: dict[str, np.ndarray], ids: np.ndarray, path: str) -> np.ndarray:
+    """The labels [len(ids), C] of the scored test Ids; every one must have an answer."""
+    missing = [str(i) for i in ids if str(i) not in answers]
+    if missing:
+        raise InspectError(
+            f"--answers {path} has no row for {len(missing)} of the {len(ids)} test Id(s), e.g. {missing[:3]}"
+        )
+    return np.stack([answers[str(i)] for i in ids]).astype(np.int8)
+
+
 def _labels_by_id(data_dir: str, fold: int, ids: np.ndarray) -> np.ndarray:
     """The labels [len(ids), C] of the records of a fold, read without decoding the images."""
     import tensorflow as tf
@@ -650,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fold", type=int, default=None, help="labeled fold to show (None: the models' validation fold)"
     )
     which.add_argument("--test", action="store_true", help="show the unlabeled test shards")
+    p.add_argument(
+        "--answers",
+        default=None,
+        metavar="CSV",
+        help="with --test: the test part's labels (Id,Target, e.g. test_labels.csv), for the three rows "
+        "and the F1 table on held-out samples",
+    )
     p.add_argument("--out", required=True, help="gallery directory to write (or gs://)")
     p.add_argument("--per_class", type=int, default=d.per_class, help="tiles per row of a sheet")
     p.add_argument(
@@ -669,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out.rstrip("/"),
             fold=args.fold,
             test=args.test,
+            answers=args.answers,
             per_class=args.per_class,
             tta=args.tta,
             batch_size=args.batch_size,

@@ -137,11 +137,25 @@ def trained(tmp_path_factory):
     eval_pos = rng.random(40) < 0.5
     eval_images, _ = _blob_images(len(eval_pos), rng, eval_pos)
     _write_records(data_dir, eval_images, _labels(eval_pos), fold=0, prefix="v")
-    _write_records(data_dir, eval_images[:10], _labels(eval_pos[:10]), schemas.UNLABELED_FOLD, prefix="t")
+    test_ids = _write_records(
+        data_dir, eval_images[:10], _labels(eval_pos[:10]), schemas.UNLABELED_FOLD, prefix="t"
+    )
     _write_manifest(data_dir)
     model_dir = str(root / "run")
     _write_model_dir(model_dir, model, thresholds=0.4)
-    return {"model": model, "rng": rng, "root": root, "data_dir": data_dir, "model_dir": model_dir}
+    answers = str(root / "test_labels.csv")  # the test part's labels, as the synthetic generator writes
+    with open(answers, "w") as f:
+        f.write(f"{schemas.CSV_ID},{schemas.CSV_TARGET}\n")
+        f.writelines(f"{sid},{CLASS if pos else CLASS + 1}\n" for sid, pos in zip(test_ids, eval_pos))
+    return {
+        "model": model,
+        "rng": rng,
+        "root": root,
+        "data_dir": data_dir,
+        "model_dir": model_dir,
+        "answers": answers,
+        "test_positive": eval_pos[:10],
+    }
 
 
 def test_grad_cam_peaks_where_the_class_pattern_was_drawn(trained):
@@ -221,6 +235,27 @@ def test_gallery_of_test_shards_and_ensemble(trained, tmp_path):
     assert summary["records"] == 10 and summary["macro_f1"] is None
     index = open(os.path.join(out, insp.INDEX_FILE)).read()
     assert "test shards" in index and "first model only" in index
+
+
+def test_gallery_of_test_shards_with_answers(trained, tmp_path, capsys):
+    """--answers labels the test part: three rows per sheet and an F1 table of held-out samples."""
+    out = str(tmp_path / "g")
+    args = ["--model_dir", trained["model_dir"], "--data_dir", trained["data_dir"], "--out", out, "--test"]
+    assert insp.main([*args, "--answers", trained["answers"], "--per_class", "2"]) == 0
+    index = open(os.path.join(out, insp.INDEX_FILE)).read()
+    assert "test shards" in index and "held-out" in index and "F1" in index
+    support = re.search(rf"<td>{CLASS}</td><td>[^<]*</td><td>.*?</td><td>[^<]*</td><td>(\d+)</td>", index)
+    assert support and int(support.group(1)) == int(trained["test_positive"].sum())
+
+    # Bad input, each one line and exit 2: answers without --test, a test Id without an answer.
+    assert insp.main([*args[:-1], "--answers", trained["answers"]]) == 2
+    assert "--test" in capsys.readouterr().err
+    partial = tmp_path / "partial.csv"
+    partial.write_text("".join(open(trained["answers"]).readlines()[:-1]))
+    assert insp.main([*args, "--answers", str(partial), "--out", str(tmp_path / "g2")]) == 2
+    err = capsys.readouterr().err
+    assert "no row for 1 of the 10" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "g2")
 
 
 def test_select_tiles_rows():
