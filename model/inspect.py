@@ -1,7 +1,8 @@
 """Image galleries with class activation maps: what the model gets right and wrong, class by class.
 
     python -m model.inspect --model_dir runs/fold0 [runs/fold1 ...] --data_dir out \\
-        [--fold K | --test [--answers test_labels.csv]] --out gallery [--per_class 6] [--tta 1]
+        [--fold K | --test [--answers test_labels.csv]] --out gallery [--per_class 6] \\
+        [--tta 1 | --probabilities test_probabilities.npz]
 
 Scores one fold (default: the models' validation fold) or the test shards with the models (their
 probabilities averaged over `--tta` transforms and then over the models, as `model.predict` does), and writes
@@ -14,11 +15,13 @@ for every class a PNG sheet `class_{index:02d}.png` with three rows:
 where positive means score >= the class's threshold (thresholds.json of the model dirs where present, else
 0.5). With `--test` (no labels) the sheet holds the highest-scoring samples only, unless `--answers` gives
 the test part's labels (`Id,Target`, as `model.score` reads them): then its rows and F1 table are those of
-held-out samples. Each tile shows the
-sample as the atlas shows it (RGB composite: red microtubules, green protein, blue nucleus, yellow ER added
-to red and green) beside the green stain with the Grad-CAM heat map of the sheet's class over it, and under
-them the Id, the class's score, the true labels and the predicted labels with their scores. `index.html`
-links the sheets with the per-class F1 table (`model.thresholds.score_predictions`).
+held-out samples. `--probabilities` takes the scores `model.predict --probabilities` wrote for these records
+instead of scoring them again (so the gallery shows exactly the submission's scores, and costs only the
+Grad-CAM and drawing). Each tile shows the sample as the atlas shows it (RGB composite: red microtubules,
+green protein, blue nucleus, yellow ER added to red and green) beside the green stain with the Grad-CAM heat
+map of the sheet's class over it, and under them the Id, the class's score, the true labels and the
+predicted labels with their scores. `index.html` links the sheets with the per-class F1 table
+(`model.thresholds.score_predictions`).
 
 Grad-CAM (`grad_cam`): the gradient of the class's logit with respect to the backbone's output feature map,
 averaged over the map to weigh its channels, the weighted sum through a ReLU, upsampled to the image size.
@@ -96,6 +99,8 @@ class InspectConfig:
       test: show the unlabeled test shards instead of a fold.
       answers: with `test`, a CSV (`Id,Target`) of the test part's labels (e.g. the synthetic dataset's
         test_labels.csv): the gallery then has the three rows and the F1 table, on held-out samples.
+      probabilities: an npz of `model.predict --probabilities` (ids, scores) to show instead of scoring the
+        records (None: score them); its Ids must be records of the subset shown.
       per_class: tiles per row of a sheet.
       tta: transforms averaged per model for the scores (one of TTA_CHOICES).
       batch_size: records per batch.
@@ -107,6 +112,7 @@ class InspectConfig:
     fold: int | None = None
     test: bool = False
     answers: str | None = None
+    probabilities: str | None = None
     per_class: int = 6
     tta: int = 1
     batch_size: int = 32
@@ -395,8 +401,12 @@ def _index_html(cfg: InspectConfig, summary: dict, table: Sequence[dict], labele
     notes = [
         f"data: {esc(cfg.data_dir)}, {esc(summary['subset'])}, {summary['records']} records",
         f"models ({len(cfg.model_dirs)}, probabilities averaged): {esc(', '.join(cfg.model_dirs))}",
-        f"scores averaged over {cfg.tta} test-time transform(s); "
-        f"Grad-CAM of the untransformed image from {esc(cfg.model_dirs[0])}"
+        (
+            f"scores from {esc(cfg.probabilities)}; "
+            if cfg.probabilities
+            else f"scores averaged over {cfg.tta} test-time transform(s); "
+        )
+        + f"Grad-CAM of the untransformed image from {esc(cfg.model_dirs[0])}"
         + (" (the first model only)" if len(cfg.model_dirs) > 1 else ""),
         f"thresholds: {esc(summary['thresholds'])}",
     ]
@@ -508,16 +518,24 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     def dataset():
         return data_lib.make_eval_dataset(cfg.data_dir, [fold], dcfg, with_ids=True)
 
-    log(f"loading {len(cfg.model_dirs)} model(s): {', '.join(cfg.model_dirs)}")
+    given = _read_probabilities(cfg.probabilities) if cfg.probabilities else None
+    loaded = cfg.model_dirs if given is None else cfg.model_dirs[:1]  # given scores: Grad-CAM's model only
+    log(f"loading {len(loaded)} model(s): {', '.join(loaded)}")
     try:
-        models = [load_model_dir(d) for d in cfg.model_dirs]
+        models = [load_model_dir(d) for d in loaded]
     except PredictError as e:
         raise InspectError(str(e).splitlines()[0]) from None
-    log(f"scoring {subset} of {cfg.data_dir} ({image_size} px), {cfg.tta} transform(s) per model")
-    try:
-        ids, scores = predict_scores(models, dataset(), tta_transforms(cfg.tta), log=log)
-    except PredictError as e:
-        raise InspectError(str(e)) from None
+    if given is not None:
+        ids, scores = given
+        log(f"scores of {len(ids)} records from {cfg.probabilities}")
+        score_note = f"from {cfg.probabilities}"
+    else:
+        log(f"scoring {subset} of {cfg.data_dir} ({image_size} px), {cfg.tta} transform(s) per model")
+        try:
+            ids, scores = predict_scores(models, dataset(), tta_transforms(cfg.tta), log=log)
+        except PredictError as e:
+            raise InspectError(str(e)) from None
+        score_note = f"mean of {len(models)} model(s) x {cfg.tta} transform(s)"
     if len(ids) == 0:
         raise InspectError(f"{subset} of {cfg.data_dir} holds no records")
     if answers is not None:
@@ -532,6 +550,10 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     wanted = sorted({ids[i] for sel in selections for idx in sel.rows.values() for i in idx})
     images = _gather_images(dataset(), set(wanted))
     missing = sorted(set(wanted) - set(images))
+    if missing and given is not None:
+        raise InspectError(
+            f"--probabilities {cfg.probabilities} names Ids not in {subset}, e.g. {missing[:3]}"
+        )
     if missing:
         raise InspectError(f"records vanished between the two passes over the data, e.g. {missing[:3]}")
 
@@ -574,8 +596,8 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
             )
         title.append(
             "each tile: left the atlas RGB composite (yellow added to red and green), right the green stain "
-            f"under the Grad-CAM of {name}; scores: mean of {len(models)} model(s) x {cfg.tta} transform(s); "
-            "Grad-CAM: " + ("first model, " if len(models) > 1 else "") + "untransformed image"
+            f"under the Grad-CAM of {name}; scores: {score_note}; "
+            "Grad-CAM: " + ("first model, " if len(cfg.model_dirs) > 1 else "") + "untransformed image"
         )
         fileio.write_bytes(fileio.join(cfg.out, sheet_name(c)), _sheet(title, rows, cfg.per_class))
         row = {"index": c, "name": name, "sheet": sheet_name(c), "threshold": float(thresholds[c])}
@@ -612,6 +634,31 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         f"{summary['cam_seconds']:.1f} s, drawing {summary['draw_seconds']:.1f} s)"
     )
     return summary
+
+
+def _read_probabilities(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], scores [n, C]) of an npz written by `model.predict --probabilities`."""
+    from model.predict import PROB_CLASS_NAMES, PROB_IDS, PROB_SCORES
+
+    try:
+        with np.load(io.BytesIO(fileio.read_bytes(path))) as z:
+            ids, scores = z[PROB_IDS].astype(str), z[PROB_SCORES].astype(np.float64)
+            names = z[PROB_CLASS_NAMES].tolist() if PROB_CLASS_NAMES in z else list(schemas.CLASS_NAMES)
+    except FileNotFoundError:
+        raise InspectError(f"--probabilities {path}: no such file") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise InspectError(
+            f"--probabilities {path}: not an npz of model.predict --probabilities "
+            f"({' '.join(str(e).split())})"
+        ) from None
+    if scores.shape != (len(ids), schemas.NUM_CLASSES) or names != list(schemas.CLASS_NAMES):
+        raise InspectError(
+            f"--probabilities {path}: scores of shape {scores.shape} for {len(ids)} Ids, expected "
+            f"({len(ids)}, {schemas.NUM_CLASSES}) in this project's class order"
+        )
+    if len(set(ids.tolist())) != len(ids):
+        raise InspectError(f"--probabilities {path}: an Id is repeated")
+    return ids, scores
 
 
 def _read_answers(path: str) -> dict[str, np.ndarray]:
@@ -696,6 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and the F1 table on held-out samples",
     )
     p.add_argument("--out", required=True, help="gallery directory to write (or gs://)")
+    p.add_argument(
+        "--probabilities",
+        default=None,
+        metavar="NPZ",
+        help="show these scores (an npz of model.predict --probabilities) instead of scoring the records: "
+        "the submission's own scores, and only Grad-CAM's cost (--tta is then not used)",
+    )
     p.add_argument("--per_class", type=int, default=d.per_class, help="tiles per row of a sheet")
     p.add_argument(
         "--tta", type=int, choices=TTA_CHOICES, default=d.tta, help="transforms averaged for the scores"
@@ -715,6 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fold=args.fold,
             test=args.test,
             answers=args.answers,
+            probabilities=args.probabilities,
             per_class=args.per_class,
             tta=args.tta,
             batch_size=args.batch_size,

@@ -258,6 +258,30 @@ def test_gallery_of_test_shards_with_answers(trained, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "g2")
 
 
+def test_gallery_from_given_probabilities(trained, tmp_path, capsys):
+    """--probabilities: the scores shown are the file's (model.predict's), not scored again."""
+    from model import predict
+
+    ids = [f"t{i:03d}" for i in range(10)]
+    scores = np.zeros((10, schemas.NUM_CLASSES), np.float32)
+    scores[:, 7] = 0.9  # a class the model never learned: only given scores can predict it everywhere
+    npz = str(tmp_path / "p.npz")
+    np.savez(npz, **{predict.PROB_IDS: np.array(ids), predict.PROB_SCORES: scores})
+    out = str(tmp_path / "g")
+    args = ["--model_dir", trained["model_dir"], "--data_dir", trained["data_dir"], "--test"]
+    assert insp.main([*args, "--answers", trained["answers"], "--probabilities", npz, "--out", out]) == 0
+    index = open(os.path.join(out, insp.INDEX_FILE)).read()
+    assert "scores from" in index
+    row = r"<td>7</td><td>[^<]*</td><td>.*?</td><td>[^<]*</td><td>\d+</td><td>(\d+)</td>"  # predicted
+    predicted = re.search(row, index)
+    assert predicted and int(predicted.group(1)) == 10
+
+    np.savez(npz, **{predict.PROB_IDS: np.array(["t000", "nope"]), predict.PROB_SCORES: scores[:2] + 0.95})
+    assert insp.main([*args, "--probabilities", npz, "--out", str(tmp_path / "g2")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and len(err.strip().splitlines()) == 1
+
+
 def test_select_tiles_rows():
     rng = np.random.default_rng(1)
     labels = (rng.random((50, 4)) < 0.4).astype(np.int8)
