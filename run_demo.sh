@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo, the project's main job (`make demo`): synthetic data with a held-out test part -> preprocessing
 # (Beam) -> training (CPU-sized model) -> thresholds and evaluation report -> prediction with test-time
-# augmentation -> the prediction scored against the test part's hidden answers. Every step is the plain
+# augmentation -> the prediction scored against the test part's hidden answers -> a gallery of the test
+# predictions (images with Grad-CAM heat maps, per class: best hits, worst misses). Every step is the plain
 # command a user would type. Run with --help for the settings.
 set -euo pipefail
 
@@ -10,16 +11,16 @@ usage() {
 usage: ./run_demo.sh [--help]     (make demo)
 
 Runs the whole pipeline on a synthetic dataset and prints the held-out macro F1 and where the report,
-plots and submission are. Settings come from environment variables (defaults in brackets):
+plots, submission and image gallery are. Settings come from environment variables (defaults in brackets):
 
   DEMO_DIR           where everything goes [./demo]
   DEMO_RUN_DIR       models, report and submission of this run [$DEMO_DIR/run]
   DEMO_SAMPLES       labeled synthetic samples [2500]
   DEMO_TEST_SAMPLES  held-out unlabeled samples, answers kept apart [500]
-  DEMO_IMAGE_SIZE    image side in pixels [96]
+  DEMO_IMAGE_SIZE    image side in pixels [64]
   DEMO_NUM_FOLDS     cross-validation folds of the preprocessing job [5]
   DEMO_FOLDS         folds to hold out, one model each; several = pooled thresholds and an ensemble [0]
-  DEMO_EPOCHS        training epochs per model (early stopping may end sooner) [36]
+  DEMO_EPOCHS        training epochs per model (early stopping may end sooner) [30]
   DEMO_BATCH_SIZE    training batch size [32]
   DEMO_LR            initial learning rate (x0.3 after 3 epochs without progress) [0.003]
   DEMO_TTA           test-time augmentation transforms: 1, 2, 4 or 8 [8]
@@ -30,7 +31,8 @@ plots and submission are. Settings come from environment variables (defaults in 
 Outputs: $DEMO_DIR/synthetic (images, train.csv, sample_submission.csv, test_labels.csv),
 $DEMO_DIR/data (shards, manifest), $DEMO_RUN_DIR/fold{k} (models, history plots), $DEMO_RUN_DIR/eval
 (report.md, report.json, per_class_f1.png, thresholds.json), $DEMO_RUN_DIR/submission.csv,
-$DEMO_RUN_DIR/score.json and $DEMO_RUN_DIR/timings.tsv.
+$DEMO_RUN_DIR/score.json, $DEMO_RUN_DIR/gallery (index.html: per class, the test samples scored highest
+and the worst misses, with Grad-CAM heat maps) and $DEMO_RUN_DIR/timings.tsv.
 EOF
 }
 case "${1:-}" in
@@ -51,10 +53,10 @@ DIR="${DEMO_DIR:-$HERE/demo}"
 RUN="${DEMO_RUN_DIR:-$DIR/run}"
 SAMPLES="${DEMO_SAMPLES:-2500}"
 TEST_SAMPLES="${DEMO_TEST_SAMPLES:-500}"
-IMAGE_SIZE="${DEMO_IMAGE_SIZE:-96}"
+IMAGE_SIZE="${DEMO_IMAGE_SIZE:-64}"
 NUM_FOLDS="${DEMO_NUM_FOLDS:-5}"
 FOLDS="${DEMO_FOLDS:-0}"
-EPOCHS="${DEMO_EPOCHS:-36}"
+EPOCHS="${DEMO_EPOCHS:-30}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-32}"
 LR="${DEMO_LR:-0.003}"
 TTA="${DEMO_TTA:-8}"
@@ -65,6 +67,7 @@ RAW="$DIR/synthetic"
 DATA="$DIR/data"
 EVAL="$RUN/eval"
 SUBMISSION="$RUN/submission.csv"
+GALLERY="$RUN/gallery"
 TIMINGS="$RUN/timings.tsv"
 read -r -a FOLD_LIST <<<"$FOLDS"
 [ "${#FOLD_LIST[@]}" -ge 1 ] || { echo "run_demo.sh: DEMO_FOLDS is empty" >&2; exit 2; }
@@ -83,7 +86,7 @@ printf 'step\tseconds\n' >"$TIMINGS"
 T_ALL=$(date +%s)
 T_STEP=$T_ALL
 STEP=0
-NSTEPS=$((5 - REUSING + ${#FOLD_LIST[@]}))
+NSTEPS=$((6 - REUSING + ${#FOLD_LIST[@]}))
 step() {  # step NAME "what it does": prints a header and starts the step's clock
   STEP=$((STEP + 1))
   echo
@@ -122,7 +125,7 @@ fi
 for k in "${FOLD_LIST[@]}"; do
   step "train-fold$k" "training: fold $k held out -> $RUN/fold$k"
   show ./run_train.sh --data_dir "$DATA" --model_dir "$RUN/fold$k" --val_fold "$k" \
-    --backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" \
+    --backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory \
     --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA" \
     --seed "$SEED" --overwrite --verbose 2
   done_step
@@ -142,6 +145,11 @@ step score "scoring the submission against the hidden answers ($RAW/test_labels.
 show "$PY" -m model.score --submission "$SUBMISSION" --answers "$RAW/test_labels.csv" --out "$RUN/score.json"
 done_step
 
+step gallery "gallery of the test predictions, labeled by the hidden answers, with Grad-CAM heat maps -> $GALLERY"
+show "$PY" -m model.inspect --model_dir "${MODEL_DIRS[@]}" --data_dir "$DATA" --test \
+  --answers "$RAW/test_labels.csv" --probabilities "$RUN/test_probabilities.npz" --out "$GALLERY"
+done_step
+
 TOTAL=$(($(date +%s) - T_ALL))
 printf 'total\t%d\n' "$TOTAL" >>"$TIMINGS"
 MACRO=$("$PY" -c 'import json, sys; print("%.4f" % json.load(open(sys.argv[1]))["macro_f1"])' "$RUN/score.json")
@@ -154,3 +162,4 @@ echo "evaluation report: $EVAL/report.md  (per-class F1 plot: $EVAL/per_class_f1
 for d in "${MODEL_DIRS[@]}"; do echo "training curves:   $d/plots.png"; done
 echo "submission:        $SUBMISSION  (probabilities: $RUN/test_probabilities.npz)"
 echo "test scores:       $RUN/score.json"
+echo "gallery:           $GALLERY/index.html  (one sheet per class: test samples scored highest, worst misses)"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import schemas
-from model import config, evaluate, predict
+from model import config, evaluate, inspect, predict
 from model import thresholds as thr
 from pipelines import synthetic
 
@@ -85,7 +85,18 @@ def _check_run(demo_dir: str, run_dir: str, folds: list[int], stdout: str) -> No
         result = json.load(f)
     assert result["num_samples"] == len(wanted) and 0.0 <= result["macro_f1"] <= 1.0
     assert f"held-out macro F1: {result['macro_f1']:.4f}" in stdout
-    for path in (os.path.join(eval_dir, evaluate.REPORT_MD_FILE), os.path.join(run_dir, "submission.csv")):
+    # The gallery of the test predictions, labeled by the hidden answers: every class's sheet and the index.
+    gallery = os.path.join(run_dir, "gallery")
+    assert sorted(f for f in os.listdir(gallery) if f.endswith(".png")) == [
+        inspect.sheet_name(c) for c in range(schemas.NUM_CLASSES)
+    ]
+    index = open(os.path.join(gallery, inspect.INDEX_FILE)).read()
+    assert "held-out" in index and f"{len(wanted)} records" in index
+    for path in (
+        os.path.join(eval_dir, evaluate.REPORT_MD_FILE),
+        os.path.join(run_dir, "submission.csv"),
+        os.path.join(gallery, inspect.INDEX_FILE),
+    ):
         assert path in stdout
     steps = [r["step"] for r in _rows_tsv(os.path.join(run_dir, "timings.tsv"))]
     assert steps[-1] == "total" and sum(s.startswith("train-fold") for s in steps) == len(folds)
@@ -105,7 +116,8 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_step(demo):
     demo_dir, stdout = demo
-    for header in ("synthetic dataset", "preprocessing", "training", "thresholds", "prediction", "scoring"):
+    steps = ["synthetic dataset", "preprocessing", "training", "thresholds", "prediction", "scoring"]
+    for header in [*steps, "gallery"]:
         assert header in stdout, header
     _check_run(demo_dir, os.path.join(demo_dir, "run"), [0], stdout)
     manifest = schemas.read_manifest(os.path.join(demo_dir, "data"))
