@@ -1,8 +1,9 @@
 """Packaging of the project: `schemas`, `pipelines` and `model`.
 
-Dataflow workers install the project from this file (`--setup_file ./setup.py`). Exact versions that are
-known to resolve together live in constraints.txt (`pip install -c constraints.txt -e .[synthetic,test]`); the CUDA
-build for GPU hosts is the `gpu` extra, locked in constraints-gpu.txt (`make setup-gpu`).
+Dataflow workers install the project from this file (`--setup_file ./setup.py`): `install_requires` only.
+Exact versions that are known to resolve together live in constraints.txt (`pip install -c constraints.txt
+-e .[synthetic,test]`); the CUDA build for GPU hosts is the `gpu` extra, locked in constraints-gpu.txt
+(`make setup-gpu`).
 """
 
 import sys
