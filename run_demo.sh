@@ -20,9 +20,9 @@ plots, submission and image gallery are. Settings come from environment variable
   DEMO_IMAGE_SIZE    image side in pixels [64]
   DEMO_NUM_FOLDS     cross-validation folds of the preprocessing job [5]
   DEMO_FOLDS         folds to hold out, one model each; several = pooled thresholds and an ensemble [0]
-  DEMO_EPOCHS        training epochs per model (early stopping may end sooner) [30]
+  DEMO_EPOCHS        training epochs per model (early stopping may end sooner) [40]
   DEMO_BATCH_SIZE    training batch size [32]
-  DEMO_LR            initial learning rate (x0.3 after 2 epochs without progress) [0.003]
+  DEMO_LR            initial learning rate (x0.3 after 3 epochs without progress) [0.003]
   DEMO_TTA           test-time augmentation transforms: 1, 2, 4 or 8 [8]
   DEMO_SEED          seed of data, folds and training [0]
   DEMO_REUSE_DATA    1: keep synthetic data and shards made with the same settings [0]
@@ -56,7 +56,7 @@ TEST_SAMPLES="${DEMO_TEST_SAMPLES:-500}"
 IMAGE_SIZE="${DEMO_IMAGE_SIZE:-64}"
 NUM_FOLDS="${DEMO_NUM_FOLDS:-5}"
 FOLDS="${DEMO_FOLDS:-0}"
-EPOCHS="${DEMO_EPOCHS:-30}"
+EPOCHS="${DEMO_EPOCHS:-40}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-32}"
 LR="${DEMO_LR:-0.003}"
 TTA="${DEMO_TTA:-8}"
@@ -126,7 +126,7 @@ for k in "${FOLD_LIST[@]}"; do
   step "train-fold$k" "training: fold $k held out -> $RUN/fold$k"
   show ./run_train.sh --data_dir "$DATA" --model_dir "$RUN/fold$k" --val_fold "$k" \
     --backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory \
-    --learning_rate "$LR" --lr_patience 2 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA" \
+    --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA" \
     --seed "$SEED" --overwrite --verbose 2
   done_step
 done

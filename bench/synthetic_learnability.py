@@ -50,7 +50,7 @@ class BenchConfig:
     max_epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 3e-3
-    lr_patience: int = 2  # the demo's (run_demo.sh)
+    lr_patience: int = 3
     lr_factor: float = 0.3
     speed_samples: int = 16
     speed_repeats: int = 3
