@@ -456,20 +456,21 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     """
     from model import data as data_lib
     from model.config import ConfigError, DataConfig
-    from model.predict import PredictError, _inspect_model_dir, load_model_dir, predict_scores, tta_transforms
+    from model.predict import (
+        PredictError,
+        _inspect_model_dir,
+        common_image_size,
+        load_model_dir,
+        predict_scores,
+        tta_transforms,
+    )
 
     start = time.perf_counter()
     try:
         dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
+        image_size = common_image_size(dirs)
     except PredictError as e:
         raise InspectError(str(e)) from None
-    sizes = {d.image_size for d in dirs}
-    if len(sizes) > 1:
-        raise InspectError(
-            "the models were trained on different image sizes: "
-            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
-        )
-    image_size = sizes.pop()
     try:
         manifest = schemas.read_manifest(cfg.data_dir)
     except (FileNotFoundError, ValueError) as e:

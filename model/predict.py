@@ -83,6 +83,7 @@ __all__ = [
     "TTA_CHOICES",
     "PredictConfig",
     "PredictError",
+    "common_image_size",
     "format_submission",
     "load_model_dir",
     "main",
@@ -202,6 +203,17 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
     if cfg.data.image_size is None:
         raise PredictError(f"{config_path} does not record the image size the model was trained on")
     return _ModelDir(model_dir, int(cfg.data.image_size), int(cfg.val_tta))
+
+
+def common_image_size(dirs: Sequence[_ModelDir]) -> int:
+    """The image size every model dir was trained on. Raises PredictError when they differ."""
+    sizes = {d.image_size for d in dirs}
+    if len(sizes) > 1:
+        raise PredictError(
+            "the models were trained on different image sizes: "
+            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
+        )
+    return sizes.pop()
 
 
 def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None) -> tuple[np.ndarray, str]:
@@ -384,13 +396,7 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     wanted = read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
     thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
-    sizes = {d.image_size for d in dirs}
-    if len(sizes) > 1:
-        raise PredictError(
-            "the models were trained on different image sizes: "
-            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
-        )
-    image_size = sizes.pop()
+    image_size = common_image_size(dirs)
     rejected_path = fileio.join(fileio.dirname(cfg.out) or ".", schemas.REJECTED_FILE)
     source = cfg.input_dir or cfg.data_dir
     rejected: list[tuple[str, str, str]] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 
@@ -20,6 +19,8 @@ from pipelines import labels as labels_lib
 from pipelines import preprocess
 from pipelines import stains as stains_lib
 from tests import fixtures
+from tests.test_predict import _npz as _npz_dict
+from tests.test_predict import _read_csv as _read
 from tests.test_predict import save_thresholds, write_model_dir
 
 SIZE = 16  # the models' image size
@@ -94,21 +95,16 @@ def world(tmp_path_factory):
     }
 
 
-def _run(world, out_dir, **kw) -> dict:
+def _run(world, out_dir, log=None, **kw) -> dict:
     cfg = dict(model_dirs=tuple(world["dirs"]), tta=2, batch_size=3, ids_csv=world["ids_csv"])
     cfg.update(out=os.path.join(out_dir, "submission.csv"), probabilities=os.path.join(out_dir, "p.npz"))
     cfg.update(kw)
-    return predict.run(predict.PredictConfig(**cfg), log=lambda msg: None)
-
-
-def _read(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
+    return predict.run(predict.PredictConfig(**cfg), log=log or (lambda msg: None))
 
 
 def _npz(path):
-    with np.load(path) as z:
-        return z[predict.PROB_IDS].tolist(), z[predict.PROB_SCORES].astype(np.float64)
+    z = _npz_dict(path)
+    return z[predict.PROB_IDS].tolist(), z[predict.PROB_SCORES].astype(np.float64)
 
 
 def _plan(world, ids=None) -> image_folder.FolderPlan:
@@ -176,14 +172,8 @@ def test_without_id_list_every_id_with_a_file(world, tmp_path):
 def test_unlisted_images_are_reported(world, tmp_path):
     ids_csv = _write_ids(str(tmp_path / "few.csv"), ["p1", "tif"])
     logs: list[str] = []
-    cfg = predict.PredictConfig(
-        input_dir=world["folder"],
-        model_dirs=tuple(world["dirs"][:1]),
-        out=str(tmp_path / "s.csv"),
-        ids_csv=ids_csv,
-        tta=1,
-    )
-    assert predict.run(cfg, log=logs.append)["rows"] == 2
+    summary = _run(world, str(tmp_path), logs.append, input_dir=world["folder"], ids_csv=ids_csv, tta=1)
+    assert summary["rows"] == 2
     assert any("not in" in m and "not predicted" in m for m in logs)
     assert any("2 of 2 listed Ids predicted, 0 rejected" in m for m in logs)
 
