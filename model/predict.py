@@ -458,9 +458,9 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     filled = int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if cfg.empty == "top1" else 0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(r[1] for r in rejected).items()))
     log(
-        f"wrote {cfg.out}: {len(out_ids)} of {len(listed)} listed Ids predicted, {len(rejected)} rejected "
-        + (f"({reasons}; see {rejected_path}), " if rejected else "")
-        + f"{predictions.sum(axis=1).mean():.2f} labels per row (thresholds from {thresholds_source}; "
+        f"wrote {cfg.out}: {len(out_ids)} of {len(listed)} listed Ids predicted, {len(rejected)} rejected"
+        + (f" ({reasons}; see {rejected_path})" if rejected else "")
+        + f", {predictions.sum(axis=1).mean():.2f} labels per row (thresholds from {thresholds_source}; "
         + (
             f"{filled} row(s) without a passing class got their top class)"
             if cfg.empty == "top1"

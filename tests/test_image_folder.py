@@ -175,7 +175,7 @@ def test_unlisted_images_are_reported(world, tmp_path):
     summary = _run(world, str(tmp_path), logs.append, input_dir=world["folder"], ids_csv=ids_csv, tta=1)
     assert summary["rows"] == 2
     assert any("not in" in m and "not predicted" in m for m in logs)
-    assert any("2 of 2 listed Ids predicted, 0 rejected" in m for m in logs)
+    assert any("2 of 2 listed Ids predicted, 0 rejected, " in m for m in logs)
 
 
 def test_whole_run_problems_stop_with_one_line(world, tmp_path):
