@@ -240,8 +240,9 @@ def test_remote_folder_through_gfile(world, tmp_path):
     try:
         os.makedirs(tmp_path / "r")
         os.makedirs(tmp_path / "l")
-        _run(world, str(tmp_path / "r"), input_dir=remote, tta=1)
-        _run(world, str(tmp_path / "l"), input_dir=world["folder"], tta=1)
+        one = tuple(world["dirs"][:1])
+        _run(world, str(tmp_path / "r"), input_dir=remote, tta=1, model_dirs=one)
+        _run(world, str(tmp_path / "l"), input_dir=world["folder"], tta=1, model_dirs=one)
     finally:
         fileio.rmtree("ram://hpa-folder-test")
     ids_r, scores_r = _npz(tmp_path / "r" / "p.npz")
