@@ -1,0 +1,358 @@
+"""Batch prediction on Beam: model.predict as a pipeline with RunInference, for DirectRunner or Dataflow.
+
+    run_predict.sh --data_dir out/test --model_dir runs/fold0 [runs/fold1 ...] --out submission.csv \\
+        [--ids_csv sample_submission.csv] [--tta 8] [--probabilities probs.npz] [Beam options]
+
+The same prediction as `python -m model.predict` (same flags, checks and files; see its docstring), scored
+by the exported SavedModel of each model dir (`export/`, its `serve_images` signature) in `RunInference`.
+This module only wires (transforms in pipelines/transforms/predictions.py):
+
+    ReadRecords       the test shards (`test-*`) of --data_dir
+    DecodeRecords     (Id, image) with the schema's decoder; records of another size -> rejected
+    Score[modelK]     one RunInference per model dir, averaged over the --tta transforms
+    AverageModels     the ensemble: the mean of the models' scores per Id
+    WriteOutputs      all scores at once: thresholds, the submission in --ids_csv order, the probabilities
+
+The launcher checks the inputs first (thresholds, image sizes, the Id list, the exports' signatures) and
+stops with a one-line error (exit 2) before any work. The job writes into a work folder next to --out,
+`.incomplete-{name of --out}/`; only when it finished with every listed Id scored are the files moved into
+place (the probabilities first, the submission last). Records that cannot be scored, repeated Ids, or Ids of
+--ids_csv without a record (the preprocessing job's rejected.csv says why when it can) stop the job with
+model.predict's error and leave no output. Local runs print a progress line; Dataflow shows the counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import posixpath
+import shutil
+import sys
+import tempfile
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+
+import schemas
+from model import predict
+from model.config import EXPORT_DIR
+from model.predict import PredictConfig, PredictError
+from pipelines import storage
+
+PROG = "batch_predict"
+_LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
+_SAVED_MODEL_PB = "saved_model.pb"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Flags of the job: model.predict's (checked by PredictConfig), the rest goes to PipelineOptions."""
+
+    predict: PredictConfig
+    progress_seconds: float = 10.0
+
+    @property
+    def work_dir(self) -> str:
+        """Where the job writes before publishing: `.incomplete-{name}/` next to --out."""
+        parent, name = posixpath.split(self.predict.out)
+        return posixpath.join(parent, f".incomplete-{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What the launcher resolved before the job: the prediction's fixed inputs."""
+
+    image_size: int
+    num_records: int
+    wanted: list[str] | None
+    thresholds: object  # np.ndarray [NUM_CLASSES]
+    thresholds_source: str
+    transforms: tuple[int, ...]
+    exports: tuple[str, ...]
+    preprocessing_rejected: dict[str, str]
+
+
+def _has_images_signature(export_dir: str) -> bool:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from model import fileio
+    from model import model as model_lib
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(fileio.read_bytes(posixpath.join(export_dir, _SAVED_MODEL_PB)))
+    return any(model_lib.IMAGES_SIGNATURE in g.signature_def for g in saved.meta_graphs)
+
+
+def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
+    """model.predict's checks, before any work.
+
+    Raises:
+      PredictError: a bad Id list, model dir, thresholds file, mixed image sizes, a dataset of another
+        image size or without test shards, a model dir without an export holding the images signature.
+    """
+    from model import fileio
+
+    wanted = predict.read_id_list(cfg.ids_csv) if cfg.ids_csv else None
+    dirs = [predict._inspect_model_dir(d) for d in cfg.model_dirs]  # noqa: SLF001 - model.predict's check
+    thresholds, source = predict.resolve_thresholds(cfg.model_dirs, cfg.thresholds)
+    sizes = {d.image_size for d in dirs}
+    if len(sizes) > 1:
+        raise PredictError(
+            "the models were trained on different image sizes: "
+            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
+        )
+    image_size = sizes.pop()
+    try:
+        manifest = schemas.read_manifest(cfg.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from None
+    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
+    if (height, width) != (image_size, image_size):
+        raise PredictError(
+            f"{cfg.data_dir} holds {height}x{width} images but the models were trained on "
+            f"{image_size}x{image_size}: preprocess the set with --image_size {image_size}"
+        )
+    pattern = schemas.shard_pattern(cfg.data_dir, schemas.UNLABELED_FOLD)
+    if not fileio.glob(pattern):
+        raise PredictError(
+            f"{cfg.data_dir} holds no unlabeled (test) shards ({pattern}): run the preprocessing job on the "
+            "test folder with its Id list (e.g. --labels_csv sample_submission.csv)"
+        )
+    exports = []
+    for d in cfg.model_dirs:
+        export = fileio.join(d, EXPORT_DIR)
+        if not fileio.exists(fileio.join(export, _SAVED_MODEL_PB)):
+            raise PredictError(f"{d} has no {EXPORT_DIR}/{_SAVED_MODEL_PB}: not a finished training run")
+        if not _has_images_signature(export):
+            raise PredictError(
+                f"{export} has no images signature (exported by an older version of the training job): "
+                "predict with `python -m model.predict`, or train again"
+            )
+        exports.append(export)
+    transforms = predict.tta_transforms(cfg.tta)
+    tuned_tta = sorted({d.val_tta for d in dirs})
+    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
+        log(
+            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
+            f"averages {cfg.tta} transform(s) (train with --val_tta {cfg.tta}, or predict with "
+            f"--tta {tuned_tta[0]})"
+        )
+    written = manifest.get(schemas.MANIFEST_WRITTEN, {})
+    return Inputs(
+        image_size=image_size,
+        num_records=int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0)),
+        wanted=wanted,
+        thresholds=thresholds,
+        thresholds_source=source,
+        transforms=tuple(transforms),
+        exports=tuple(exports),
+        preprocessing_rejected=predict._read_rejected(cfg.data_dir),  # noqa: SLF001 - the same reasons
+    )
+
+
+def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_dir: str, progress_dir=None):
+    """Wires the job's transforms into `p`; the outputs land in work_dir."""
+    from pipelines.transforms import predictions as pred
+
+    records = p | "ReadRecords" >> pred.ReadRecords(
+        schemas.shard_pattern(cfg.data_dir, schemas.UNLABELED_FOLD)
+    )
+    decoded = records | "DecodeRecords" >> pred.DecodeRecords(inputs.image_size, progress_dir)
+    per_model = [
+        decoded.images
+        | f"Score[model{k}]"
+        >> pred.ScoreWithModel(export, inputs.transforms, cfg.batch_size, k, progress_dir)
+        for k, export in enumerate(inputs.exports)
+    ]
+    averaged = tuple(per_model) | "AverageModels" >> pred.AverageModels()
+    return averaged.scores | "WriteOutputs" >> pred.WriteOutputs(
+        decoded.rejected,
+        averaged.repeated,
+        work_dir,
+        thresholds=inputs.thresholds,
+        empty=cfg.empty,
+        wanted=inputs.wanted,
+        preprocessing_rejected=inputs.preprocessing_rejected,
+        probabilities_format=posixpath.splitext(cfg.probabilities)[1] if cfg.probabilities else None,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags (model.predict's, plus --progress_seconds); unknown flags go to Beam."""
+    parser = predict.build_parser()
+    parser.prog = "run_predict.sh"
+    parser.description = (
+        "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set with the "
+        "exported models (RunInference), average over test-time augmentation and models, apply the "
+        "thresholds and write the submission (Id,Predicted). Any Beam option (--runner DataflowRunner "
+        "--project P --region R --temp_location gs://...) passes through."
+    )
+    parser.add_argument(
+        "--progress_seconds", type=float, default=10.0, help="progress print interval (local)"
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
+    """Job flags -> JobConfig (PredictError on bad values); unknown flags are returned for Beam."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    if getattr(args, "input_dir", None):  # model.predict's folder input
+        raise PredictError("--input_dir: the Beam job reads preprocessed shards (--data_dir) only")
+    cfg = PredictConfig(
+        data_dir=args.data_dir.rstrip("/"),
+        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+        out=args.out,
+        ids_csv=args.ids_csv,
+        tta=args.tta,
+        thresholds=args.thresholds,
+        empty=args.empty,
+        probabilities=args.probabilities,
+        batch_size=args.batch_size,
+    )
+    return JobConfig(cfg, args.progress_seconds), beam_args
+
+
+def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
+    """Beam's options; remote runners get this project's setup.py. Returns (options, local run?).
+
+    Local runs default to one in-process worker: TensorFlow already spreads each batch over the cores.
+    """
+    options = PipelineOptions(beam_args)
+    local = options.view_as(StandardOptions).runner in _LOCAL_RUNNERS
+    if local:
+        direct = options.view_as(DirectOptions)
+        if direct.direct_num_workers > 1 and "--direct_running_mode" not in " ".join(beam_args):
+            direct.direct_running_mode = "multi_processing"
+    else:
+        setup = options.view_as(SetupOptions)
+        if not setup.setup_file:
+            setup.setup_file = os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
+            )
+    return options, local
+
+
+def _publish(cfg: PredictConfig, work: str) -> dict:
+    """Reads the job's report; moves its files into place (the submission last) or raises its error."""
+    import json
+
+    from pipelines.transforms import predictions as pred
+
+    report_path = posixpath.join(work, pred.REPORT_FILE)
+    if not storage.exists(report_path):
+        raise RuntimeError(f"the job left no {pred.REPORT_FILE} in {work}: it did not finish")
+    report = json.loads(storage.read_bytes(report_path).decode("utf-8"))
+    if "error" in report:
+        raise PredictError(report["error"])
+    if cfg.probabilities:
+        name = pred.PROBABILITIES_NAME + posixpath.splitext(cfg.probabilities)[1]
+        _replace(posixpath.join(work, name), cfg.probabilities)
+    _replace(posixpath.join(work, pred.SUBMISSION_NAME + ".csv"), cfg.out)
+    return report
+
+
+def _replace(src: str, dst: str) -> None:
+    parent = posixpath.dirname(dst)
+    if parent and "://" not in parent:
+        os.makedirs(parent, exist_ok=True)
+    if storage.exists(dst):
+        storage.delete(dst)
+    storage.move_file(src, dst)
+
+
+def run(argv: list[str] | None = None, log=None) -> dict:
+    """Runs the job; returns model.predict's summary (paths, counts).
+
+    Raises:
+      PredictError: bad flags or inputs (exit 2 from main).
+      RuntimeError: the job failed.
+    """
+    log = log or _log
+    job, beam_args = parse_args(argv)
+    cfg = job.predict
+    inputs = check_inputs(cfg, log)
+    options, local = pipeline_options(beam_args)
+    work = job.work_dir
+    storage.delete(work)  # leftovers of a failed run
+    log(
+        f"scoring {inputs.num_records or '?'} records of {cfg.data_dir} ({inputs.image_size} px) with "
+        f"{len(inputs.exports)} model(s) x {len(inputs.transforms)} transform(s) {list(inputs.transforms)} "
+        f"on {options.view_as(StandardOptions).runner or 'DirectRunner'}"
+    )
+    start = time.perf_counter()
+    stage = tempfile.mkdtemp(prefix="hpa-batch-predict-") if local else None
+    try:
+        p = beam.Pipeline(options=options)
+        progress_dir = os.path.join(stage, "progress") if stage else None
+        if progress_dir:
+            os.makedirs(progress_dir)
+        build_pipeline(p, cfg, inputs, work, progress_dir)
+        if local:
+            from pipelines.progress import Progress
+            from pipelines.transforms.predictions import DECODE_PHASE, score_phase
+
+            phases = (DECODE_PHASE, *(score_phase(k) for k in range(len(inputs.exports))))
+            with Progress(progress_dir, inputs.num_records, job.progress_seconds, phases, PROG):
+                p.run().wait_until_finish()
+        else:
+            p.run().wait_until_finish()
+        report = _publish(cfg, work)
+    finally:
+        storage.delete(work)
+        if stage:
+            shutil.rmtree(stage, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    rule = (
+        f"{report['filled_rows']} row(s) without a passing class got their top class"
+        if cfg.empty == "top1"
+        else f"{report['empty_rows']} empty row(s)"
+    )
+    if report["not_in_id_list"]:
+        log(
+            f"warning: {report['not_in_id_list']} record(s) of {cfg.data_dir} are not in {cfg.ids_csv} and "
+            f"are left out of the submission, e.g. {report['not_in_id_list_examples']}"
+            + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
+        )
+    log(
+        f"scored {report['records']} records in {seconds:.1f} s; wrote {cfg.out}: {report['rows']} rows, "
+        f"{report['labels_per_row']:.2f} labels per row (thresholds from {inputs.thresholds_source}; {rule})"
+        + (f"; probabilities in {cfg.probabilities}" if cfg.probabilities else "")
+    )
+    return {
+        "submission": cfg.out,
+        "probabilities": cfg.probabilities,
+        "rows": report["rows"],
+        "records": report["records"],
+        "not_in_id_list": report["not_in_id_list"],
+        "empty_rows": report["empty_rows"],
+        "tta": list(inputs.transforms),
+        "models": list(cfg.model_dirs),
+        "thresholds": inputs.thresholds_source,
+        "seconds": seconds,
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: one-line errors (exit 2: bad flags or input; 1: the job failed)."""
+    try:
+        run(argv)
+    except PredictError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run through the package's module, not __main__, so that pickled classes resolve on Beam's workers.
+    from pipelines import batch_predict
+
+    sys.exit(batch_predict.main())

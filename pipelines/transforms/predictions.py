@@ -1,0 +1,339 @@
+"""Batch prediction's transforms: records -> images -> per-model scores (RunInference) -> one ensemble score.
+
+    ReadRecords       serialized records of the test shards (Beam's TFRecord reader)
+    DecodeRecords     (Id, uint8 image [H, W, NUM_STAINS]) with the schema's own decoder; a record that cannot
+                      be decoded at the models' size -> `rejected` (Id, reason)
+    ScoreWithModel    RunInference with one model dir's exported SavedModel (its `serve_images` signature),
+                      the probabilities averaged over the test-time transforms (model.model.tta_average)
+    AverageModels     (Id, mean over the models of their scores); Ids scored more than once -> `repeated`
+
+The numbers are model.predict's: the same decoder, the same dihedral transforms averaged in float64 in the
+same order, then the mean over the models in the order given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+import schemas
+from pipelines.progress import ProgressFile
+
+COUNTERS = "batch_predict"
+DECODE_PHASE = "decode"
+UNDECODABLE = "undecodable"
+OTHER_SIZE = "other_image_size"
+
+
+def score_phase(index: int) -> str:
+    """The progress phase of the index-th model."""
+    return f"model{index}"
+
+
+@beam.ptransform_fn
+def ReadRecords(pbegin, pattern: str):  # noqa: N802
+    """The serialized records of the shards matching `pattern` (local or gs://)."""
+    return pbegin | "Read" >> beam.io.ReadFromTFRecord(pattern)
+
+
+class _DecodeFn(beam.DoFn):
+    """Serialized record -> (Id, uint8 image); records of another size or undecodable ones -> rejected."""
+
+    def __init__(self, image_size: int, progress_dir: str | None):
+        self._size = image_size
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        import tensorflow as tf
+
+        def decode(serialized):
+            features = schemas.parse_example(serialized)
+            return features[schemas.ID_KEY], schemas.decode_stains(features)
+
+        self._tf = tf
+        self._decode = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)])
+        self._progress = ProgressFile(self._progress_dir, DECODE_PHASE)
+
+    def process(self, serialized: bytes):
+        try:
+            sid, image = self._decode(self._tf.constant(serialized))
+        except self._tf.errors.InvalidArgumentError as e:
+            beam.metrics.Metrics.counter(COUNTERS, f"rejected_{UNDECODABLE}").inc()
+            self._progress.add(rejected=1)
+            detail = e.message.splitlines()[0] if e.message else type(e).__name__
+            yield beam.pvalue.TaggedOutput("rejected", ("?", f"{UNDECODABLE}: {detail}"))
+            return
+        sid = sid.numpy().decode("utf-8")
+        image = image.numpy()
+        if image.shape != (self._size, self._size, schemas.NUM_STAINS):
+            beam.metrics.Metrics.counter(COUNTERS, f"rejected_{OTHER_SIZE}").inc()
+            self._progress.add(rejected=1)
+            h, w = image.shape[:2]
+            yield beam.pvalue.TaggedOutput(
+                "rejected", (sid, f"{OTHER_SIZE}: {h}x{w}, the models take {self._size}x{self._size}")
+            )
+            return
+        self._progress.add(done=1)
+        yield sid, image
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+
+@beam.ptransform_fn
+def DecodeRecords(records, image_size: int, progress_dir: str | None = None):  # noqa: N802
+    """Serialized records -> (Id, uint8 image [S, S, NUM_STAINS]); side output `rejected`: (Id, reason)."""
+    return records | "Decode" >> beam.ParDo(_DecodeFn(image_size, progress_dir)).with_outputs(
+        "rejected", main="images"
+    )
+
+
+class ExportedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+    """RunInference's handler for the training job's export: images scored under every TTA transform.
+
+    The model is the SavedModel of `export_dir` (`tf.saved_model.load`; Beam's stock TensorFlow handler
+    loads through `tf.keras.models.load_model`, which in Keras 3 reads `.keras` files only, and needs
+    tensorflow_hub). Each batch is scored by the export's IMAGES_SIGNATURE under every transform and
+    averaged by `model.model.tta_average` in float64, exactly as model.predict does with the Keras model.
+    """
+
+    def __init__(self, export_dir: str, transforms: Sequence[int], batch_size: int):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self._export_dir = export_dir
+        self._transforms = tuple(int(k) for k in transforms)
+
+    def load_model(self):
+        import tensorflow as tf
+
+        return tf.saved_model.load(self._export_dir)
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
+        from model import model as model_lib
+
+        serve = model.signatures[model_lib.IMAGES_SIGNATURE]
+
+        def predict(images):
+            return serve(**{model_lib.IMAGES_INPUT: images})[model_lib.PROBABILITIES]
+
+        scores = model_lib.tta_average(predict, np.stack(batch), self._transforms)
+        return [PredictionResult(x, s, self._export_dir) for x, s in zip(batch, scores, strict=True)]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return COUNTERS
+
+
+class _ScoresFn(beam.DoFn):
+    """(Id, PredictionResult) -> (Id, model index, float64 scores), counted for the progress line."""
+
+    def __init__(self, index: int, progress_dir: str | None):
+        self._index = index
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._progress = ProgressFile(self._progress_dir, score_phase(self._index))
+
+    def process(self, item):
+        sid, result = item
+        self._progress.add(done=1)
+        yield sid, np.asarray(result.inference, dtype=np.float64)
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+
+@beam.ptransform_fn
+def ScoreWithModel(  # noqa: N802
+    images,
+    export_dir: str,
+    transforms: Sequence[int],
+    batch_size: int,
+    index: int = 0,
+    progress_dir: str | None = None,
+):
+    """(Id, image) -> (Id, float64 scores [NUM_CLASSES]) of one exported model, averaged over `transforms`."""
+    handler = KeyedModelHandler(ExportedModelHandler(export_dir, transforms, batch_size))
+    return (
+        images
+        | "RunInference" >> RunInference(handler)
+        | "Scores" >> beam.ParDo(_ScoresFn(index, progress_dir))
+    )
+
+
+def _average(item, num_models: int):
+    sid, grouped = item
+    per_model = [list(grouped[i]) for i in range(num_models)]
+    if any(len(s) != 1 for s in per_model):
+        beam.metrics.Metrics.counter(COUNTERS, "repeated_ids").inc()
+        yield beam.pvalue.TaggedOutput("repeated", sid)
+        return
+    yield sid, np.mean([s[0] for s in per_model], axis=0)
+
+
+@beam.ptransform_fn
+def AverageModels(per_model):  # noqa: N802
+    """[(Id, scores) per model] -> (Id, the models' mean); side output `repeated`: Ids scored twice."""
+    return (
+        dict(enumerate(per_model))
+        | "JoinById" >> beam.CoGroupByKey()
+        | "Average" >> beam.FlatMap(_average, len(per_model)).with_outputs("repeated", main="scores")
+    )
+
+
+# --- the job's outputs -----------------------------------------------------------------------------------
+
+SUBMISSION_NAME = "submission"
+PROBABILITIES_NAME = "probabilities"
+REPORT_FILE = "report.json"
+
+
+def assemble_outputs(
+    ids: Sequence[str],
+    scores: np.ndarray,
+    *,
+    thresholds: np.ndarray,
+    empty: str = "top1",
+    wanted: Sequence[str] | None = None,
+    rejected: Sequence[tuple[str, str]] = (),
+    repeated: Sequence[str] = (),
+    preprocessing_rejected: dict[str, str] | None = None,
+    probabilities_format: str | None = None,
+) -> tuple[bytes, bytes | None, dict]:
+    """The submission's bytes, the probabilities' bytes (or None) and a summary, as model.predict writes them.
+
+    Args:
+      ids, scores: the ensemble's scores, one row per record, in any order.
+      thresholds, empty: model.predict's rule for turning scores into labels.
+      wanted: the Id list (--ids_csv) whose order the submission follows; None: every record sorted by Id.
+      rejected: (Id, reason) of records that could not be scored.
+      repeated: Ids that more than one record holds.
+      preprocessing_rejected: Id -> why the preprocessing job rejected it (quoted for missing Ids).
+      probabilities_format: `.npz` or `.csv`, or None for no probabilities.
+
+    Raises:
+      PredictError: records that could not be scored, repeated Ids, no records, Ids of `wanted` without a
+        record (model.predict's message).
+    """
+    from model import predict
+
+    if rejected:
+        examples = "; ".join(f"{sid}: {why}" for sid, why in sorted(rejected)[:3])
+        raise predict.PredictError(
+            f"{len(rejected)} record(s) could not be scored at the models' image size (mixed image sizes in "
+            f"the shards?), e.g. {examples}"
+        )
+    if repeated:
+        raise predict.PredictError(f"the records repeat Ids, e.g. {sorted(set(repeated))[:5]}")
+    ids = np.asarray([str(i) for i in ids], dtype=str)
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(ids), schemas.NUM_CLASSES)
+    if len(ids) == 0:
+        raise predict.PredictError("the test shards hold no records")
+    order = np.argsort(ids, kind="stable")
+    ids, scores = ids[order], scores[order]
+    if wanted is None:
+        out_ids, out_scores, extra = ids.tolist(), scores, []
+    else:
+        out_scores = predict.order_by_ids(ids, scores, wanted, preprocessing_rejected)
+        out_ids = list(wanted)
+        extra = sorted(set(ids.tolist()) - set(wanted))
+    predictions = predict._apply(out_scores, thresholds, empty)  # noqa: SLF001 - model.predict's own rule
+    submission = predict.format_submission(out_ids, predictions).encode("utf-8")
+    probabilities = None
+    if probabilities_format is not None:
+        prob_ids, prob_scores = np.asarray(out_ids + extra, dtype=str), out_scores
+        if extra:
+            index = {sid: i for i, sid in enumerate(ids.tolist())}
+            prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
+        probabilities = predict._probabilities_bytes(  # noqa: SLF001 - the same file format
+            PROBABILITIES_NAME + probabilities_format, prob_ids, prob_scores
+        )
+    summary = {
+        "rows": len(out_ids),
+        "records": len(ids),
+        "not_in_id_list": len(extra),
+        "not_in_id_list_examples": extra[:3],
+        "labels_per_row": float(predictions.sum(axis=1).mean()),
+        "empty_rows": int((predictions.sum(axis=1) == 0).sum()),
+        "filled_rows": int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if empty == "top1" else 0,
+    }
+    return submission, probabilities, summary
+
+
+class _WriteOutputsFn(beam.DoFn):
+    def __init__(self, work_dir: str, options: dict, probabilities_format: str | None):
+        self._work_dir = work_dir
+        self._options = options
+        self._format = probabilities_format
+
+    def process(self, scored, rejected, repeated):
+        import json
+        import posixpath
+
+        from model.predict import PredictError
+        from pipelines import storage
+
+        ids = [sid for sid, _ in scored]
+        scores = np.array([s for _, s in scored]).reshape(len(ids), schemas.NUM_CLASSES)
+        try:
+            submission, probabilities, summary = assemble_outputs(
+                ids,
+                scores,
+                rejected=rejected,
+                repeated=repeated,
+                probabilities_format=self._format,
+                **self._options,
+            )
+        except PredictError as e:
+            summary = {"error": str(e)}
+        else:
+            storage.write_bytes(posixpath.join(self._work_dir, SUBMISSION_NAME + ".csv"), submission)
+            if probabilities is not None:
+                name = PROBABILITIES_NAME + self._format
+                storage.write_bytes(posixpath.join(self._work_dir, name), probabilities)
+        # Written last: its presence says the job finished.
+        report = json.dumps(summary, indent=1).encode("utf-8")
+        storage.write_bytes(posixpath.join(self._work_dir, REPORT_FILE), report)
+        yield summary
+
+
+@beam.ptransform_fn
+def WriteOutputs(  # noqa: N802
+    scores,
+    rejected,
+    repeated,
+    work_dir: str,
+    *,
+    thresholds: np.ndarray,
+    empty: str,
+    wanted: Sequence[str] | None,
+    preprocessing_rejected: dict[str, str],
+    probabilities_format: str | None,
+):
+    """All (Id, scores) at once -> the submission (+ probabilities) and REPORT_FILE in `work_dir`.
+
+    A bad outcome (records that could not be scored, repeated Ids, listed Ids without a record) writes only
+    REPORT_FILE, with the error; the launcher publishes nothing then.
+    """
+    options = {
+        "thresholds": np.asarray(thresholds, dtype=np.float64),
+        "empty": empty,
+        "wanted": list(wanted) if wanted is not None else None,
+        "preprocessing_rejected": dict(preprocessing_rejected),
+    }
+    return (
+        scores
+        | "CollectScores" >> beam.combiners.ToList()
+        | "Write"
+        >> beam.ParDo(
+            _WriteOutputsFn(work_dir, options, probabilities_format),
+            rejected=beam.pvalue.AsList(rejected),
+            repeated=beam.pvalue.AsList(repeated),
+        )
+    )
