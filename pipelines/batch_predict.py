@@ -14,11 +14,13 @@ This module only wires (transforms in pipelines/transforms/predictions.py):
     WriteOutputs      all scores at once: thresholds, the submission in --ids_csv order, the probabilities
 
 The launcher checks the inputs first (thresholds, image sizes, the Id list, the exports' signatures) and
-stops with a one-line error (exit 2) before any work. The job writes into a work folder next to --out,
-`.incomplete-{name of --out}/`; only when it finished with every listed Id scored are the files moved into
-place (the probabilities first, the submission last). Records that cannot be scored, repeated Ids, or Ids of
---ids_csv without a record (the preprocessing job's rejected.csv says why when it can) stop the job with
-model.predict's error and leave no output. Local runs print a progress line; Dataflow shows the counters.
+stops with a one-line error (exit 2) before any work. Every listed Id (--ids_csv, else every record) ends in
+the submission or in `rejected.csv` beside --out (Id, reason, detail, source): listed Ids without a record
+get the preprocessing job's reason when its rejected.csv names them, else `no_record`. Records that cannot
+be scored at the models' size and repeated Ids stop the job with an error (exit 2), as in model.predict.
+The job writes into a work folder next to --out, `.incomplete-{name of --out}/`; the files are moved into
+place only when it finished (rejected.csv and the probabilities first, the submission last), so a failed
+run leaves no partial output. Local runs print a progress line; Dataflow shows the counters.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Inputs:
     thresholds_source: str
     transforms: tuple[int, ...]
     exports: tuple[str, ...]
-    preprocessing_rejected: dict[str, str]
+    absent_reasons: dict[str, tuple[str, str]]
 
 
 def _has_images_signature(export_dir: str) -> bool:
@@ -85,6 +87,28 @@ def _has_images_signature(export_dir: str) -> bool:
     return any(model_lib.IMAGES_SIGNATURE in g.signature_def for g in saved.meta_graphs)
 
 
+def _preprocessing_reasons(data_dir: str) -> dict[str, tuple[str, str]]:
+    """Id -> (reason, detail) of the preprocessing job's rejected.csv in data_dir (empty when absent)."""
+    import csv
+    import io
+
+    path = posixpath.join(data_dir, schemas.REJECTED_FILE)
+    if not storage.exists(path):
+        return {}
+    out = {}
+    for row in csv.DictReader(io.StringIO(storage.read_text(path, "rejected list"))):
+        sid = row.get(schemas.CSV_ID)
+        if sid:
+            detail = row.get(schemas.REJECTED_DETAIL) or ""
+            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
+    return out
+
+
+def rejected_path(out: str) -> str:
+    """The rejected.csv written beside --out."""
+    return posixpath.join(posixpath.dirname(out), schemas.REJECTED_FILE)
+
+
 def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
     """model.predict's checks, before any work.
 
@@ -94,6 +118,11 @@ def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
     """
     from model import fileio
 
+    if _same_file(rejected_path(cfg.out), posixpath.join(cfg.data_dir, schemas.REJECTED_FILE)):
+        raise PredictError(
+            f"--out {cfg.out} lies in --data_dir, where its {schemas.REJECTED_FILE} would replace the "
+            "preprocessing job's: write the submission elsewhere"
+        )
     wanted = predict.read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [predict._inspect_model_dir(d) for d in cfg.model_dirs]  # noqa: SLF001 - model.predict's check
     thresholds, source = predict.resolve_thresholds(cfg.model_dirs, cfg.thresholds)
@@ -148,8 +177,15 @@ def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
         thresholds_source=source,
         transforms=tuple(transforms),
         exports=tuple(exports),
-        preprocessing_rejected=predict._read_rejected(cfg.data_dir),  # noqa: SLF001 - the same reasons
+        absent_reasons=_preprocessing_reasons(cfg.data_dir),
     )
+
+
+def _same_file(a: str, b: str) -> bool:
+    def norm(p: str) -> str:
+        return posixpath.normpath(p) if "://" in p else os.path.abspath(p)
+
+    return norm(a) == norm(b)
 
 
 def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_dir: str, progress_dir=None):
@@ -167,14 +203,17 @@ def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_di
         for k, export in enumerate(inputs.exports)
     ]
     averaged = tuple(per_model) | "AverageModels" >> pred.AverageModels()
+    no_rejections = p | "NoRejections" >> beam.Create([])  # a record is scored or stops the job
     return averaged.scores | "WriteOutputs" >> pred.WriteOutputs(
-        decoded.rejected,
+        no_rejections,
+        decoded.unscorable,
         averaged.repeated,
         work_dir,
         thresholds=inputs.thresholds,
+        source=cfg.data_dir,
         empty=cfg.empty,
         wanted=inputs.wanted,
-        preprocessing_rejected=inputs.preprocessing_rejected,
+        absent_reasons=inputs.absent_reasons,
         probabilities_format=posixpath.splitext(cfg.probabilities)[1] if cfg.probabilities else None,
     )
 
@@ -246,10 +285,11 @@ def _publish(cfg: PredictConfig, work: str) -> dict:
     report = json.loads(storage.read_bytes(report_path).decode("utf-8"))
     if "error" in report:
         raise PredictError(report["error"])
+    _replace(posixpath.join(work, schemas.REJECTED_FILE), rejected_path(cfg.out))
     if cfg.probabilities:
         name = pred.PROBABILITIES_NAME + posixpath.splitext(cfg.probabilities)[1]
         _replace(posixpath.join(work, name), cfg.probabilities)
-    _replace(posixpath.join(work, pred.SUBMISSION_NAME + ".csv"), cfg.out)
+    _replace(posixpath.join(work, pred.SUBMISSION_NAME), cfg.out)  # last
     return report
 
 
@@ -315,8 +355,11 @@ def run(argv: list[str] | None = None, log=None) -> dict:
             f"are left out of the submission, e.g. {report['not_in_id_list_examples']}"
             + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
         )
+    listed = f"{report['rows']} of {report['listed']} listed Ids predicted, {report['rejected']} rejected"
+    if report["rejected"]:
+        listed += f" ({report['rejected_per_reason']}; see {rejected_path(cfg.out)})"
     log(
-        f"scored {report['records']} records in {seconds:.1f} s; wrote {cfg.out}: {report['rows']} rows, "
+        f"scored {report['records']} records in {seconds:.1f} s; wrote {cfg.out}: {listed}, "
         f"{report['labels_per_row']:.2f} labels per row (thresholds from {inputs.thresholds_source}; {rule})"
         + (f"; probabilities in {cfg.probabilities}" if cfg.probabilities else "")
     )
@@ -325,6 +368,8 @@ def run(argv: list[str] | None = None, log=None) -> dict:
         "probabilities": cfg.probabilities,
         "rows": report["rows"],
         "records": report["records"],
+        "rejected": report["rejected"],
+        "rejected_file": rejected_path(cfg.out),
         "not_in_id_list": report["not_in_id_list"],
         "empty_rows": report["empty_rows"],
         "tta": list(inputs.transforms),

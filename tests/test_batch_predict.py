@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -107,22 +109,54 @@ def test_beam_job_gives_model_predicts_submission_and_probabilities(setup, tmp_p
     # The models differ, and averaging them and their transforms is what both jobs did.
     assert not np.allclose(got[predict.PROB_SCORES][:, 0], got[predict.PROB_SCORES][0, 0])
     assert any("wrote" in line for line in lines)
-    assert sorted(os.listdir(beam_dir)) == ["probs.npz", "submission.csv"]  # no work folder left
+    assert sorted(os.listdir(beam_dir)) == ["probs.npz", "rejected.csv", "submission.csv"]  # no work folder
+    assert _read_rows(beam_dir / "rejected.csv") == [list(schemas.REJECTED_COLUMNS)]
 
 
-def test_a_listed_id_without_a_record_stops_the_job_and_writes_nothing(setup, tmp_path, capsys):
+def _read_rows(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_listed_ids_without_a_record_go_to_rejected_csv_with_their_reason(setup, tmp_path):
+    data_dir = str(tmp_path / "data")
+    ids = ["a", "b", "c"]
+    write_test_set(data_dir, ids, size=SIZE)
+    with open(os.path.join(data_dir, schemas.REJECTED_FILE), "w", newline="") as f:
+        csv.writer(f).writerows(
+            [schemas.REJECTED_COLUMNS, ["gone", "corrupt_image", "red cannot be read", "t"]]
+        )
     ids_csv = str(tmp_path / "ids.csv")
-    write_labels_csv(ids_csv, [(setup["ids"][0], "0"), ("absent-id", "0")], header=(schemas.CSV_ID,))
+    write_labels_csv(ids_csv, [(i, "0") for i in ("c", "gone", "a", "absent")], header=(schemas.CSV_ID,))
+    out_dir = tmp_path / "out"
+    argv = _argv(setup, out_dir, "--tta", "1", "--ids_csv", ids_csv, dirs=setup["dirs"][:1])
+    argv[1] = data_dir
+    summary = batch_predict.run(argv, log=lambda msg: None)
+
+    rows = _read_rows(out_dir / "submission.csv")
+    assert [r[0] for r in rows] == [schemas.CSV_ID, "c", "a"]
+    assert _read_rows(out_dir / schemas.REJECTED_FILE) == [
+        list(schemas.REJECTED_COLUMNS),
+        ["gone", "corrupt_image", "rejected by preprocessing: red cannot be read", data_dir],
+        ["absent", "no_record", f"no record in {data_dir}", data_dir],
+    ]
+    assert (summary["rows"], summary["rejected"], summary["not_in_id_list"]) == (2, 2, 1)
+
+
+def test_no_predictable_listed_id_stops_the_job_and_writes_nothing(setup, tmp_path, capsys):
+    ids_csv = str(tmp_path / "ids.csv")
+    write_labels_csv(ids_csv, [("absent-id", "0")], header=(schemas.CSV_ID,))
     out_dir = tmp_path / "out"
     code = batch_predict.main(_argv(setup, out_dir, "--tta", "1", "--ids_csv", ids_csv))
     err = capsys.readouterr().err
     assert code == 2
-    assert "1 of 2 Ids in the Id list have no record" in err and "absent-id" in err
+    assert "none of the 1 listed Id(s) could be predicted" in err and "absent-id: no_record" in err
     assert not out_dir.exists() or os.listdir(out_dir) == []
 
 
 def test_a_model_dir_without_thresholds_is_refused_before_any_work(setup, tmp_path, capsys):
-    bare = _model_dir(str(tmp_path / "bare"), 3, setup["thr"])
+    bare = str(tmp_path / "bare")
+    shutil.copytree(setup["dirs"][1], bare)
     os.remove(os.path.join(bare, THRESHOLDS_FILE))
     code = batch_predict.main(_argv(setup, tmp_path / "out", dirs=[setup["dirs"][0], bare]))
     err = capsys.readouterr().err
@@ -132,7 +166,8 @@ def test_a_model_dir_without_thresholds_is_refused_before_any_work(setup, tmp_pa
 
 
 def test_models_of_different_image_sizes_are_refused(setup, tmp_path, capsys):
-    other = _model_dir(str(tmp_path / "big"), 4, setup["thr"], size=2 * SIZE)
+    other = str(tmp_path / "big")
+    write_model_dir(other, seed=4, size=2 * SIZE, thresholds=setup["thr"])
     code = batch_predict.main(_argv(setup, tmp_path / "out", dirs=[setup["dirs"][0], other]))
     err = capsys.readouterr().err
     assert code == 2

@@ -2,10 +2,11 @@
 
     ReadRecords       serialized records of the test shards (Beam's TFRecord reader)
     DecodeRecords     (Id, uint8 image [H, W, NUM_STAINS]) with the schema's own decoder; a record that cannot
-                      be decoded at the models' size -> `rejected` (Id, reason)
+                      be decoded at the models' size -> `unscorable` (Id, reason)
     ScoreWithModel    RunInference with one model dir's exported SavedModel (its `serve_images` signature),
                       the probabilities averaged over the test-time transforms (model.model.tta_average)
     AverageModels     (Id, mean over the models of their scores); Ids scored more than once -> `repeated`
+    WriteOutputs      every score at once -> the submission, rejected.csv, the probabilities (work folder)
 
 The numbers are model.predict's: the same decoder, the same dihedral transforms averaged in float64 in the
 same order, then the mean over the models in the order given.
@@ -13,6 +14,10 @@ same order, then the mean over the models in the order given.
 
 from __future__ import annotations
 
+import collections
+import csv
+import dataclasses
+import io
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -26,6 +31,7 @@ COUNTERS = "batch_predict"
 DECODE_PHASE = "decode"
 UNDECODABLE = "undecodable"
 OTHER_SIZE = "other_image_size"
+UNSCORABLE = "unscorable"
 
 
 def score_phase(index: int) -> str:
@@ -40,7 +46,7 @@ def ReadRecords(pbegin, pattern: str):  # noqa: N802
 
 
 class _DecodeFn(beam.DoFn):
-    """Serialized record -> (Id, uint8 image); records of another size or undecodable ones -> rejected."""
+    """Serialized record -> (Id, uint8 image); records of another size or undecodable ones -> unscorable."""
 
     def __init__(self, image_size: int, progress_dir: str | None):
         self._size = image_size
@@ -64,7 +70,7 @@ class _DecodeFn(beam.DoFn):
             beam.metrics.Metrics.counter(COUNTERS, f"rejected_{UNDECODABLE}").inc()
             self._progress.add(rejected=1)
             detail = e.message.splitlines()[0] if e.message else type(e).__name__
-            yield beam.pvalue.TaggedOutput("rejected", ("?", f"{UNDECODABLE}: {detail}"))
+            yield beam.pvalue.TaggedOutput(UNSCORABLE, ("?", f"{UNDECODABLE}: {detail}"))
             return
         sid = sid.numpy().decode("utf-8")
         image = image.numpy()
@@ -73,7 +79,7 @@ class _DecodeFn(beam.DoFn):
             self._progress.add(rejected=1)
             h, w = image.shape[:2]
             yield beam.pvalue.TaggedOutput(
-                "rejected", (sid, f"{OTHER_SIZE}: {h}x{w}, the models take {self._size}x{self._size}")
+                UNSCORABLE, (sid, f"{OTHER_SIZE}: {h}x{w}, the models take {self._size}x{self._size}")
             )
             return
         self._progress.add(done=1)
@@ -85,9 +91,9 @@ class _DecodeFn(beam.DoFn):
 
 @beam.ptransform_fn
 def DecodeRecords(records, image_size: int, progress_dir: str | None = None):  # noqa: N802
-    """Serialized records -> (Id, uint8 image [S, S, NUM_STAINS]); side output `rejected`: (Id, reason)."""
+    """Serialized records -> (Id, uint8 image [S, S, NUM_STAINS]); side output `unscorable`: (Id, reason)."""
     return records | "Decode" >> beam.ParDo(_DecodeFn(image_size, progress_dir)).with_outputs(
-        "rejected", main="images"
+        UNSCORABLE, main="images"
     )
 
 
@@ -189,9 +195,29 @@ def AverageModels(per_model):  # noqa: N802
 
 # --- the job's outputs -----------------------------------------------------------------------------------
 
-SUBMISSION_NAME = "submission"
+SUBMISSION_NAME = "submission.csv"
 PROBABILITIES_NAME = "probabilities"
 REPORT_FILE = "report.json"
+NO_RECORD = "no_record"  # reason code of a listed Id that no record holds (and preprocessing did not reject)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """The job's files (bytes) and a summary of them."""
+
+    submission: bytes
+    rejected: bytes
+    probabilities: bytes | None
+    summary: dict
+
+
+def rejected_csv(rows: Sequence[tuple[str, str, str]], source: str) -> bytes:
+    """rejected.csv's bytes (schemas.REJECTED_COLUMNS) for (Id, reason, detail) rows, in the given order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(schemas.REJECTED_COLUMNS)
+    w.writerows((sid, reason, detail, source) for sid, reason, detail in rows)
+    return buf.getvalue().encode("utf-8")
 
 
 def assemble_outputs(
@@ -199,52 +225,67 @@ def assemble_outputs(
     scores: np.ndarray,
     *,
     thresholds: np.ndarray,
+    source: str,
     empty: str = "top1",
     wanted: Sequence[str] | None = None,
-    rejected: Sequence[tuple[str, str]] = (),
+    rejected: Sequence[tuple[str, str, str]] = (),
+    unscorable: Sequence[tuple[str, str]] = (),
     repeated: Sequence[str] = (),
-    preprocessing_rejected: dict[str, str] | None = None,
+    absent_reasons: dict[str, tuple[str, str]] | None = None,
     probabilities_format: str | None = None,
-) -> tuple[bytes, bytes | None, dict]:
-    """The submission's bytes, the probabilities' bytes (or None) and a summary, as model.predict writes them.
+) -> Outputs:
+    """The submission, rejected.csv and probabilities as model.predict writes them, from all the scores.
+
+    Every listed Id (`wanted`, or every scored Id) ends in the submission or in rejected.csv.
 
     Args:
-      ids, scores: the ensemble's scores, one row per record, in any order.
+      ids, scores: the ensemble's scores, one row per scored sample, in any order.
       thresholds, empty: model.predict's rule for turning scores into labels.
-      wanted: the Id list (--ids_csv) whose order the submission follows; None: every record sorted by Id.
-      rejected: (Id, reason) of records that could not be scored.
-      repeated: Ids that more than one record holds.
-      preprocessing_rejected: Id -> why the preprocessing job rejected it (quoted for missing Ids).
+      source: the input (--data_dir or --input_dir), named in rejected.csv.
+      wanted: the Id list (--ids_csv) whose order the submission follows; None: every Id, sorted.
+      rejected: (Id, reason, detail) of samples the job rejected (they go to rejected.csv).
+      unscorable: (Id, reason) of records that cannot be scored: an error, as in model.predict.
+      repeated: Ids that more than one record holds: an error.
+      absent_reasons: Id -> (reason, detail) for listed Ids without a sample (the preprocessing job's
+        reasons); others get NO_RECORD.
       probabilities_format: `.npz` or `.csv`, or None for no probabilities.
 
     Raises:
-      PredictError: records that could not be scored, repeated Ids, no records, Ids of `wanted` without a
-        record (model.predict's message).
+      PredictError: records that cannot be scored, repeated Ids, nothing to predict.
     """
     from model import predict
 
-    if rejected:
-        examples = "; ".join(f"{sid}: {why}" for sid, why in sorted(rejected)[:3])
+    if unscorable:
+        examples = "; ".join(f"{sid}: {why}" for sid, why in sorted(unscorable)[:3])
         raise predict.PredictError(
-            f"{len(rejected)} record(s) could not be scored at the models' image size (mixed image sizes in "
-            f"the shards?), e.g. {examples}"
+            f"{len(unscorable)} record(s) could not be scored at the models' image size (mixed image sizes "
+            f"in the shards?), e.g. {examples}"
         )
     if repeated:
         raise predict.PredictError(f"the records repeat Ids, e.g. {sorted(set(repeated))[:5]}")
-    ids = np.asarray([str(i) for i in ids], dtype=str)
-    scores = np.asarray(scores, dtype=np.float64).reshape(len(ids), schemas.NUM_CLASSES)
-    if len(ids) == 0:
-        raise predict.PredictError("the test shards hold no records")
-    order = np.argsort(ids, kind="stable")
-    ids, scores = ids[order], scores[order]
-    if wanted is None:
-        out_ids, out_scores, extra = ids.tolist(), scores, []
-    else:
-        out_scores = predict.order_by_ids(ids, scores, wanted, preprocessing_rejected)
-        out_ids = list(wanted)
-        extra = sorted(set(ids.tolist()) - set(wanted))
+    order = np.argsort(np.asarray([str(i) for i in ids], dtype=str), kind="stable")
+    ids = np.asarray([str(i) for i in ids], dtype=str)[order]
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(order), schemas.NUM_CLASSES)[order]
+    have = set(ids.tolist())
+    listed = list(wanted) if wanted is not None else sorted(have | {r[0] for r in rejected})
+    rows = list(rejected)
+    gone = {r[0] for r in rows}
+    absent_reasons = absent_reasons or {}
+    absent = (NO_RECORD, f"no record in {source}")
+    rows += [(sid, *absent_reasons.get(sid, absent)) for sid in listed if sid not in have and sid not in gone]
+    position = {sid: k for k, sid in enumerate(listed)}
+    rows.sort(key=lambda r: (position.get(r[0], len(position)), r[0]))
+    gone = {r[0] for r in rows}
+    out_ids = [sid for sid in listed if sid not in gone]
+    if not out_ids:
+        reasons = collections.Counter(r[1] for r in rows)
+        raise predict.PredictError(
+            f"none of the {len(listed)} listed Id(s) could be predicted ({dict(reasons)}), e.g. "
+            + "; ".join(f"{sid}: {reason}, {detail}" for sid, reason, detail in rows[:3])
+        )
+    out_scores = predict.order_by_ids(ids, scores, out_ids)
+    extra = sorted(have - set(listed))
     predictions = predict._apply(out_scores, thresholds, empty)  # noqa: SLF001 - model.predict's own rule
-    submission = predict.format_submission(out_ids, predictions).encode("utf-8")
     probabilities = None
     if probabilities_format is not None:
         prob_ids, prob_scores = np.asarray(out_ids + extra, dtype=str), out_scores
@@ -255,24 +296,31 @@ def assemble_outputs(
             PROBABILITIES_NAME + probabilities_format, prob_ids, prob_scores
         )
     summary = {
+        "listed": len(listed),
         "rows": len(out_ids),
         "records": len(ids),
+        "rejected": len(rows),
+        "rejected_per_reason": dict(sorted(collections.Counter(r[1] for r in rows).items())),
         "not_in_id_list": len(extra),
         "not_in_id_list_examples": extra[:3],
         "labels_per_row": float(predictions.sum(axis=1).mean()),
         "empty_rows": int((predictions.sum(axis=1) == 0).sum()),
         "filled_rows": int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if empty == "top1" else 0,
     }
-    return submission, probabilities, summary
+    return Outputs(
+        submission=predict.format_submission(out_ids, predictions).encode("utf-8"),
+        rejected=rejected_csv(rows, source),
+        probabilities=probabilities,
+        summary=summary,
+    )
 
 
 class _WriteOutputsFn(beam.DoFn):
-    def __init__(self, work_dir: str, options: dict, probabilities_format: str | None):
+    def __init__(self, work_dir: str, options: dict):
         self._work_dir = work_dir
         self._options = options
-        self._format = probabilities_format
 
-    def process(self, scored, rejected, repeated):
+    def process(self, scored, rejected, unscorable, repeated):
         import json
         import posixpath
 
@@ -282,21 +330,18 @@ class _WriteOutputsFn(beam.DoFn):
         ids = [sid for sid, _ in scored]
         scores = np.array([s for _, s in scored]).reshape(len(ids), schemas.NUM_CLASSES)
         try:
-            submission, probabilities, summary = assemble_outputs(
-                ids,
-                scores,
-                rejected=rejected,
-                repeated=repeated,
-                probabilities_format=self._format,
-                **self._options,
+            out = assemble_outputs(
+                ids, scores, rejected=rejected, unscorable=unscorable, repeated=repeated, **self._options
             )
         except PredictError as e:
             summary = {"error": str(e)}
         else:
-            storage.write_bytes(posixpath.join(self._work_dir, SUBMISSION_NAME + ".csv"), submission)
-            if probabilities is not None:
-                name = PROBABILITIES_NAME + self._format
-                storage.write_bytes(posixpath.join(self._work_dir, name), probabilities)
+            summary = out.summary
+            storage.write_bytes(posixpath.join(self._work_dir, SUBMISSION_NAME), out.submission)
+            storage.write_bytes(posixpath.join(self._work_dir, schemas.REJECTED_FILE), out.rejected)
+            if out.probabilities is not None:
+                name = PROBABILITIES_NAME + self._options["probabilities_format"]
+                storage.write_bytes(posixpath.join(self._work_dir, name), out.probabilities)
         # Written last: its presence says the job finished.
         report = json.dumps(summary, indent=1).encode("utf-8")
         storage.write_bytes(posixpath.join(self._work_dir, REPORT_FILE), report)
@@ -307,33 +352,39 @@ class _WriteOutputsFn(beam.DoFn):
 def WriteOutputs(  # noqa: N802
     scores,
     rejected,
+    unscorable,
     repeated,
     work_dir: str,
     *,
     thresholds: np.ndarray,
+    source: str,
     empty: str,
     wanted: Sequence[str] | None,
-    preprocessing_rejected: dict[str, str],
+    absent_reasons: dict[str, tuple[str, str]],
     probabilities_format: str | None,
 ):
-    """All (Id, scores) at once -> the submission (+ probabilities) and REPORT_FILE in `work_dir`.
+    """All (Id, scores) at once -> the submission, rejected.csv (+ probabilities) and REPORT_FILE in work_dir.
 
-    A bad outcome (records that could not be scored, repeated Ids, listed Ids without a record) writes only
-    REPORT_FILE, with the error; the launcher publishes nothing then.
+    `rejected`: (Id, reason, detail) of samples the job rejected; `unscorable`: (Id, reason) of records
+    that cannot be scored and `repeated`: Ids held by several records, both errors. An error writes only
+    REPORT_FILE, with the message; the launcher publishes nothing then.
     """
     options = {
         "thresholds": np.asarray(thresholds, dtype=np.float64),
+        "source": source,
         "empty": empty,
         "wanted": list(wanted) if wanted is not None else None,
-        "preprocessing_rejected": dict(preprocessing_rejected),
+        "absent_reasons": dict(absent_reasons),
+        "probabilities_format": probabilities_format,
     }
     return (
         scores
         | "CollectScores" >> beam.combiners.ToList()
         | "Write"
         >> beam.ParDo(
-            _WriteOutputsFn(work_dir, options, probabilities_format),
+            _WriteOutputsFn(work_dir, options),
             rejected=beam.pvalue.AsList(rejected),
+            unscorable=beam.pvalue.AsList(unscorable),
             repeated=beam.pvalue.AsList(repeated),
         )
     )
