@@ -46,19 +46,59 @@ from pipelines import storage
 PROG = "batch_predict"
 _LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
 _SAVED_MODEL_PB = "saved_model.pb"
+_FOLDER_SOURCE = "input_dir"  # the source name of an image folder's samples (not written anywhere)
 
 
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
-    """Flags of the job: model.predict's (checked by PredictConfig), the rest goes to PipelineOptions."""
+    """Flags of the job (everything else goes to Beam's PipelineOptions).
 
-    predict: PredictConfig
+    Attributes:
+      data_dir: the preprocessing job's output for the unlabeled set (test shards), or ...
+      input_dir: ... a folder of `{Id}_{stain}.{png,jpg,tif}` files (exactly one of the two; local or gs://).
+      model_dirs, out, ids_csv, tta, thresholds, empty, probabilities, batch_size: as in model.predict
+        (checked by its PredictConfig).
+      progress_seconds: progress print interval of local runs.
+    """
+
+    data_dir: str | None
+    input_dir: str | None
+    model_dirs: tuple[str, ...]
+    out: str
+    ids_csv: str | None = None
+    tta: int = 8
+    thresholds: str | None = None
+    empty: str = "top1"
+    probabilities: str | None = None
+    batch_size: int = 32
     progress_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if (self.data_dir is None) == (self.input_dir is None):
+            raise PredictError(
+                "give either --data_dir (preprocessed shards) or --input_dir (an image folder)"
+            )
+        PredictConfig(  # model.predict's checks of the shared flags
+            data_dir=self.source,
+            model_dirs=self.model_dirs,
+            out=self.out,
+            ids_csv=self.ids_csv,
+            tta=self.tta,
+            thresholds=self.thresholds,
+            empty=self.empty,
+            probabilities=self.probabilities,
+            batch_size=self.batch_size,
+        )
+
+    @property
+    def source(self) -> str:
+        """The input: --data_dir or --input_dir."""
+        return self.data_dir if self.data_dir is not None else self.input_dir
 
     @property
     def work_dir(self) -> str:
         """Where the job writes before publishing: `.incomplete-{name}/` next to --out."""
-        parent, name = posixpath.split(self.predict.out)
+        parent, name = posixpath.split(self.out)
         return posixpath.join(parent, f".incomplete-{name}")
 
 
@@ -109,7 +149,7 @@ def rejected_path(out: str) -> str:
     return posixpath.join(posixpath.dirname(out), schemas.REJECTED_FILE)
 
 
-def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
+def check_inputs(cfg: JobConfig, log=print) -> Inputs:
     """model.predict's checks, before any work.
 
     Raises:
@@ -118,10 +158,10 @@ def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
     """
     from model import fileio
 
-    if _same_file(rejected_path(cfg.out), posixpath.join(cfg.data_dir, schemas.REJECTED_FILE)):
+    if _same_file(rejected_path(cfg.out), posixpath.join(cfg.source, schemas.REJECTED_FILE)):
         raise PredictError(
-            f"--out {cfg.out} lies in --data_dir, where its {schemas.REJECTED_FILE} would replace the "
-            "preprocessing job's: write the submission elsewhere"
+            f"--out {cfg.out} lies in {cfg.source}, where its {schemas.REJECTED_FILE} would replace the "
+            "preprocessing job's or an input: write the submission elsewhere"
         )
     wanted = predict.read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [predict._inspect_model_dir(d) for d in cfg.model_dirs]  # noqa: SLF001 - model.predict's check
@@ -133,22 +173,12 @@ def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
             + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
         )
     image_size = sizes.pop()
-    try:
-        manifest = schemas.read_manifest(cfg.data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise PredictError(str(e)) from None
-    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
-    if (height, width) != (image_size, image_size):
-        raise PredictError(
-            f"{cfg.data_dir} holds {height}x{width} images but the models were trained on "
-            f"{image_size}x{image_size}: preprocess the set with --image_size {image_size}"
-        )
-    pattern = schemas.shard_pattern(cfg.data_dir, schemas.UNLABELED_FOLD)
-    if not fileio.glob(pattern):
-        raise PredictError(
-            f"{cfg.data_dir} holds no unlabeled (test) shards ({pattern}): run the preprocessing job on the "
-            "test folder with its Id list (e.g. --labels_csv sample_submission.csv)"
-        )
+    if cfg.data_dir is not None:
+        num_records = _check_shards(cfg.data_dir, image_size)
+    else:
+        if not storage.has_files(posixpath.join(cfg.input_dir, "*")):
+            raise PredictError(f"--input_dir {cfg.input_dir} holds no files (or does not exist)")
+        num_records = len(wanted) if wanted is not None else 0
     exports = []
     for d in cfg.model_dirs:
         export = fileio.join(d, EXPORT_DIR)
@@ -168,17 +198,40 @@ def check_inputs(cfg: PredictConfig, log=print) -> Inputs:
             f"averages {cfg.tta} transform(s) (train with --val_tta {cfg.tta}, or predict with "
             f"--tta {tuned_tta[0]})"
         )
-    written = manifest.get(schemas.MANIFEST_WRITTEN, {})
     return Inputs(
         image_size=image_size,
-        num_records=int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0)),
+        num_records=num_records,
         wanted=wanted,
         thresholds=thresholds,
         thresholds_source=source,
         transforms=tuple(transforms),
         exports=tuple(exports),
-        absent_reasons=_preprocessing_reasons(cfg.data_dir),
+        absent_reasons=_preprocessing_reasons(cfg.data_dir) if cfg.data_dir is not None else {},
     )
+
+
+def _check_shards(data_dir: str, image_size: int) -> int:
+    """Checks a dataset holds test shards of the models' image size; returns its number of test records."""
+    from model import fileio
+
+    try:
+        manifest = schemas.read_manifest(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from None
+    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
+    if (height, width) != (image_size, image_size):
+        raise PredictError(
+            f"{data_dir} holds {height}x{width} images but the models were trained on "
+            f"{image_size}x{image_size}: preprocess the set with --image_size {image_size}"
+        )
+    pattern = schemas.shard_pattern(data_dir, schemas.UNLABELED_FOLD)
+    if not fileio.glob(pattern):
+        raise PredictError(
+            f"{data_dir} holds no unlabeled (test) shards ({pattern}): run the preprocessing job on the "
+            "test folder with its Id list (e.g. --labels_csv sample_submission.csv)"
+        )
+    written = manifest.get(schemas.MANIFEST_WRITTEN, {})
+    return int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0))
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -188,13 +241,28 @@ def _same_file(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_dir: str, progress_dir=None):
+def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: str, progress_dir=None):
     """Wires the job's transforms into `p`; the outputs land in work_dir."""
+    from pipelines import labels as labels_lib
     from pipelines.transforms import predictions as pred
 
-    records = p | "ReadRecords" >> pred.ReadRecords(
-        schemas.shard_pattern(cfg.data_dir, schemas.UNLABELED_FOLD)
-    )
+    if cfg.data_dir is not None:
+        records = p | "ReadRecords" >> pred.ReadRecords(
+            schemas.shard_pattern(cfg.data_dir, schemas.UNLABELED_FOLD)
+        )
+        rejected = p | "NoRejections" >> beam.Create([])  # a record is scored or stops the job
+        unlisted = p | "NoUnlisted" >> beam.Create([])
+    else:
+        rows = None
+        if inputs.wanted is not None:
+            rows = [
+                labels_lib.LabelRow(_FOLDER_SOURCE, cfg.input_dir, k + 2, sid, None)
+                for k, sid in enumerate(inputs.wanted)
+            ]
+        folder = p | "ReadImageFolder" >> pred.ReadImageFolder(
+            cfg.input_dir, _FOLDER_SOURCE, inputs.image_size, rows, progress_dir
+        )
+        records, rejected, unlisted = folder["records"], folder["rejected"], folder["unlisted"]
     decoded = records | "DecodeRecords" >> pred.DecodeRecords(inputs.image_size, progress_dir)
     per_model = [
         decoded.images
@@ -203,14 +271,14 @@ def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_di
         for k, export in enumerate(inputs.exports)
     ]
     averaged = tuple(per_model) | "AverageModels" >> pred.AverageModels()
-    no_rejections = p | "NoRejections" >> beam.Create([])  # a record is scored or stops the job
     return averaged.scores | "WriteOutputs" >> pred.WriteOutputs(
-        no_rejections,
+        rejected,
         decoded.unscorable,
         averaged.repeated,
+        unlisted,
         work_dir,
         thresholds=inputs.thresholds,
-        source=cfg.data_dir,
+        source=cfg.source,
         empty=cfg.empty,
         wanted=inputs.wanted,
         absent_reasons=inputs.absent_reasons,
@@ -219,28 +287,60 @@ def build_pipeline(p: beam.Pipeline, cfg: PredictConfig, inputs: Inputs, work_di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The job's flags (model.predict's, plus --progress_seconds); unknown flags go to Beam."""
-    parser = predict.build_parser()
-    parser.prog = "run_predict.sh"
-    parser.description = (
-        "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set with the "
-        "exported models (RunInference), average over test-time augmentation and models, apply the "
-        "thresholds and write the submission (Id,Predicted). Any Beam option (--runner DataflowRunner "
-        "--project P --region R --temp_location gs://...) passes through."
+    """The job's flags (model.predict's, with --data_dir | --input_dir); unknown flags go to Beam."""
+    d = JobConfig(data_dir="x", input_dir=None, model_dirs=("x",), out="x")
+    p = argparse.ArgumentParser(
+        prog="run_predict.sh",
+        description=(
+            "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set, or a "
+            "folder of stain images, with the exported models (RunInference), average over test-time "
+            "augmentation and models, apply the thresholds and write the submission (Id,Predicted) and "
+            "rejected.csv beside it. Any Beam option (--runner DataflowRunner --project P --region R "
+            "--temp_location gs://...) passes through."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--progress_seconds", type=float, default=10.0, help="progress print interval (local)"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="preprocessing output holding test-* shards (or gs://)")
+    source.add_argument(
+        "--input_dir",
+        help="a folder of {Id}_{red,green,blue,yellow}.{png,jpg,tif} files (or gs://), read and checked by "
+        "the preprocessing job's rules and resized to the models' size",
     )
-    return parser
+    p.add_argument(
+        "--model_dir", nargs="+", required=True, metavar="DIR", help="training run dir(s) (ensemble)"
+    )
+    p.add_argument(
+        "--out", required=True, help="submission CSV to write (Id,Predicted); rejected.csv beside it"
+    )
+    p.add_argument(
+        "--ids_csv",
+        help="CSV with an Id column: the rows to predict, in order (default: every sample, by Id)",
+    )
+    p.add_argument("--tta", type=int, choices=predict.TTA_CHOICES, default=d.tta, help="transforms averaged")
+    p.add_argument(
+        "--thresholds", help="a thresholds.json to apply instead of the model dirs' (which must agree)"
+    )
+    p.add_argument(
+        "--empty",
+        choices=predict.EMPTY_RULES,
+        default=d.empty,
+        help="a row where no class passes its threshold",
+    )
+    p.add_argument("--probabilities", help="also write the averaged probabilities (.npz or .csv)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per RunInference batch")
+    p.add_argument(
+        "--progress_seconds", type=float, default=d.progress_seconds, help="progress interval (local)"
+    )
+    return p
 
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig (PredictError on bad values); unknown flags are returned for Beam."""
     args, beam_args = build_parser().parse_known_args(argv)
-    if getattr(args, "input_dir", None):  # model.predict's folder input
-        raise PredictError("--input_dir: the Beam job reads preprocessed shards (--data_dir) only")
-    cfg = PredictConfig(
-        data_dir=args.data_dir.rstrip("/"),
+    cfg = JobConfig(
+        data_dir=args.data_dir.rstrip("/") if args.data_dir else None,
+        input_dir=args.input_dir.rstrip("/") if args.input_dir else None,
         model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
         out=args.out,
         ids_csv=args.ids_csv,
@@ -249,8 +349,9 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         empty=args.empty,
         probabilities=args.probabilities,
         batch_size=args.batch_size,
+        progress_seconds=args.progress_seconds,
     )
-    return JobConfig(cfg, args.progress_seconds), beam_args
+    return cfg, beam_args
 
 
 def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
@@ -273,7 +374,7 @@ def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
     return options, local
 
 
-def _publish(cfg: PredictConfig, work: str) -> dict:
+def _publish(cfg: JobConfig, work: str) -> dict:
     """Reads the job's report; moves its files into place (the submission last) or raises its error."""
     import json
 
@@ -310,14 +411,13 @@ def run(argv: list[str] | None = None, log=None) -> dict:
       RuntimeError: the job failed.
     """
     log = log or _log
-    job, beam_args = parse_args(argv)
-    cfg = job.predict
+    cfg, beam_args = parse_args(argv)
     inputs = check_inputs(cfg, log)
     options, local = pipeline_options(beam_args)
-    work = job.work_dir
+    work = cfg.work_dir
     storage.delete(work)  # leftovers of a failed run
     log(
-        f"scoring {inputs.num_records or '?'} records of {cfg.data_dir} ({inputs.image_size} px) with "
+        f"scoring {inputs.num_records or '?'} samples of {cfg.source} ({inputs.image_size} px) with "
         f"{len(inputs.exports)} model(s) x {len(inputs.transforms)} transform(s) {list(inputs.transforms)} "
         f"on {options.view_as(StandardOptions).runner or 'DirectRunner'}"
     )
@@ -331,10 +431,13 @@ def run(argv: list[str] | None = None, log=None) -> dict:
         build_pipeline(p, cfg, inputs, work, progress_dir)
         if local:
             from pipelines.progress import Progress
-            from pipelines.transforms.predictions import DECODE_PHASE, score_phase
+            from pipelines.transforms import predictions as pred
 
-            phases = (DECODE_PHASE, *(score_phase(k) for k in range(len(inputs.exports))))
-            with Progress(progress_dir, inputs.num_records, job.progress_seconds, phases, PROG):
+            phases = (pred.DECODE_PHASE, *(pred.score_phase(k) for k in range(len(inputs.exports))))
+            if cfg.input_dir is not None:
+                phases = (pred.LOAD_PHASE, *phases)
+            total = inputs.num_records or _count_local_ids(cfg.input_dir)
+            with Progress(progress_dir, total, cfg.progress_seconds, phases, PROG):
                 p.run().wait_until_finish()
         else:
             p.run().wait_until_finish()
@@ -351,9 +454,14 @@ def run(argv: list[str] | None = None, log=None) -> dict:
     )
     if report["not_in_id_list"]:
         log(
-            f"warning: {report['not_in_id_list']} record(s) of {cfg.data_dir} are not in {cfg.ids_csv} and "
+            f"warning: {report['not_in_id_list']} record(s) of {cfg.source} are not in {cfg.ids_csv} and "
             f"are left out of the submission, e.g. {report['not_in_id_list_examples']}"
             + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
+        )
+    if report.get("unlisted_images"):
+        log(
+            f"warning: images of {report['unlisted_images']} Id(s) of {cfg.input_dir} are not in "
+            f"{cfg.ids_csv} and were not scored, e.g. {report['unlisted_examples']}"
         )
     listed = f"{report['rows']} of {report['listed']} listed Ids predicted, {report['rejected']} rejected"
     if report["rejected"]:
@@ -377,6 +485,15 @@ def run(argv: list[str] | None = None, log=None) -> dict:
         "thresholds": inputs.thresholds_source,
         "seconds": seconds,
     }
+
+
+def _count_local_ids(input_dir: str | None) -> int:
+    """The number of sample Ids with a stain file in a local folder (0 for none or a remote one)."""
+    if input_dir is None or "://" in input_dir or not os.path.isdir(input_dir):
+        return 0
+    from pipelines.transforms.files import stain_of
+
+    return len({parsed[0] for parsed in map(stain_of, os.listdir(input_dir)) if parsed})
 
 
 def _log(msg: str) -> None:

@@ -97,6 +97,121 @@ def DecodeRecords(records, image_size: int, progress_dir: str | None = None):  #
     )
 
 
+# --- an image folder (--input_dir): the preprocessing job's own transforms and rules -----------------------
+
+LOAD_PHASE = "load"
+
+
+def _row_of_file(key, input_dir: str):
+    from pipelines import labels as labels_lib
+
+    source, sample_id = key
+    return labels_lib.LabelRow(source, input_dir, 0, sample_id, None)
+
+
+def _file_key(item):
+    return item[0]
+
+
+@beam.ptransform_fn
+def ListedRows(files, input_dir: str):  # noqa: N802
+    """The folder's files ((source, Id), file) -> one unlabeled LabelRow per Id found (no Id list given)."""
+    return (
+        files
+        | "Ids" >> beam.Map(_file_key)
+        | "Distinct" >> beam.Distinct()
+        | "Rows" >> beam.Map(_row_of_file, input_dir)
+    )
+
+
+def _id_reason_detail(row: tuple[str, str, str, str]) -> tuple[str, str, str]:
+    sample_id, reason, detail, _ = row  # schemas.REJECTED_COLUMNS order
+    return sample_id, reason, detail
+
+
+class _LoadSampleFn(beam.DoFn):
+    """Candidate -> the serialized record the preprocessing job would write for it at the models' size.
+
+    Reads the four stain files and applies `stains.validate_stains` (checks, 8-bit conversion, box-filter
+    resize), so the scored pixels are those of `run_preprocess.sh --image_size S` then the shard path.
+    Rejections (Id, reason, detail, source) carry the preprocessing job's reason codes.
+    """
+
+    def __init__(self, image_size: int, progress_dir: str | None):
+        self._size = image_size
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._progress = ProgressFile(self._progress_dir, LOAD_PHASE)
+
+    def process(self, c):
+        from pipelines import stains as stains_lib
+        from pipelines.transforms.images import read_stains
+        from pipelines.transforms.samples import rejection
+
+        try:
+            valid = stains_lib.validate_stains(read_stains(c), self._size)
+        except stains_lib.Rejected as e:
+            beam.metrics.Metrics.counter(COUNTERS, f"rejected_{e.reason}").inc()
+            self._progress.add(rejected=1)
+            yield beam.pvalue.TaggedOutput("rejected", rejection(c.source, c.id, e.reason, e.detail))
+            return
+        except OSError as e:  # listed but unreadable (deleted, permissions)
+            self._progress.add(rejected=1)
+            reason = stains_lib.MISSING_STAIN
+            yield beam.pvalue.TaggedOutput("rejected", rejection(c.source, c.id, reason, str(e)))
+            return
+        sample = schemas.Sample(
+            id=c.id,
+            images=valid.images,
+            height=valid.height,
+            width=valid.width,
+            labels=np.zeros(schemas.NUM_CLASSES, np.int64),
+            fold=schemas.UNLABELED_FOLD,
+            source=c.source,
+        )
+        self._progress.add(done=1)
+        yield schemas.to_example(sample).SerializeToString()
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+
+@beam.ptransform_fn
+def ReadImageFolder(  # noqa: N802
+    pbegin, input_dir: str, source: str, image_size: int, rows=None, progress_dir: str | None = None
+):
+    """A folder of `{Id}_{stain}.{ext}` files -> serialized records at `image_size`, as the preprocessing
+    job writes them (its ListImages, CheckRows and MatchFiles, then `stains.validate_stains`).
+
+    Args:
+      rows: LabelRows of the Ids to predict (from --ids_csv); None: every Id with a file in the folder.
+
+    Returns:
+      {"records": serialized records, "rejected": (Id, reason, detail), "unlisted": (source, Id) of images
+      whose Id is not listed}.
+    """
+    from pipelines.transforms.files import ListImages, MatchFiles
+    from pipelines.transforms.rows import CheckRows
+
+    files = pbegin | "ListImages" >> ListImages(input_dir, source)
+    if rows is None:
+        all_rows = files | "ListedRows" >> ListedRows(input_dir)
+    else:
+        all_rows = pbegin | "ListedRows" >> beam.Create(rows, reshuffle=False)
+    checked = all_rows | "CheckRows" >> CheckRows()
+    matched = (checked.valid, all_rows, files) | "MatchFiles" >> MatchFiles()
+    loaded = matched.candidates | "LoadSamples" >> beam.ParDo(
+        _LoadSampleFn(image_size, progress_dir)
+    ).with_outputs("rejected", main="records")
+    rejected = (
+        (checked.rejected, matched.rejected, loaded.rejected)
+        | "AllRejected" >> beam.Flatten()
+        | "IdReasonDetail" >> beam.Map(_id_reason_detail)
+    )
+    return {"records": loaded.records, "rejected": rejected, "unlisted": matched.unlisted}
+
+
 class ExportedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     """RunInference's handler for the training job's export: images scored under every TTA transform.
 
@@ -320,7 +435,7 @@ class _WriteOutputsFn(beam.DoFn):
         self._work_dir = work_dir
         self._options = options
 
-    def process(self, scored, rejected, unscorable, repeated):
+    def process(self, scored, rejected, unscorable, repeated, unlisted):
         import json
         import posixpath
 
@@ -336,7 +451,12 @@ class _WriteOutputsFn(beam.DoFn):
         except PredictError as e:
             summary = {"error": str(e)}
         else:
-            summary = out.summary
+            unlisted_ids = sorted(sid for _, sid in unlisted)
+            summary = {
+                **out.summary,
+                "unlisted_images": len(unlisted_ids),
+                "unlisted_examples": unlisted_ids[:3],
+            }
             storage.write_bytes(posixpath.join(self._work_dir, SUBMISSION_NAME), out.submission)
             storage.write_bytes(posixpath.join(self._work_dir, schemas.REJECTED_FILE), out.rejected)
             if out.probabilities is not None:
@@ -354,6 +474,7 @@ def WriteOutputs(  # noqa: N802
     rejected,
     unscorable,
     repeated,
+    unlisted,
     work_dir: str,
     *,
     thresholds: np.ndarray,
@@ -366,8 +487,9 @@ def WriteOutputs(  # noqa: N802
     """All (Id, scores) at once -> the submission, rejected.csv (+ probabilities) and REPORT_FILE in work_dir.
 
     `rejected`: (Id, reason, detail) of samples the job rejected; `unscorable`: (Id, reason) of records
-    that cannot be scored and `repeated`: Ids held by several records, both errors. An error writes only
-    REPORT_FILE, with the message; the launcher publishes nothing then.
+    that cannot be scored and `repeated`: Ids held by several records, both errors; `unlisted`: (source,
+    Id) of images in a folder whose Id is not listed (counted). An error writes only REPORT_FILE, with the
+    message; the launcher publishes nothing then.
     """
     options = {
         "thresholds": np.asarray(thresholds, dtype=np.float64),
@@ -386,5 +508,6 @@ def WriteOutputs(  # noqa: N802
             rejected=beam.pvalue.AsList(rejected),
             unscorable=beam.pvalue.AsList(unscorable),
             repeated=beam.pvalue.AsList(repeated),
+            unlisted=beam.pvalue.AsList(unlisted),
         )
     )
