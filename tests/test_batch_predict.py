@@ -14,7 +14,7 @@ from model import model as model_lib
 from model import predict
 from model.config import EXPORT_DIR, THRESHOLDS_FILE
 from pipelines import batch_predict
-from tests.fixtures import write_labels_csv
+from tests.fixtures import png_bytes, stain_array, write_labels_csv
 from tests.test_predict import _ids, write_model_dir, write_test_set
 
 SIZE = 16
@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch_predict")
     data_dir = str(root / "data")
     ids = _ids(NUM_TEST)
-    write_test_set(data_dir, ids, size=SIZE)
+    images = write_test_set(data_dir, ids, size=SIZE)
     thresholds = np.random.default_rng(1).uniform(0.4, 0.6, schemas.NUM_CLASSES)
     dirs = [_model_dir(str(root / f"fold{k}"), k, thresholds) for k in range(2)]
     listed = [ids[i] for i in (5, 0, 9, 3, 1, 10, 7, 2, 4)]  # not the records' order, two records unlisted
@@ -46,6 +46,7 @@ def setup(tmp_path_factory):
         "ids": ids,
         "dirs": dirs,
         "ids_csv": ids_csv,
+        "images": images,
         "thr": thresholds,
     }
 
@@ -185,3 +186,52 @@ def test_records_of_another_size_stop_the_job(setup, tmp_path, capsys):
     assert code == 2
     assert "1 record(s) could not be scored" in err and "b: other_image_size: 32x32" in err
     assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def _write_folder(folder, images: dict) -> None:
+    """Each image's four stains as `{Id}_{stain}.png` files."""
+    os.makedirs(folder, exist_ok=True)
+    for sid, image in images.items():
+        for k, stain in enumerate(schemas.STAINS):
+            with open(os.path.join(folder, f"{sid}_{stain}.png"), "wb") as f:
+                f.write(png_bytes(image[:, :, k]))
+
+
+def test_an_image_folder_gives_the_shards_predictions_and_lists_every_rejected_id(setup, tmp_path):
+    folder = tmp_path / "images"
+    _write_folder(folder, setup["images"])
+    big = np.stack([stain_array(90 + k, 2 * SIZE) for k in range(schemas.NUM_STAINS)], axis=-1)
+    _write_folder(folder, {"big": big})  # resized to the models' size
+    _write_folder(folder, {"three": big[:SIZE, :SIZE]})
+    os.remove(folder / "three_yellow.png")  # a missing stain
+    _write_folder(folder, {"mixed": big[:SIZE, :SIZE]})
+    with open(folder / "mixed_green.png", "wb") as f:  # a stain of another size
+        f.write(png_bytes(big[:, :, 1]))
+    listed = ["absent", *setup["ids"][::-1], "three", "big", "mixed"]
+    ids_csv = str(tmp_path / "ids.csv")
+    write_labels_csv(ids_csv, [(i, "0") for i in listed], header=(schemas.CSV_ID,))
+
+    out = tmp_path / "folder"
+    argv = _argv(setup, out, "--tta", "2", "--ids_csv", ids_csv, "--probabilities", str(out / "p.npz"))
+    argv[0] = "--input_dir"
+    argv[1] = str(folder)
+    summary = batch_predict.run(argv, log=lambda msg: None)
+    ref = tmp_path / "ref"
+    batch_predict.run(_argv(setup, ref, "--tta", "2", "--probabilities", str(ref / "p.npz")), log=lambda m: 0)
+
+    got, want = _npz(out / "p.npz"), _npz(ref / "p.npz")
+    index = {sid: k for k, sid in enumerate(got[predict.PROB_IDS].tolist())}
+    rows = [index[sid] for sid in want[predict.PROB_IDS].tolist()]
+    np.testing.assert_allclose(got[predict.PROB_SCORES][rows], want[predict.PROB_SCORES], rtol=0, atol=1e-5)
+    submission = _read_rows(out / "submission.csv")
+    assert [r[0] for r in submission[1:]] == [*setup["ids"][::-1], "big"]
+    ref_rows = dict(map(tuple, _read_rows(ref / "submission.csv")[1:]))
+    assert all(ref_rows[sid] == pred for sid, pred in submission[1:-1])
+    rejected = _read_rows(out / schemas.REJECTED_FILE)
+    assert [(r[0], r[1]) for r in rejected[1:]] == [
+        ("absent", "missing_stain"),
+        ("three", "missing_stain"),
+        ("mixed", "size_mismatch"),
+    ]
+    assert "yellow" in rejected[2][2] and rejected[1][3] == str(folder)
+    assert summary["rows"] + summary["rejected"] == len(listed)  # every listed Id accounted for
