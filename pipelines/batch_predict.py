@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ids_csv",
-        help="CSV with an Id column: the rows to predict, in order (default: every sample, by Id)",
+        help="CSV with an Id column: the rows to predict, in order (none: every sample, by Id)",
     )
     p.add_argument("--tta", type=int, choices=predict.TTA_CHOICES, default=d.tta, help="transforms averaged")
     p.add_argument(
