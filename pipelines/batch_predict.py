@@ -113,7 +113,6 @@ class Inputs:
     thresholds_source: str
     transforms: tuple[int, ...]
     exports: tuple[str, ...]
-    absent_reasons: dict[str, tuple[str, str]]
 
 
 def _has_images_signature(export_dir: str) -> bool:
@@ -125,23 +124,6 @@ def _has_images_signature(export_dir: str) -> bool:
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString(fileio.read_bytes(posixpath.join(export_dir, _SAVED_MODEL_PB)))
     return any(model_lib.IMAGES_SIGNATURE in g.signature_def for g in saved.meta_graphs)
-
-
-def _preprocessing_reasons(data_dir: str) -> dict[str, tuple[str, str]]:
-    """Id -> (reason, detail) of the preprocessing job's rejected.csv in data_dir (empty when absent)."""
-    import csv
-    import io
-
-    path = posixpath.join(data_dir, schemas.REJECTED_FILE)
-    if not storage.exists(path):
-        return {}
-    out = {}
-    for row in csv.DictReader(io.StringIO(storage.read_text(path, "rejected list"))):
-        sid = row.get(schemas.CSV_ID)
-        if sid:
-            detail = row.get(schemas.REJECTED_DETAIL) or ""
-            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
-    return out
 
 
 def rejected_path(out: str) -> str:
@@ -206,7 +188,6 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
         thresholds_source=source,
         transforms=tuple(transforms),
         exports=tuple(exports),
-        absent_reasons=_preprocessing_reasons(cfg.data_dir) if cfg.data_dir is not None else {},
     )
 
 
@@ -280,8 +261,8 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: s
         thresholds=inputs.thresholds,
         source=cfg.source,
         empty=cfg.empty,
-        wanted=inputs.wanted,
-        absent_reasons=inputs.absent_reasons,
+        ids_csv=cfg.ids_csv,
+        data_dir=cfg.data_dir,
         probabilities_format=posixpath.splitext(cfg.probabilities)[1] if cfg.probabilities else None,
     )
 

@@ -430,23 +430,53 @@ def assemble_outputs(
     )
 
 
+def preprocessing_reasons(data_dir: str) -> dict[str, tuple[str, str]]:
+    """Id -> (reason, detail) of the preprocessing job's rejected.csv in data_dir (empty when absent)."""
+    import posixpath
+
+    from pipelines import storage
+
+    path = posixpath.join(data_dir, schemas.REJECTED_FILE)
+    if not storage.exists(path):
+        return {}
+    out = {}
+    for row in csv.DictReader(io.StringIO(storage.read_text(path, "rejected list"))):
+        sid = row.get(schemas.CSV_ID)
+        if sid:
+            detail = row.get(schemas.REJECTED_DETAIL) or ""
+            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
+    return out
+
+
 class _WriteOutputsFn(beam.DoFn):
-    def __init__(self, work_dir: str, options: dict):
+    """Reads the Id list and the preprocessing job's rejected.csv here (not in the pipeline's graph: a
+    million Ids would bloat it), then writes the outputs or the error."""
+
+    def __init__(self, work_dir: str, options: dict, ids_csv: str | None, data_dir: str | None):
         self._work_dir = work_dir
         self._options = options
+        self._ids_csv = ids_csv
+        self._data_dir = data_dir
 
     def process(self, scored, rejected, unscorable, repeated, unlisted):
         import json
         import posixpath
 
-        from model.predict import PredictError
+        from model.predict import PredictError, read_id_list
         from pipelines import storage
 
         ids = [sid for sid, _ in scored]
         scores = np.array([s for _, s in scored]).reshape(len(ids), schemas.NUM_CLASSES)
         try:
             out = assemble_outputs(
-                ids, scores, rejected=rejected, unscorable=unscorable, repeated=repeated, **self._options
+                ids,
+                scores,
+                rejected=rejected,
+                unscorable=unscorable,
+                repeated=repeated,
+                wanted=read_id_list(self._ids_csv) if self._ids_csv else None,
+                absent_reasons=preprocessing_reasons(self._data_dir) if self._data_dir else {},
+                **self._options,
             )
         except PredictError as e:
             summary = {"error": str(e)}
@@ -480,12 +510,14 @@ def WriteOutputs(  # noqa: N802
     thresholds: np.ndarray,
     source: str,
     empty: str,
-    wanted: Sequence[str] | None,
-    absent_reasons: dict[str, tuple[str, str]],
+    ids_csv: str | None,
+    data_dir: str | None,
     probabilities_format: str | None,
 ):
     """All (Id, scores) at once -> the submission, rejected.csv (+ probabilities) and REPORT_FILE in work_dir.
 
+    `ids_csv`: the Id list (the submission's rows and order; None: every Id); `data_dir`: the shards'
+    dataset, whose rejected.csv gives the reasons of listed Ids without a record (None for a folder).
     `rejected`: (Id, reason, detail) of samples the job rejected; `unscorable`: (Id, reason) of records
     that cannot be scored and `repeated`: Ids held by several records, both errors; `unlisted`: (source,
     Id) of images in a folder whose Id is not listed (counted). An error writes only REPORT_FILE, with the
@@ -495,8 +527,6 @@ def WriteOutputs(  # noqa: N802
         "thresholds": np.asarray(thresholds, dtype=np.float64),
         "source": source,
         "empty": empty,
-        "wanted": list(wanted) if wanted is not None else None,
-        "absent_reasons": dict(absent_reasons),
         "probabilities_format": probabilities_format,
     }
     return (
@@ -504,7 +534,7 @@ def WriteOutputs(  # noqa: N802
         | "CollectScores" >> beam.combiners.ToList()
         | "Write"
         >> beam.ParDo(
-            _WriteOutputsFn(work_dir, options),
+            _WriteOutputsFn(work_dir, options, ids_csv, data_dir),
             rejected=beam.pvalue.AsList(rejected),
             unscorable=beam.pvalue.AsList(unscorable),
             repeated=beam.pvalue.AsList(repeated),
