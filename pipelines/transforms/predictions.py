@@ -1,6 +1,8 @@
 """Batch prediction's transforms: records -> images -> per-model scores (RunInference) -> one ensemble score.
 
-    ReadRecords       serialized records of the test shards (Beam's TFRecord reader)
+    ReadRecords       serialized records of the test shards (Beam's TFRecord reader), or
+    ReadImageFolder   the records the preprocessing job would write for a folder of stain files (its
+                      ListImages, CheckRows, MatchFiles and `stains.validate_stains`; rejections -> rejected)
     DecodeRecords     (Id, uint8 image [H, W, NUM_STAINS]) with the schema's own decoder; a record that cannot
                       be decoded at the models' size -> `unscorable` (Id, reason)
     ScoreWithModel    RunInference with one model dir's exported SavedModel (its `serve_images` signature),
