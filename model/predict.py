@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
-import io
 import json
 import os
 import posixpath
@@ -69,6 +67,7 @@ from model.submission import (
     PredictError,
     format_submission,
     order_by_ids,
+    preprocessing_reasons,
     probabilities_bytes,
     read_id_list,
     rejected_csv,
@@ -160,20 +159,6 @@ def tta_transforms(n: int) -> tuple[int, ...]:
         return _tta_transforms(n)
     except ValueError as e:
         raise PredictError(str(e)) from None
-
-
-def _read_rejected(data_dir: str) -> dict[str, tuple[str, str]]:
-    """Id -> (reason, detail) of the preprocessing job's rejected.csv (empty when absent)."""
-    path = fileio.join(data_dir, schemas.REJECTED_FILE)
-    if not fileio.exists(path):
-        return {}
-    out = {}
-    for row in csv.DictReader(io.StringIO(fileio.read_text(path))):
-        sid = row.get(schemas.CSV_ID)
-        if sid:
-            detail = row.get(schemas.REJECTED_DETAIL) or ""
-            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
-    return out
 
 
 # --- model dirs and thresholds ---------------------------------------------------------------------------
@@ -375,7 +360,7 @@ def _folder_input(cfg: PredictConfig, wanted, image_size: int, rejected: list, l
 
 def _missing_records(wanted: Sequence[str], ids: np.ndarray, data_dir: str) -> list[tuple[str, str, str]]:
     """(Id, reason, detail) of the listed Ids without a record, with the preprocessing job's reason if any."""
-    have, before = set(ids.tolist()), _read_rejected(data_dir)
+    have, before = set(ids.tolist()), preprocessing_reasons(data_dir)
     absent = (NO_RECORD, f"no record in the test shards of {data_dir}")
     return [(sid, *before.get(sid, absent)) for sid in wanted if sid not in have]
 

@@ -134,3 +134,17 @@ def rejected_csv(rejected: Sequence[tuple[str, str, str]], source: str) -> bytes
     w.writerow(schemas.REJECTED_COLUMNS)
     w.writerows((sid, reason, detail, source) for sid, reason, detail in rejected)
     return buf.getvalue().encode("utf-8")
+
+
+def preprocessing_reasons(data_dir: str) -> dict[str, tuple[str, str]]:
+    """Id -> (reason, detail) of the preprocessing job's rejected.csv in data_dir (empty when absent)."""
+    path = fileio.join(data_dir, schemas.REJECTED_FILE)
+    if not fileio.exists(path):
+        return {}
+    out = {}
+    for row in csv.DictReader(io.StringIO(fileio.read_text(path))):
+        sid = row.get(schemas.CSV_ID)
+        if sid:
+            detail = row.get(schemas.REJECTED_DETAIL) or ""
+            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
+    return out

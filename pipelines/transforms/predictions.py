@@ -17,9 +17,7 @@ same order, then the mean over the models in the order given.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import io
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -328,15 +326,6 @@ class Outputs:
     summary: dict
 
 
-def rejected_csv(rows: Sequence[tuple[str, str, str]], source: str) -> bytes:
-    """rejected.csv's bytes (schemas.REJECTED_COLUMNS) for (Id, reason, detail) rows, in the given order."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(schemas.REJECTED_COLUMNS)
-    w.writerows((sid, reason, detail, source) for sid, reason, detail in rows)
-    return buf.getvalue().encode("utf-8")
-
-
 def assemble_outputs(
     ids: Sequence[str],
     scores: np.ndarray,
@@ -370,7 +359,7 @@ def assemble_outputs(
     Raises:
       PredictError: records that cannot be scored, repeated Ids, nothing to predict.
     """
-    from model import predict
+    from model import predict, submission
 
     if unscorable:
         examples = "; ".join(f"{sid}: {why}" for sid, why in sorted(unscorable)[:3])
@@ -409,7 +398,7 @@ def assemble_outputs(
         if extra:
             index = {sid: i for i, sid in enumerate(ids.tolist())}
             prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
-        probabilities = predict._probabilities_bytes(  # noqa: SLF001 - the same file format
+        probabilities = submission.probabilities_bytes(
             PROBABILITIES_NAME + probabilities_format, prob_ids, prob_scores
         )
     summary = {
@@ -426,28 +415,10 @@ def assemble_outputs(
     }
     return Outputs(
         submission=predict.format_submission(out_ids, predictions).encode("utf-8"),
-        rejected=rejected_csv(rows, source),
+        rejected=submission.rejected_csv(rows, source),
         probabilities=probabilities,
         summary=summary,
     )
-
-
-def preprocessing_reasons(data_dir: str) -> dict[str, tuple[str, str]]:
-    """Id -> (reason, detail) of the preprocessing job's rejected.csv in data_dir (empty when absent)."""
-    import posixpath
-
-    from pipelines import storage
-
-    path = posixpath.join(data_dir, schemas.REJECTED_FILE)
-    if not storage.exists(path):
-        return {}
-    out = {}
-    for row in csv.DictReader(io.StringIO(storage.read_text(path, "rejected list"))):
-        sid = row.get(schemas.CSV_ID)
-        if sid:
-            detail = row.get(schemas.REJECTED_DETAIL) or ""
-            out[sid] = (row.get(schemas.REJECTED_REASON) or "?", f"rejected by preprocessing: {detail}")
-    return out
 
 
 class _WriteOutputsFn(beam.DoFn):
@@ -465,6 +436,7 @@ class _WriteOutputsFn(beam.DoFn):
         import posixpath
 
         from model.predict import PredictError, read_id_list
+        from model.submission import preprocessing_reasons
         from pipelines import storage
 
         ids = [sid for sid, _ in scored]
