@@ -34,6 +34,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, VAL_IDS, VAL_LABELS, VAL_PREDICTIONS_FILE, VAL_SCORES
+from pipelines import cli
 
 __all__ = [
     "F1_PLOT_FILE",
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 # The files this job writes (what it reads is named in model.config).
+PROG = "hpa-evaluate"
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 F1_PLOT_FILE = "per_class_f1.png"
@@ -379,7 +381,7 @@ def run(
 def _parse_args(argv):
     d = EvalConfig()
     p = argparse.ArgumentParser(
-        prog="python -m model.evaluate",
+        prog=PROG,
         description=(
             "Pool the validation predictions of one or more model dirs (one per fold), tune a threshold per "
             f"class, write {THRESHOLDS_FILE} into each model dir and --out, and write {REPORT_JSON_FILE}, "
@@ -424,24 +426,23 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
+# ValueError: the checks of the predictions read and of the flags (numpy-only cores, no exception types of
+# their own).
+@cli.command(PROG, bad_input=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m model.evaluate`; returns the exit status."""
+    """Entry point (`hpa-evaluate`); returns the exit status (2 on bad input)."""
     args = _parse_args(argv)
-    try:
-        config = EvalConfig(
-            thresholds=thr.ThresholdConfig(
-                min_positives=args.min_positives,
-                rare_rule=args.rare_rule,
-                global_threshold=args.global_threshold,
-            ),
-            cv_splits=args.cv_splits,
-            seed=args.seed,
-            base_threshold=args.base_threshold,
-        )
-        run(args.model_dir, args.out, config, write_model_dirs=not args.no_model_dir_thresholds)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = EvalConfig(
+        thresholds=thr.ThresholdConfig(
+            min_positives=args.min_positives,
+            rare_rule=args.rare_rule,
+            global_threshold=args.global_threshold,
+        ),
+        cv_splits=args.cv_splits,
+        seed=args.seed,
+        base_threshold=args.base_threshold,
+    )
+    run(args.model_dir, args.out, config, write_model_dirs=not args.no_model_dir_thresholds)
     return 0
 
 

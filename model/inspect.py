@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import html
 import io
-import os
 import sys
 import time
 import weakref
@@ -47,6 +46,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, TTA_CHOICES
+from pipelines import cli
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -63,6 +63,7 @@ __all__ = [
     "sheet_name",
 ]
 
+PROG = "hpa-inspect"
 DEFAULT_THRESHOLD = 0.5
 INDEX_FILE = "index.html"
 ROW_TITLES = {
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = InspectConfig(model_dirs=("x",), data_dir="", out="")
     p = argparse.ArgumentParser(
-        prog="python -m model.inspect",
+        prog=PROG,
         description=(
             "Write image galleries: per class, the top true positives, worst false positives and worst "
             "false negatives, each with its Grad-CAM heat map, and index.html with the per-class F1 table."
@@ -659,27 +660,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG, bad_input=(InspectError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m model.inspect`; returns the exit status (2 on bad input)."""
+    """Entry point (`hpa-inspect`); returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = InspectConfig(
-            model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-            data_dir=args.data_dir.rstrip("/"),
-            out=args.out.rstrip("/"),
-            fold=args.fold,
-            test=args.test,
-            per_class=args.per_class,
-            tta=args.tta,
-            batch_size=args.batch_size,
-        )
-        run(cfg)
-    except InspectError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    cfg = InspectConfig(
+        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+        data_dir=args.data_dir.rstrip("/"),
+        out=args.out.rstrip("/"),
+        fold=args.fold,
+        test=args.test,
+        per_class=args.per_class,
+        tta=args.tta,
+        batch_size=args.batch_size,
+    )
+    run(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

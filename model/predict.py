@@ -55,6 +55,7 @@ from model.config import (
     VAL_SCORES,
 )
 from model.config import tta_transforms as _tta_transforms
+from pipelines import cli
 
 __all__ = [
     "EMPTY_RULES",
@@ -73,6 +74,7 @@ __all__ = [
     "tta_transforms",
 ]
 
+PROG = "hpa-predict"
 EMPTY_RULES = ("top1", "none")
 # Arrays of the --probabilities .npz: Ids and scores named as in the training job's val_predictions.npz.
 PROB_IDS, PROB_SCORES, PROB_CLASS_NAMES = VAL_IDS, VAL_SCORES, "class_names"
@@ -509,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = PredictConfig(data_dir="", model_dirs=("x",), out="")
     p = argparse.ArgumentParser(
-        prog="python -m model.predict",
+        prog=PROG,
         description=(
             "Score the unlabeled (test) shards of a preprocessed set with one or more trained models, "
             "average over test-time augmentation and models, apply the per-class thresholds and write the "
@@ -553,25 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG, bad_input=(PredictError,))
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
+    """Entry point (`hpa-predict`); returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = PredictConfig(
-            data_dir=args.data_dir.rstrip("/"),
-            model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-            out=args.out,
-            ids_csv=args.ids_csv,
-            tta=args.tta,
-            thresholds=args.thresholds,
-            empty=args.empty,
-            probabilities=args.probabilities,
-            batch_size=args.batch_size,
-        )
-        run(cfg)
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = PredictConfig(
+        data_dir=args.data_dir.rstrip("/"),
+        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+        out=args.out,
+        ids_csv=args.ids_csv,
+        tta=args.tta,
+        thresholds=args.thresholds,
+        empty=args.empty,
+        probabilities=args.probabilities,
+        batch_size=args.batch_size,
+    )
+    run(cfg)
     return 0
 
 

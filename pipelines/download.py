@@ -65,10 +65,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
+from pipelines import cli, progress_files
 from pipelines import labels as labels_lib
-from pipelines import progress_files
 from pipelines import stains as stains_lib
 
+PROG = "hpa-download"
 DOWNLOADED = "downloaded"
 PRESENT = "present"
 NOT_FOUND = "not_found"
@@ -542,7 +543,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     """Job flags -> DownloadConfig; unknown flags are returned for Beam's PipelineOptions."""
     d = DownloadConfig(labels_csv="", output_dir="")
     parser = argparse.ArgumentParser(
-        prog="run_download.sh",
+        prog=PROG,
         description="Download the four stain images of every atlas Id of a label file (e.g. the external "
         "HPAv18 set) into one folder that the preprocessing job reads as its --input_dir. Any Beam option "
         "(--runner DataflowRunner --project P --region R --temp_location gs://...) passes through.",
@@ -733,19 +734,13 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def _log(msg: str) -> None:
-    print(f"download: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
+@cli.command(PROG, bad_input=(labels_lib.LabelFileError,))
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
-    try:
-        run(argv)
-    except labels_lib.LabelFileError as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 1
+    """Command-line entry (`hpa-download`): exit 2 and one line for bad input, 1 for a failed job."""
+    run(argv)
     return 0
 
 

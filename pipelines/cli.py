@@ -1,0 +1,102 @@
+"""The conventions every command of the project shares, and the one wrapper that applies them.
+
+Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `make setup`) and a module
+(`python -m pipelines.preprocess`, what the `run_*.sh` wrappers run from a fresh clone without an install):
+
+- flags are `--snake_case`; a path flag takes a local path or a `gs://` URL unless its help says otherwise;
+  `--help` describes every flag.
+- exit status 0: done. 2: bad usage (argparse's own message) or bad input (a missing file, a malformed label
+  file, a flag the data contradicts...): one line `hpa-x: error: ...` on stderr, no traceback. 1: a failure
+  while running (any other exception), reported with its traceback. `HPA_TRACEBACK=1` in the environment
+  prints the traceback of bad-input errors too.
+- run as a command (`argv=None`), TensorFlow's C++ logging is cut to errors unless TF_CPP_MIN_LOG_LEVEL is
+  set.
+
+A command's module follows this pattern:
+
+    PROG = "hpa-x"
+
+    def build_parser() -> argparse.ArgumentParser:
+        return argparse.ArgumentParser(prog=PROG, description=...)
+
+    @cli.command(PROG, bad_input=(XError,))  # the module's own bad-input exception types
+    def main(argv: Sequence[str] | None = None) -> int:
+        run(build_parser().parse_args(argv))  # raises XError on bad input
+        return 0
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+and registering it is one line in setup.py's `COMMANDS`: `"hpa-x = package.module:main"`
+(tests/test_cli.py checks that every module with such a `main` is registered and answers `--help`).
+
+This module imports nothing outside the standard library, so both packages (and `model/`, which may not import
+Beam) can use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+Main = Callable[[Sequence[str] | None], int]
+
+# Bad input whatever the command: a user path that does not exist, an output that exists without --overwrite.
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+TRACEBACK_ENV = "HPA_TRACEBACK"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _bad_input_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
+    """BAD_INPUT + `extra` + TensorFlow's NotFoundError (a missing gs:// path) when TensorFlow is loaded."""
+    tf = sys.modules.get("tensorflow")
+    not_found = getattr(getattr(tf, "errors", None), "NotFoundError", None)
+    return BAD_INPUT + extra + ((not_found,) if isinstance(not_found, type) else ())
+
+
+def error_line(prog: str, error: BaseException) -> str:
+    """`prog: error: message` on one line (runs of whitespace in the message, newlines too, become spaces)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{prog}: error: {message}"
+
+
+def command(prog: str, bad_input: tuple[type[BaseException], ...] = ()) -> Callable[[Main], Main]:
+    """Decorates a command's `main(argv) -> int` with the family's exit statuses and error reporting.
+
+    Args:
+      prog: the installed command's name (`hpa-x`), the prefix of its error line.
+      bad_input: the exception types that mean bad input for this command (besides BAD_INPUT).
+
+    Returns:
+      A decorator; the decorated `main` returns 0, 1 or 2 (argparse's SystemExit passes through).
+    """
+
+    def decorate(main: Main) -> Main:
+        @functools.wraps(main)
+        def entry(argv: Sequence[str] | None = None) -> int:
+            if argv is None:  # run as a command, not called from Python
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            try:
+                return main(argv)
+            except _bad_input_types(bad_input) as e:
+                if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                    traceback.print_exc()
+                print(error_line(prog, e), file=sys.stderr, flush=True)
+                return EXIT_BAD_INPUT
+            except Exception:
+                traceback.print_exc()
+                sys.stderr.flush()
+                return EXIT_FAILED
+
+        entry.prog = prog  # type: ignore[attr-defined]
+        return entry
+
+    return decorate
