@@ -37,21 +37,23 @@ def _setup_commands() -> dict[str, str]:
 COMMANDS = _setup_commands()
 
 
-def _decorated_modules() -> set[str]:
-    """The modules of the packages whose `main` carries `@cli.command` (the family's entry points)."""
+def _modules_with(pattern: str) -> set[str]:
+    """The modules of both packages whose source matches `pattern` (a multi-line regular expression)."""
     found = set()
     for package in ("pipelines", "model"):
         for folder, _, files in os.walk(os.path.join(ROOT, package)):
             for name in files:
                 path = os.path.join(folder, name)
-                if name.endswith(".py") and re.search(r"^@cli\.command\(", open(path).read(), re.M):
+                if name.endswith(".py") and re.search(pattern, open(path).read(), re.M):
                     found.add(os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, "."))
     return found
 
 
 def test_every_command_module_is_registered_and_installed():
     modules = {target.split(":")[0] for target in COMMANDS.values()}
-    assert _decorated_modules() == modules, "a module's @cli.command main is missing from setup.py COMMANDS"
+    runnable = _modules_with(r"^if __name__ == .__main__.:")
+    assert runnable == modules, "a runnable module is missing from setup.py's COMMANDS (or vice versa)"
+    assert _modules_with(r"^@cli\.command\(") == modules, "a command's main lacks @cli.command"
     installed = {
         ep.name: ep.value
         for ep in importlib.metadata.entry_points(group="console_scripts")
