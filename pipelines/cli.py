@@ -30,12 +30,16 @@ A command's module follows this pattern:
 and registering it is one line in setup.py's `COMMANDS`: `"hpa-x = package.module:main"`
 (tests/test_cli.py checks that every module with such a `main` is registered and answers `--help`).
 
-This module imports nothing outside the standard library, so both packages (and `model/`, which may not import
-Beam) can use it.
+A Beam job parses its own flags with `parse_known_args` and hands the rest to Beam's PipelineOptions, which
+would drop a misspelt flag with a log line; `reject_unknown_beam_flags` makes that bad usage (exit 2) too.
+
+This module imports nothing outside the standard library (Beam only inside `reject_unknown_beam_flags`), so
+both packages can use it, `model/` included.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -100,3 +104,19 @@ def command(prog: str, bad_input: tuple[type[BaseException], ...] = ()) -> Calla
         return entry
 
     return decorate
+
+
+def reject_unknown_beam_flags(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
+    """Exits through `parser.error` (status 2) when a flag left for Beam is no Beam pipeline option either.
+
+    Args:
+      parser: the job's own parser (for its usage line and prog).
+      beam_args: what `parser.parse_known_args` left over.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    given = PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
+    unknown = sorted(set(given) - set(PipelineOptions([]).get_all_options()))
+    if unknown:
+        flags = ", ".join(f"--{name}" for name in unknown)
+        parser.error(f"unrecognized arguments: {flags} (neither flags of this job nor Beam pipeline options)")

@@ -600,6 +600,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
     args, beam_args = parser.parse_known_args(argv)
+    cli.reject_unknown_beam_flags(parser, beam_args)
     if not args.base_url.startswith(("http://", "https://")):
         parser.error(f"--base_url must start with http:// or https://, got {args.base_url!r}")
     for name in ("image_size", "limit"):

@@ -237,6 +237,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     )
     parser.add_argument("--progress_seconds", type=float, default=10.0, help="progress print interval")
     args, beam_args = parser.parse_known_args(argv)
+    cli.reject_unknown_beam_flags(parser, beam_args)
     if len(args.labels_csv) != len(args.input_dir):
         parser.error("give one --input_dir per --labels_csv")
     sources = args.source or []

@@ -209,3 +209,18 @@ def test_a_missing_gs_path_from_tensorflow_is_bad_input(capsys):
         raise tf.errors.NotFoundError(None, None, "gs://bucket/x: not found")
 
     assert main([]) == 2 and capsys.readouterr().err == "hpa-x: error: gs://bucket/x: not found\n"
+
+
+@pytest.mark.parametrize("module", ["pipelines.preprocess", "pipelines.download"])
+def test_a_misspelt_flag_of_a_beam_job_is_bad_usage_not_dropped(module, capsys):
+    job = importlib.import_module(module)
+    base = ["--labels_csv", "l.csv", "--output_dir", "o"]
+    base += ["--input_dir", "i"] if module == "pipelines.preprocess" else []
+    beam = ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"]
+    beam += ["--direct_num_workers", "1", "--experiments=a", "--save_main_session"]
+    _, beam_args = job.parse_args(base + beam)  # Beam's own options pass through
+    assert beam_args == beam
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(base + beam + ["--image_sise", "512", "--overwirte"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --image_sise, --overwirte" in capsys.readouterr().err
