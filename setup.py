@@ -37,6 +37,9 @@ TEST = [
     "iterative-stratification",
     "gcp-storage-emulator",
 ]
+# GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
+# several GB), so no system CUDA is needed. The TF range is REQUIRED's.
+GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
 # The installed commands (in .venv/bin after `make setup`), one per job: `hpa-x = package.module:main`, where
 # main follows pipelines/cli.py's conventions. A new job is one line here.
 COMMANDS = [
@@ -49,9 +52,6 @@ COMMANDS = [
     "hpa-score = model.score:main",
     "hpa-inspect = model.inspect:main",
 ]
-# GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
-# several GB), so no system CUDA is needed. The TF range is REQUIRED's.
-GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
 
 setuptools.setup(
     name="hpa-protein-localization",
@@ -60,8 +60,8 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["schemas", "schemas.*", "pipelines", "pipelines.*", "model", "model.*"]
     ),
+    entry_points={"console_scripts": COMMANDS},
     python_requires=">=3.11,<3.12",
     install_requires=REQUIRED,
     extras_require={"test": TEST, "gpu": GPU},
-    entry_points={"console_scripts": COMMANDS},
 )

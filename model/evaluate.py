@@ -51,8 +51,8 @@ __all__ = [
     "run",
 ]
 
-# The files this job writes (what it reads is named in model.config).
 PROG = "hpa-evaluate"
+# The files this job writes (what it reads is named in model.config).
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 F1_PLOT_FILE = "per_class_f1.png"
@@ -426,23 +426,24 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-# ValueError: the checks of the predictions read and of the flags (numpy-only cores, no exception types of
-# their own).
-@cli.command(PROG, bad_input=(ValueError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (`hpa-evaluate`); returns the exit status (2 on bad input)."""
+    """Entry point of `python -m model.evaluate`; returns the exit status."""
     args = _parse_args(argv)
-    config = EvalConfig(
-        thresholds=thr.ThresholdConfig(
-            min_positives=args.min_positives,
-            rare_rule=args.rare_rule,
-            global_threshold=args.global_threshold,
-        ),
-        cv_splits=args.cv_splits,
-        seed=args.seed,
-        base_threshold=args.base_threshold,
-    )
-    run(args.model_dir, args.out, config, write_model_dirs=not args.no_model_dir_thresholds)
+    try:
+        config = EvalConfig(
+            thresholds=thr.ThresholdConfig(
+                min_positives=args.min_positives,
+                rare_rule=args.rare_rule,
+                global_threshold=args.global_threshold,
+            ),
+            cv_splits=args.cv_splits,
+            seed=args.seed,
+            base_threshold=args.base_threshold,
+        )
+        run(args.model_dir, args.out, config, write_model_dirs=not args.no_model_dir_thresholds)
+    except (FileNotFoundError, ValueError) as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 

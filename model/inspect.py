@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import html
 import io
+import os
 import sys
 import time
 import weakref
@@ -660,23 +661,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.command(PROG, bad_input=(InspectError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (`hpa-inspect`); returns the exit status (2 on bad input)."""
+    """Entry point of `python -m model.inspect`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    cfg = InspectConfig(
-        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-        data_dir=args.data_dir.rstrip("/"),
-        out=args.out.rstrip("/"),
-        fold=args.fold,
-        test=args.test,
-        per_class=args.per_class,
-        tta=args.tta,
-        batch_size=args.batch_size,
-    )
-    run(cfg)
+    try:
+        cfg = InspectConfig(
+            model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+            data_dir=args.data_dir.rstrip("/"),
+            out=args.out.rstrip("/"),
+            fold=args.fold,
+            test=args.test,
+            per_class=args.per_class,
+            tta=args.tta,
+            batch_size=args.batch_size,
+        )
+        run(cfg)
+    except InspectError as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

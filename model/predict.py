@@ -555,22 +555,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.command(PROG, bad_input=(PredictError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (`hpa-predict`); returns the exit status (2 on bad input)."""
+    """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    cfg = PredictConfig(
-        data_dir=args.data_dir.rstrip("/"),
-        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-        out=args.out,
-        ids_csv=args.ids_csv,
-        tta=args.tta,
-        thresholds=args.thresholds,
-        empty=args.empty,
-        probabilities=args.probabilities,
-        batch_size=args.batch_size,
-    )
-    run(cfg)
+    try:
+        cfg = PredictConfig(
+            data_dir=args.data_dir.rstrip("/"),
+            model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+            out=args.out,
+            ids_csv=args.ids_csv,
+            tta=args.tta,
+            thresholds=args.thresholds,
+            empty=args.empty,
+            probabilities=args.probabilities,
+            batch_size=args.batch_size,
+        )
+        run(cfg)
+    except PredictError as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 

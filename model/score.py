@@ -139,9 +139,9 @@ def render_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@cli.command(PROG, bad_input=(ScoreError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (`hpa-score`); returns the exit status (2 on bad input)."""
+    """Entry point of `python -m model.score`; returns the exit status (2 on bad input)."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -153,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the scores as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the macro F1 line, not the class table")
     args = p.parse_args(argv)
-    result = score_files(args.submission, args.answers)
+    try:
+        result = score_files(args.submission, args.answers)
+    except ScoreError as e:
+        return cli.bad_input(PROG, e)
     table = render_table(result)
     print(table.splitlines()[-1] if args.quiet else table, flush=True)
     if args.out:

@@ -639,10 +639,13 @@ def _shard_by(dataset, policy: str):
     return dataset.with_options(options)
 
 
-@cli.command(PROG, bad_input=(ConfigError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (`hpa-train`): runs the job; a ConfigError is a one-line error and exit status 2."""
-    run(argv)
+    """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
+    try:
+        run(argv)
+    except ConfigError as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 

@@ -19,16 +19,21 @@ A command's module follows this pattern:
     def build_parser() -> argparse.ArgumentParser:
         return argparse.ArgumentParser(prog=PROG, description=...)
 
-    @cli.command(PROG, bad_input=(XError,))  # the module's own bad-input exception types
+    @cli.command(PROG)
     def main(argv: Sequence[str] | None = None) -> int:
-        run(build_parser().parse_args(argv))  # raises XError on bad input
+        args = build_parser().parse_args(argv)
+        try:
+            run(config_from(args))
+        except XError as e:  # the module's own bad-input errors
+            return cli.bad_input(PROG, e)
         return 0
 
     if __name__ == "__main__":
         sys.exit(main())
 
-and registering it is one line in setup.py's `COMMANDS`: `"hpa-x = package.module:main"`
-(tests/test_cli.py checks that every module with such a `main` is registered and answers `--help`).
+`command` makes BAD_INPUT (a missing path...) exit 2 as well, and any other exception exit 1 with its
+traceback. Registering the command is one line in setup.py's `COMMANDS`: `"hpa-x = package.module:main"`
+(tests/test_cli.py checks that every runnable module of both packages is registered and answers `--help`).
 
 A Beam job parses its own flags with `parse_known_args` and hands the rest to Beam's PipelineOptions, which
 would drop a misspelt flag with a log line; `reject_unknown_beam_flags` makes that bad usage (exit 2) too.
@@ -59,11 +64,11 @@ TRACEBACK_ENV = "HPA_TRACEBACK"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _bad_input_types(extra: tuple[type[BaseException], ...]) -> tuple[type[BaseException], ...]:
-    """BAD_INPUT + `extra` + TensorFlow's NotFoundError (a missing gs:// path) when TensorFlow is loaded."""
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    """BAD_INPUT, plus TensorFlow's NotFoundError (a missing gs:// path) when TensorFlow is loaded."""
     tf = sys.modules.get("tensorflow")
     not_found = getattr(getattr(tf, "errors", None), "NotFoundError", None)
-    return BAD_INPUT + extra + ((not_found,) if isinstance(not_found, type) else ())
+    return BAD_INPUT + ((not_found,) if isinstance(not_found, type) else ())
 
 
 def error_line(prog: str, error: BaseException) -> str:
@@ -72,15 +77,29 @@ def error_line(prog: str, error: BaseException) -> str:
     return f"{prog}: error: {message}"
 
 
-def command(prog: str, bad_input: tuple[type[BaseException], ...] = ()) -> Callable[[Main], Main]:
+def bad_input(prog: str, error: BaseException) -> int:
+    """Reports `error` as bad input: its one error line on stderr (after its traceback with HPA_TRACEBACK=1).
+
+    Call it from an `except` clause (the traceback printed is the exception being handled).
+
+    Returns:
+      EXIT_BAD_INPUT, for `main` to return.
+    """
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    print(error_line(prog, error), file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def command(prog: str) -> Callable[[Main], Main]:
     """Decorates a command's `main(argv) -> int` with the family's exit statuses and error reporting.
 
     Args:
       prog: the installed command's name (`hpa-x`), the prefix of its error line.
-      bad_input: the exception types that mean bad input for this command (besides BAD_INPUT).
 
     Returns:
-      A decorator; the decorated `main` returns 0, 1 or 2 (argparse's SystemExit passes through).
+      A decorator; the decorated `main` returns main's own status, 2 for BAD_INPUT (and TensorFlow's
+      NotFoundError) and 1 for any other exception; argparse's SystemExit (help, bad usage) passes through.
     """
 
     def decorate(main: Main) -> Main:
@@ -90,11 +109,8 @@ def command(prog: str, bad_input: tuple[type[BaseException], ...] = ()) -> Calla
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             try:
                 return main(argv)
-            except _bad_input_types(bad_input) as e:
-                if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-                    traceback.print_exc()
-                print(error_line(prog, e), file=sys.stderr, flush=True)
-                return EXIT_BAD_INPUT
+            except _bad_input_types() as e:
+                return bad_input(prog, e)
             except Exception:
                 traceback.print_exc()
                 sys.stderr.flush()

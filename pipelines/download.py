@@ -738,10 +738,13 @@ def _log(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
-@cli.command(PROG, bad_input=(labels_lib.LabelFileError,))
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry (`hpa-download`): exit 2 and one line for bad input, 1 for a failed job."""
-    run(argv)
+    """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
+    try:
+        run(argv)
+    except labels_lib.LabelFileError as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 

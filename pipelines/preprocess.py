@@ -503,11 +503,13 @@ def _log(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
-# ValueError: the job's own input checks (too few samples for the folds, samples of different sizes...).
-@cli.command(PROG, bad_input=(labels_lib.LabelFileError, ValueError))
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry (`hpa-preprocess`): exit 2 and one line for bad input, 1 for a failed job."""
-    run(argv)
+    """Command-line entry: one-line errors instead of tracebacks (exit 2: bad input; 1: the job failed)."""
+    try:
+        run(argv)
+    except (labels_lib.LabelFileError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 

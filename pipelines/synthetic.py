@@ -584,14 +584,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.command(PROG, bad_input=(ValueError,))
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (`hpa-synthetic`); returns the exit status."""
-    p = _parser()
-    args = p.parse_args(argv)
+    """Command-line entry point; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     for flag, path in (("--output_dir", args.output_dir), ("--labels_csv", args.labels_csv)):
         if path and "://" in path:
-            p.error(f"{flag} {path}: the generator reads and writes local files only (copy with gsutil)")
+            parser.error(f"{flag} {path}: the generator reads and writes local files only (copy with gsutil)")
     cfg = GeneratorConfig(
         output_dir=args.output_dir,
         num_samples=args.num_samples,
@@ -603,7 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
     )
-    generate(cfg)
+    try:
+        generate(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return cli.bad_input(PROG, e)
     return 0
 
 
