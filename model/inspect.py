@@ -47,6 +47,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, TTA_CHOICES
+from pipelines import cli
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -63,6 +64,7 @@ __all__ = [
     "sheet_name",
 ]
 
+PROG = "hpa-inspect"
 DEFAULT_THRESHOLD = 0.5
 INDEX_FILE = "index.html"
 ROW_TITLES = {
@@ -635,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = InspectConfig(model_dirs=("x",), data_dir="", out="")
     p = argparse.ArgumentParser(
-        prog="python -m model.inspect",
+        prog=PROG,
         description=(
             "Write image galleries: per class, the top true positives, worst false positives and worst "
             "false negatives, each with its Grad-CAM heat map, and index.html with the per-class F1 table."
@@ -660,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.inspect`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
@@ -676,8 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(cfg)
     except InspectError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

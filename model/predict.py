@@ -73,6 +73,7 @@ from model.submission import (
     rejected_csv,
     submission_rows,
 )
+from pipelines import cli
 
 __all__ = [
     "EMPTY_RULES",
@@ -95,6 +96,7 @@ __all__ = [
     "tta_transforms",
 ]
 
+PROG = "hpa-predict"
 EMPTY_RULES = ("top1", "none")
 # Reason code in rejected.csv of a listed Id that the test shards lack (and preprocessing did not reject).
 NO_RECORD = "no_record"
@@ -486,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
     p = argparse.ArgumentParser(
-        prog="python -m model.predict",
+        prog=PROG,
         description=(
             "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "
             "or more trained models, average over test-time augmentation and models, apply the per-class "
@@ -537,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
@@ -555,8 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(cfg)
     except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

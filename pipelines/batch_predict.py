@@ -41,9 +41,9 @@ import schemas
 from model import predict
 from model.config import EXPORT_DIR
 from model.predict import PredictConfig, PredictError
-from pipelines import storage
+from pipelines import cli, storage
 
-PROG = "batch_predict"
+PROG = "hpa-batch-predict"
 _LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
 _SAVED_MODEL_PB = "saved_model.pb"
 _FOLDER_SOURCE = "input_dir"  # the source name of an image folder's samples (not written anywhere)
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags (model.predict's, with --data_dir | --input_dir); unknown flags go to Beam."""
     d = JobConfig(data_dir="x", input_dir=None, model_dirs=("x",), out="x")
     p = argparse.ArgumentParser(
-        prog="run_predict.sh",
+        prog=PROG,
         description=(
             "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set, or a "
             "folder of stain images, with the exported models (RunInference), average over test-time "
@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig (PredictError on bad values); unknown flags are returned for Beam."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    cli.reject_unknown_beam_flags(parser, beam_args)
     cfg = JobConfig(
         data_dir=args.data_dir.rstrip("/") if args.data_dir else None,
         input_dir=args.input_dir.rstrip("/") if args.input_dir else None,
@@ -481,16 +483,13 @@ def _log(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: one-line errors (exit 2: bad flags or input; 1: the job failed)."""
+    """Command-line entry: exit 2 with one line for bad flags or input, 1 with the traceback for a failure."""
     try:
         run(argv)
     except PredictError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return cli.bad_input(PROG, e)
     return 0
 
 

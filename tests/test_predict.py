@@ -429,7 +429,7 @@ def test_main_help_and_error_status(setup, tmp_path, capsys):
     code = predict.main(
         ["--data_dir", setup["data_dir"], "--model_dir", str(tmp_path), "--out", str(tmp_path / "s.csv")]
     )
-    assert code == 2 and capsys.readouterr().err.startswith("error: ")
+    assert code == 2 and capsys.readouterr().err.startswith("hpa-predict: error: ")
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
