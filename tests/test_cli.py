@@ -127,6 +127,10 @@ def _bad_input_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
         "hpa-train": (["--data_dir", str(empty), "--model_dir", out, "--backbone", "small"], "manifest"),
         "hpa-evaluate": (["--model_dir", str(empty)], "not found"),
         "hpa-predict": (["--data_dir", str(empty), "--model_dir", str(empty), "--out", out], str(empty)),
+        "hpa-batch-predict": (
+            ["--data_dir", str(empty), "--model_dir", str(empty), "--out", str(tmp_path / "out" / "s.csv")],
+            str(empty),
+        ),
         "hpa-score": (["--submission", str(no_id), "--answers", str(no_id)], "missing column"),
         "hpa-inspect": (["--data_dir", str(empty), "--model_dir", str(empty), "--out", out], str(empty)),
     }
@@ -156,6 +160,7 @@ WORK = {
     "hpa-train": "run",
     "hpa-evaluate": "run",
     "hpa-predict": "run",
+    "hpa-batch-predict": "run",
     "hpa-score": "score_files",
     "hpa-inspect": "run",
 }
