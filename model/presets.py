@@ -104,12 +104,12 @@ def given_flags(
 ) -> set[str]:
     """The dests that argv sets explicitly (even to their default value).
 
-    Parses argv again with a fresh parser whose defaults are all suppressed: only the flags present on the
-    command line appear in its namespace.
+    Parses argv again into a namespace that already holds a marker for every dest: argparse then fills in no
+    default, so a dest still holding the marker was not on the command line.
     """
-    parser = make_parser()
-    parser.set_defaults(**{dest: argparse.SUPPRESS for dest in dests})
-    return set(vars(parser.parse_args(argv)))
+    unset = object()
+    parsed = make_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
 
 
 def apply(

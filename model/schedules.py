@@ -94,7 +94,8 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int | None):
         )
     if cfg.lr_schedule == LR_STEP:
         after = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=[e * steps_per_epoch for e in cfg.lr_steps],
+            # Keras keeps a value up to and including its boundary: the new one from step e * steps.
+            boundaries=[e * steps_per_epoch - 1 for e in cfg.lr_steps],
             values=[cfg.learning_rate * cfg.lr_factor**i for i in range(len(cfg.lr_steps) + 1)],
         )
         if warm == 0:
