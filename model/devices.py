@@ -385,9 +385,11 @@ def check_same_epoch(dev: Devices, epoch: int) -> None:
 def build_before_fit(model, dataset, strategy) -> None:
     """Builds the model's metrics, loss and optimizer state from the dataset's element spec.
 
-    Keras 3.15's fit under MultiWorkerMirroredStrategy builds them from a first distributed batch averaged
-    with `strategy.reduce`, which fails across workers ("Attempt to convert a value (PerReplica...)"); the
-    element spec gives the same shapes without a collective op.
+    Keras 3.15's fit and evaluate under a tf.distribute strategy build them from a first batch pulled from
+    the iterator: under MultiWorkerMirroredStrategy its `strategy.reduce` fails across workers ("Attempt to
+    convert a value (PerReplica...)"); under MirroredStrategy the second epoch's validation pulls from the
+    cached, exhausted validation iterator and fit stops with StopIteration. The element spec gives the same
+    shapes without a collective op and without touching the iterators.
     """
     with strategy.scope():
         model._symbolic_build(data_batch=dataset.element_spec)

@@ -485,7 +485,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():
         model = compiled_model(cfg, stats, positive_weights, dev.jit_compile, steps_per_epoch=steps_per_epoch)
-    if dev.cluster is not None:
+    if dev.kind != "default":
         devices_lib.build_before_fit(model, train_ds, dev.strategy)
 
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
