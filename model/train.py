@@ -587,7 +587,8 @@ def _copy_state(source, target) -> None:
         return
     for s, d in zip(src, dst, strict=True):
         d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
-    if target.optimizer.use_ema:  # the best checkpoint holds the average as the weights
+    if getattr(target.optimizer, "inner_optimizer", target.optimizer).use_ema:  # loss scaling wraps it
+        # The weights came from the best checkpoint, which holds the average as the weights.
         from model.callbacks import average_into_optimizer
 
         average_into_optimizer(target)

@@ -96,7 +96,7 @@ def test_ema_weights_are_validated_checkpointed_and_exported(dataset, tmp_path):
 def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset, tmp_path, monkeypatch):
     data_dir, _ = dataset
     model_dir = str(tmp_path / "run")
-    spe, lr = 60, 0.003
+    spe, lr = 40, 0.003
     argv = ["--data_dir", data_dir, "--model_dir", model_dir, *SMALL, "--epochs", "3", "--batch_size", "4"]
     argv += ["--steps_per_epoch", str(spe), "--learning_rate", str(lr), "--lr_schedule", "cosine"]
     argv += ["--warmup_epochs", "1", "--ema", "--ema_momentum", "0.9"]
@@ -129,7 +129,8 @@ def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset,
     monkeypatch.setattr(callbacks_lib, "make_callbacks", lambda *a, **k: [*make(*a, **k), Probe()])
     train.run(argv)
 
-    assert seen["iterations"] == spe  # the schedule continues from the backup's step
+    assert seen["iterations"] == spe  # the schedule continues from the backup's step ...
+    assert seen["rate"] == pytest.approx(lr, rel=1e-5)  # ... at the end of the warm-up
     rates = _cosine_rates(lr, 3, 1, spe)
     np.testing.assert_allclose([float(r["learning_rate"]) for r in _history(model_dir)], rates, rtol=1e-5)
     reference = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
