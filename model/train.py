@@ -38,6 +38,7 @@ from model.config import (
     F1_METRIC,
     HISTORY_FILE,
     INPUT_NORM_CHOICES,
+    LOGS_DIR,  # noqa: F401 - one of this module's names (callers use train.LOGS_DIR)
     LOSSES,
     LR_SCHEDULES,
     MODEL_FILE,
