@@ -60,7 +60,9 @@ from model.config import (
     tta_transforms,
 )
 from model.rundir import plot_history, read_history, truncate_history
+from pipelines import cli
 
+PROG = "hpa-train"
 AUC_METRIC = "auc"
 
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags (defaults from the config dataclasses)."""
     d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
     p = argparse.ArgumentParser(
-        prog="run_train.sh",
+        prog=PROG,
         description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
         formatter_class=_HelpFormatter,
         epilog=presets.epilog(),
@@ -603,13 +605,13 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int):
     return None if isinstance(rate, float) else rate
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
     try:
         run(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 
