@@ -33,6 +33,7 @@ from keras import layers, ops
 import schemas
 from model import augment as _augment  # noqa: F401 - registers the augmentation layer for loading
 from model import fileio
+from model import schedules as _schedules  # noqa: F401 - registers WarmupThen for loading compiled models
 from model.config import (
     INPUT_NORM_ZSCORE,
     WEIGHTS_IMAGENET,
