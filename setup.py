@@ -47,6 +47,7 @@ COMMANDS = [
     "hpa-download = pipelines.download:main",
     "hpa-preprocess = pipelines.preprocess:main",
     "hpa-train = model.train:main",
+    "hpa-folds = model.cv:main",
     "hpa-evaluate = model.evaluate:main",
     "hpa-predict = model.predict:main",
     "hpa-batch-predict = pipelines.batch_predict:main",

@@ -125,6 +125,7 @@ def _bad_input_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
             "missing.csv",
         ),
         "hpa-train": (["--data_dir", str(empty), "--model_dir", out, "--backbone", "small"], "manifest"),
+        "hpa-folds": (["--data_dir", str(empty), "--out", out], "manifest"),
         "hpa-evaluate": (["--model_dir", str(empty)], "not found"),
         "hpa-predict": (["--data_dir", str(empty), "--model_dir", str(empty), "--out", out], str(empty)),
         "hpa-batch-predict": (
@@ -158,6 +159,7 @@ WORK = {
     "hpa-download": "run",
     "hpa-preprocess": "run",
     "hpa-train": "run",
+    "hpa-folds": "run",
     "hpa-evaluate": "run",
     "hpa-predict": "run",
     "hpa-batch-predict": "run",
