@@ -22,7 +22,8 @@ from tests.test_data import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 6
-TRAIN_FLAGS = ["--backbone", "small", "--weights", "none", "--small_filters", "4", "--batch_size", "4"]
+TRAIN_FLAGS = ["--preset", "cpu-small", "--backbone", "small", "--weights", "none", "--small_filters", "4"]
+TRAIN_FLAGS += ["--batch_size", "4"]
 TRAIN_FLAGS += ["--epochs", "2", "--steps_per_epoch", "60", "--seed", "0", "--verbose", "2"]
 
 
