@@ -27,8 +27,10 @@ setup-gpu: $(VENV)/.installed-gpu  ## create .venv with the CUDA build of Tensor
 demo: $(VENV)/.installed  ## the main job: synthetic data -> preprocess -> train -> thresholds -> predict -> score
 	DEMO_PYTHON=$(abspath $(PY)) ./run_demo.sh
 
+# The demo's data and steps, the training, thresholds and prediction done by the fold driver (run_folds.sh).
 folds: $(VENV)/.installed  ## the demo with one model per fold and their ensemble (reuses the demo's data)
-	DEMO_PYTHON=$(abspath $(PY)) ./run_folds.sh
+	DEMO_PYTHON=$(abspath $(PY)) DEMO_FOLDS="$${DEMO_FOLDS:-0 1 2 3 4}" DEMO_REUSE_DATA="$${DEMO_REUSE_DATA:-1}" \
+		DEMO_RUN_DIR="$${DEMO_RUN_DIR:-$${DEMO_DIR:-demo}/folds}" ./run_demo.sh
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q tests

@@ -19,7 +19,8 @@ plots, submission and image gallery are. Settings come from environment variable
   DEMO_TEST_SAMPLES  held-out unlabeled samples, answers kept apart [500]
   DEMO_IMAGE_SIZE    image side in pixels [64]
   DEMO_NUM_FOLDS     cross-validation folds of the preprocessing job [5]
-  DEMO_FOLDS         folds to hold out, one model each; several = pooled thresholds and an ensemble [0]
+  DEMO_FOLDS         folds to hold out, one model each; several = the fold driver (run_folds.sh): pooled
+                     thresholds and an ensemble [0; make folds: 0 1 2 3 4]
   DEMO_EPOCHS        training epochs per model (early stopping may end sooner) [40]
   DEMO_BATCH_SIZE    training batch size [32]
   DEMO_LR            initial learning rate (x0.3 after 3 epochs without progress) [0.003]
@@ -86,7 +87,8 @@ printf 'step\tseconds\n' >"$TIMINGS"
 T_ALL=$(date +%s)
 T_STEP=$T_ALL
 STEP=0
-NSTEPS=$((6 - REUSING + ${#FOLD_LIST[@]}))
+NSTEPS=$((7 - REUSING))
+[ "${#FOLD_LIST[@]}" -gt 1 ] && NSTEPS=$((5 - REUSING))  # training, evaluation and prediction in one step
 step() {  # step NAME "what it does": prints a header and starts the step's clock
   STEP=$((STEP + 1))
   echo
@@ -122,24 +124,32 @@ else
   done_step
 fi
 
-for k in "${FOLD_LIST[@]}"; do
-  step "train-fold$k" "training: fold $k held out -> $RUN/fold$k"
-  show ./run_train.sh --data_dir "$DATA" --model_dir "$RUN/fold$k" --val_fold "$k" \
-    --backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory \
-    --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA" \
-    --seed "$SEED" --overwrite --verbose 2
+TRAIN_FLAGS=(--backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory
+  --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA"
+  --seed "$SEED" --verbose 2)
+if [ "${#FOLD_LIST[@]}" -gt 1 ]; then
+  # Several folds: the fold driver trains one model per fold, tunes the thresholds on their pooled
+  # out-of-fold predictions (-> $EVAL) and predicts the test part with their ensemble (-> $SUBMISSION).
+  step folds "one model per fold (${FOLD_LIST[*]}), pooled thresholds, ensemble of ${#MODEL_DIRS[@]} model(s) -> $RUN"
+  show ./run_folds.sh --data_dir "$DATA" --out "$RUN" --folds "$(IFS=,; echo "${FOLD_LIST[*]}")" \
+    --ids_csv "$RAW/sample_submission.csv" --tta "$TTA" --overwrite "${TRAIN_FLAGS[@]}"
   done_step
-done
+else
+  k="${FOLD_LIST[0]}"
+  step "train-fold$k" "training: fold $k held out -> $RUN/fold$k"
+  show ./run_train.sh --data_dir "$DATA" --model_dir "$RUN/fold$k" --val_fold "$k" "${TRAIN_FLAGS[@]}" --overwrite
+  done_step
 
-step evaluate "thresholds and evaluation report on the validation predictions -> $EVAL"
-show "$PY" -m model.evaluate --model_dir "${MODEL_DIRS[@]}" --out "$EVAL"
-done_step
+  step evaluate "thresholds and evaluation report on the validation predictions -> $EVAL"
+  show "$PY" -m model.evaluate --model_dir "${MODEL_DIRS[@]}" --out "$EVAL"
+  done_step
 
-step predict "prediction of the held-out test part (TTA $TTA, ${#MODEL_DIRS[@]} model(s)) -> $SUBMISSION"
-show "$PY" -m model.predict --data_dir "$DATA" --model_dir "${MODEL_DIRS[@]}" \
-  --ids_csv "$RAW/sample_submission.csv" --out "$SUBMISSION" --tta "$TTA" \
-  --probabilities "$RUN/test_probabilities.npz"
-done_step
+  step predict "prediction of the held-out test part (TTA $TTA, ${#MODEL_DIRS[@]} model(s)) -> $SUBMISSION"
+  show "$PY" -m model.predict --data_dir "$DATA" --model_dir "${MODEL_DIRS[@]}" \
+    --ids_csv "$RAW/sample_submission.csv" --out "$SUBMISSION" --tta "$TTA" \
+    --probabilities "$RUN/test_probabilities.npz"
+  done_step
+fi
 
 step score "scoring the submission against the hidden answers ($RAW/test_labels.csv)"
 show "$PY" -m model.score --submission "$SUBMISSION" --answers "$RAW/test_labels.csv" --out "$RUN/score.json"

@@ -1,4 +1,4 @@
-"""Packaging of the project: `schemas`, `pipelines` and `model`.
+"""Packaging of the project: `schemas`, `pipelines` and `model`, and its `hpa-*` commands.
 
 Dataflow workers install the project from this file (`--setup_file ./setup.py`): `install_requires` only.
 Exact versions that are known to resolve together live in constraints.txt (`pip install -c constraints.txt
@@ -45,6 +45,20 @@ TEST = [
 # GPU hosts: TensorFlow's `and-cuda` extra brings CUDA, cuDNN, cuBLAS, NCCL... as nvidia-* wheels (Linux only,
 # several GB), so no system CUDA is needed. The TF range is REQUIRED's.
 GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
+# The installed commands (in .venv/bin after `make setup`), one per job: `hpa-x = package.module:main`, where
+# main follows pipelines/cli.py's conventions. A new job is one line here.
+COMMANDS = [
+    "hpa-synthetic = pipelines.synthetic.generator:main",
+    "hpa-download = pipelines.download:main",
+    "hpa-preprocess = pipelines.preprocess:main",
+    "hpa-train = model.train:main",
+    "hpa-folds = model.cv:main",
+    "hpa-evaluate = model.evaluate:main",
+    "hpa-predict = model.predict:main",
+    "hpa-batch-predict = pipelines.batch_predict:main",
+    "hpa-score = model.score:main",
+    "hpa-inspect = model.inspect:main",
+]
 
 setuptools.setup(
     name="hpa-protein-localization",
@@ -53,6 +67,7 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["schemas", "schemas.*", "pipelines", "pipelines.*", "model", "model.*"]
     ),
+    entry_points={"console_scripts": COMMANDS},
     python_requires=">=3.11,<3.12",
     install_requires=REQUIRED,
     extras_require={"synthetic": SYNTHETIC, "test": TEST, "gpu": GPU},

@@ -26,6 +26,9 @@ BACKBONES: tuple[str, ...] = (
 LOSSES: tuple[str, ...] = ("bce", "focal")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 RARE_CLASS_MODES: tuple[str, ...] = ("none", "oversample", "weight")
+LR_PLATEAU, LR_COSINE, LR_STEP = "plateau", "cosine", "step"
+LR_SCHEDULES: tuple[str, ...] = (LR_PLATEAU, LR_COSINE, LR_STEP)
+WARMUP_START_FACTOR = 0.01  # a linear warm-up starts at this fraction of the learning rate
 WEIGHTS_IMAGENET = "imagenet"
 CACHE_NONE = "none"  # --cache: decode the PNGs every epoch
 CACHE_MEMORY = "memory"  # --cache: decoded stains kept in memory; any other value is a directory
@@ -68,6 +71,7 @@ BACKUP_DIR = "backup"
 BEST_WEIGHTS = "checkpoints/best.weights.h5"
 VAL_PREDICTIONS_FILE = "val_predictions.npz"  # arrays VAL_IDS [n] str, VAL_LABELS [n, 28], VAL_SCORES [n, 28]
 VAL_IDS, VAL_LABELS, VAL_SCORES = "ids", "labels", "scores"
+F1_METRIC = "f1"  # the training metric macro F1 (threshold 0.5): history.csv's f1, val_f1
 THRESHOLDS_FILE = "thresholds.json"  # written by model.evaluate, read by model.predict
 
 TTA_CHOICES = (1, 2, 4, 8)
@@ -244,7 +248,17 @@ class TrainConfig:
       focal_gamma: focusing parameter of the focal loss.
       precision: `auto` (bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU) or
         an explicit Keras dtype policy.
-      lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation loss.
+      lr_schedule: `plateau` (ReduceLROnPlateau on validation loss), `cosine` (cosine decay over the
+        epochs after the warm-up, down to min_lr) or `step` (the rate times lr_factor at each of lr_steps).
+      warmup_epochs: epochs of linear warm-up from WARMUP_START_FACTOR x learning_rate (0: none).
+      lr_steps: the epochs at which the `step` schedule multiplies the rate by lr_factor (None: at 1/2 and
+        3/4 of the epochs); each after the warm-up and before the last epoch.
+      lr_factor, lr_patience, min_lr: ReduceLROnPlateau's factor and patience (lr_factor also the `step`
+        schedule's); min_lr the floor of plateau and the end of cosine.
+      ema: validate, checkpoint and export an exponential moving average of the weights (the optimizer's
+        use_ema) instead of the last weights.
+      ema_momentum: the average's momentum (weight of the old average at each step).
+      preset: the `--preset` the flags were filled from (None: no preset); a record, not a setting.
       early_stopping_patience: EarlyStopping on validation loss (epochs without improvement).
       val_tta: test-time augmentation (1, 2, 4 or 8 transforms) of the saved validation predictions, which
         thresholds are tuned on; match the prediction's --tta.
@@ -261,11 +275,17 @@ class TrainConfig:
     loss: str = "bce"
     focal_gamma: float = 2.0
     precision: str = "auto"
+    lr_schedule: str = LR_PLATEAU
+    warmup_epochs: int = 0
+    lr_steps: tuple[int, ...] | None = None
     lr_factor: float = 0.1
     lr_patience: int = 2
     min_lr: float = 1e-7
     early_stopping_patience: int = 6
+    ema: bool = False
+    ema_momentum: float = 0.99
     val_tta: int = 1
+    preset: str | None = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
@@ -288,6 +308,51 @@ class TrainConfig:
             raise ConfigError(f"val_fold must be >= 0, got {self.val_fold}")
         if self.val_tta not in TTA_CHOICES:
             raise ConfigError(f"val_tta must be one of {TTA_CHOICES}, got {self.val_tta}")
+        self._check_schedule()
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+
+    def _check_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"--warmup_epochs {self.warmup_epochs} leaves no epoch after the warm-up: "
+                f"it must be less than --epochs {self.epochs}"
+            )
+        if self.lr_schedule == LR_COSINE and self.min_lr >= self.learning_rate:
+            raise ConfigError(
+                f"--min_lr {self.min_lr} must be below --learning_rate {self.learning_rate} (cosine's end)"
+            )
+        if self.lr_steps is None:
+            if self.lr_schedule == LR_STEP:  # resolved here, so config.json records the epochs
+                steps = default_lr_steps(self.epochs, self.warmup_epochs)
+                if not steps:
+                    raise ConfigError(
+                        f"--lr_schedule step: no epoch between the warm-up ({self.warmup_epochs}) and the "
+                        f"last epoch ({self.epochs}) to step at; use more --epochs"
+                    )
+                object.__setattr__(self, "lr_steps", steps)
+            return
+        if self.lr_schedule != LR_STEP:
+            raise ConfigError(f"--lr_steps is for --lr_schedule step, not {self.lr_schedule}")
+        steps = tuple(int(s) for s in self.lr_steps)
+        object.__setattr__(self, "lr_steps", steps)  # a JSON list back to the tuple it was
+        if not steps or list(steps) != sorted(set(steps)):
+            raise ConfigError(f"--lr_steps must be increasing epoch numbers, got {list(steps)}")
+        if steps[0] <= self.warmup_epochs or steps[-1] >= self.epochs:
+            raise ConfigError(
+                f"--lr_steps {','.join(map(str, steps))}: each step must come after the warm-up "
+                f"(epoch > {self.warmup_epochs}) and before the last epoch (< {self.epochs})"
+            )
+
+
+def default_lr_steps(epochs: int, warmup_epochs: int) -> tuple[int, ...]:
+    """The `step` schedule's default epochs: 1/2 and 3/4 of the epochs, after the warm-up, before the end."""
+    steps = {max(warmup_epochs + 1, round(epochs * f)) for f in (0.5, 0.75)}
+    return tuple(sorted(s for s in steps if s < epochs))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, VAL_IDS, VAL_LABELS, VAL_PREDICTIONS_FILE, VAL_SCORES
+from pipelines import cli
 
 __all__ = [
     "F1_PLOT_FILE",
@@ -50,6 +51,7 @@ __all__ = [
     "run",
 ]
 
+PROG = "hpa-evaluate"
 # The files this job writes (what it reads is named in model.config).
 REPORT_JSON_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
@@ -379,7 +381,7 @@ def run(
 def _parse_args(argv):
     d = EvalConfig()
     p = argparse.ArgumentParser(
-        prog="python -m model.evaluate",
+        prog=PROG,
         description=(
             "Pool the validation predictions of one or more model dirs (one per fold), tune a threshold per "
             f"class, write {THRESHOLDS_FILE} into each model dir and --out, and write {REPORT_JSON_FILE}, "
@@ -424,6 +426,7 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.evaluate`; returns the exit status."""
     args = _parse_args(argv)
@@ -440,8 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(args.model_dir, args.out, config, write_model_dirs=not args.no_model_dir_thresholds)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

@@ -52,6 +52,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, TTA_CHOICES
+from pipelines import cli
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -68,6 +69,7 @@ __all__ = [
     "sheet_name",
 ]
 
+PROG = "hpa-inspect"
 DEFAULT_THRESHOLD = 0.5
 INDEX_FILE = "index.html"
 ROW_TITLES = {
@@ -478,20 +480,21 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
     """
     from model import data as data_lib
     from model.config import ConfigError, DataConfig
-    from model.predict import PredictError, _inspect_model_dir, load_model_dir, predict_scores, tta_transforms
+    from model.predict import (
+        PredictError,
+        _inspect_model_dir,
+        common_image_size,
+        load_model_dir,
+        predict_scores,
+        tta_transforms,
+    )
 
     start = time.perf_counter()
     try:
         dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
+        image_size = common_image_size(dirs)
     except PredictError as e:
         raise InspectError(str(e)) from None
-    sizes = {d.image_size for d in dirs}
-    if len(sizes) > 1:
-        raise InspectError(
-            "the models were trained on different image sizes: "
-            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
-        )
-    image_size = sizes.pop()
     try:
         manifest = schemas.read_manifest(cfg.data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -719,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = InspectConfig(model_dirs=("x",), data_dir="", out="")
     p = argparse.ArgumentParser(
-        prog="python -m model.inspect",
+        prog=PROG,
         description=(
             "Write image galleries: per class, the top true positives, worst false positives and worst "
             "false negatives, each with its Grad-CAM heat map, and index.html with the per-class F1 table."
@@ -758,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.inspect`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
@@ -776,8 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(cfg)
     except InspectError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

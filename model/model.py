@@ -13,8 +13,9 @@ convolution's kernel, which keeps its three kernels for the stains fed as its th
 mean for yellow (`adapt_first_conv`, `transfer_weights`).
 
 `export_serving` writes a SavedModel whose `serving_default` signature takes serialized tf.Examples in the
-schema and returns the probabilities (and the ids); `predict_with_ids` scores a `make_eval_dataset(...,
-with_ids=True)` dataset.
+schema and returns the probabilities (and the ids), and whose `serve_images` signature takes decoded uint8
+images (for callers that transform them first: test-time augmentation in the Beam prediction job);
+`predict_with_ids` scores a `make_eval_dataset(..., with_ids=True)` dataset.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from keras import layers, ops
 import schemas
 from model import augment as _augment  # noqa: F401 - registers the augmentation layer for loading
 from model import fileio
+from model import schedules as _schedules  # noqa: F401 - registers WarmupThen for loading compiled models
 from model.config import (
     INPUT_NORM_ZSCORE,
     WEIGHTS_IMAGENET,
@@ -43,6 +45,8 @@ from model.config import (
 
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "examples"
+IMAGES_SIGNATURE = "serve_images"  # the export's second signature: decoded uint8 images -> probabilities
+IMAGES_INPUT = "images"
 PROBABILITIES = "probabilities"
 BACKBONE_NAME = "backbone"
 NORMALIZATION_NAME = "stain_normalization"
@@ -388,8 +392,19 @@ def serving_fn(model: keras.Model, image_size: int):
     return serve
 
 
+def images_fn(model: keras.Model):
+    """A function uint8 images [N, H, W, NUM_STAINS] -> {PROBABILITIES: float32 [N, NUM_CLASSES]}."""
+
+    def serve_images(images):
+        return {PROBABILITIES: tf.cast(model(images, training=False), tf.float32)}
+
+    return serve_images
+
+
 def export_serving(model: keras.Model, export_dir: str, image_size: int) -> str:
     """Writes a SavedModel whose `serving_default` signature maps serialized tf.Examples to probabilities.
+
+    A second signature, IMAGES_SIGNATURE, maps decoded uint8 images of `image_size` to probabilities.
 
     Returns export_dir (local or gs://).
     """
@@ -399,6 +414,13 @@ def export_serving(model: keras.Model, export_dir: str, image_size: int) -> str:
         name=SERVING_SIGNATURE,
         fn=serving_fn(model, image_size),
         input_signature=[tf.TensorSpec([None], tf.string, name=SERVING_INPUT)],
+    )
+    archive.add_endpoint(
+        name=IMAGES_SIGNATURE,
+        fn=images_fn(model),
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, schemas.NUM_STAINS], tf.uint8, name=IMAGES_INPUT)
+        ],
     )
     archive.write_out(export_dir, verbose=False)
     return export_dir

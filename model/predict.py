@@ -1,10 +1,13 @@
-"""The prediction job: unlabeled shards -> test-time-augmented ensemble probabilities -> a submission file.
+"""The prediction job: unlabeled shards or an image folder -> TTA ensemble probabilities -> a submission file.
 
-    python -m model.predict --data_dir out/test --model_dir runs/fold0 [runs/fold1 ...] \\
+    python -m model.predict --data_dir out/test | --input_dir test_images/ \\
+        --model_dir runs/fold0 [runs/fold1 ...] \\
         --ids_csv sample_submission.csv --out submission.csv [--tta 8] [--probabilities probs.npz]
 
 Reads the test shards (`test-*`, fold -1) that the preprocessing job wrote for an unlabeled set (run on the
-test folder with `sample_submission.csv`), scores every record with the model of each --model_dir under
+test folder with `sample_submission.csv`), or, with --input_dir, the `{Id}_{stain}.{png,jpg,tif}` files of
+a folder straight away by the preprocessing job's rules, resized to the models' size (`model.image_folder`;
+no Beam run), scores every sample with the model of each --model_dir under
 test-time augmentation, averages the probabilities over the transforms and then over the models, applies
 the per-class thresholds and writes the competition's submission file (`Id,Predicted`, space-separated class
 indices) in the order of the Ids of --ids_csv.
@@ -24,20 +27,24 @@ on pooled predictions: the job stops and asks for `model.evaluate` over all dirs
 When no class passes its threshold, `--empty top1` (default; every sample of the competition has at least
 one label) predicts the class with the largest score - threshold margin, `--empty none` leaves the row empty.
 
-Bad input stops the job with a one-line error: a model dir without thresholds, a dataset of another schema
-version, records of another image size than the models were trained on, Ids of --ids_csv that have no record
-(the preprocessing job's `rejected.csv` is quoted when it says why), repeated Ids. Records whose Id is not in
---ids_csv are reported and kept in the probabilities file, never silently dropped. Paths go through
-`model.fileio`, so gs:// works for every input and output.
+Bad input stops the job with a one-line error: a model dir without thresholds, models of different image
+sizes, a dataset of another schema version, records of another image size than the models were trained on,
+repeated Ids, a folder without stain images. Every listed Id is either in the submission or in `rejected.csv`
+beside --out (Id, reason, detail, source): Ids of --ids_csv without a record (quoting the preprocessing job's
+`rejected.csv` when it says why), and with --input_dir the Ids whose images are missing, unreadable or of
+mixed sizes, with the preprocessing job's reason codes. Records whose Id is not in --ids_csv are reported
+and kept in the probabilities file, never silently dropped. Paths go through `model.fileio`, so gs:// works
+for every input and output.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import collections
 import dataclasses
-import io
 import json
+import os
+import posixpath
 import sys
 import time
 from typing import Callable, Iterable, Sequence
@@ -51,16 +58,32 @@ from model.config import (
     MODEL_FILE,
     THRESHOLDS_FILE,
     TTA_CHOICES,
-    VAL_IDS,
-    VAL_SCORES,
 )
 from model.config import tta_transforms as _tta_transforms
+from model.submission import (
+    PROB_CLASS_NAMES,
+    PROB_IDS,
+    PROB_SCORES,
+    PredictError,
+    format_submission,
+    order_by_ids,
+    preprocessing_reasons,
+    probabilities_bytes,
+    read_id_list,
+    rejected_csv,
+    submission_rows,
+)
+from pipelines import cli
 
 __all__ = [
     "EMPTY_RULES",
+    "PROB_CLASS_NAMES",
+    "PROB_IDS",
+    "PROB_SCORES",
     "TTA_CHOICES",
     "PredictConfig",
     "PredictError",
+    "common_image_size",
     "format_submission",
     "load_model_dir",
     "main",
@@ -73,13 +96,10 @@ __all__ = [
     "tta_transforms",
 ]
 
+PROG = "hpa-predict"
 EMPTY_RULES = ("top1", "none")
-# Arrays of the --probabilities .npz: Ids and scores named as in the training job's val_predictions.npz.
-PROB_IDS, PROB_SCORES, PROB_CLASS_NAMES = VAL_IDS, VAL_SCORES, "class_names"
-
-
-class PredictError(ValueError):
-    """Bad flags or inputs; the message says what is wrong and what to do."""
+# Reason code in rejected.csv of a listed Id that the test shards lack (and preprocessing did not reject).
+NO_RECORD = "no_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +108,7 @@ class PredictConfig:
 
     Attributes:
       data_dir: the preprocessing job's output for the unlabeled set (local or gs://).
+      input_dir: instead of data_dir, a folder of `{Id}_{stain}.{png,jpg,tif}` files (local or gs://).
       model_dirs: training output dirs; their models are averaged.
       out: the submission CSV to write.
       ids_csv: the Id list whose order the submission follows (e.g. sample_submission.csv); None: every
@@ -99,9 +120,10 @@ class PredictConfig:
       batch_size: records per batch.
     """
 
-    data_dir: str
-    model_dirs: tuple[str, ...]
-    out: str
+    data_dir: str | None = None
+    model_dirs: tuple[str, ...] = ()
+    out: str = ""
+    input_dir: str | None = None
     ids_csv: str | None = None
     tta: int = 8
     thresholds: str | None = None
@@ -110,6 +132,12 @@ class PredictConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        if (self.data_dir is None) == (self.input_dir is None):
+            raise PredictError(
+                "give either --data_dir (preprocessed shards) or --input_dir (an image folder)"
+            )
+        if not self.out:
+            raise PredictError("give --out, the submission CSV to write")
         if not self.model_dirs:
             raise PredictError("give at least one --model_dir")
         if len(set(self.model_dirs)) != len(self.model_dirs):
@@ -133,99 +161,6 @@ def tta_transforms(n: int) -> tuple[int, ...]:
         return _tta_transforms(n)
     except ValueError as e:
         raise PredictError(str(e)) from None
-
-
-def order_by_ids(
-    ids: Sequence[str], scores: np.ndarray, wanted: Sequence[str], rejected: dict[str, str] | None = None
-) -> np.ndarray:
-    """Rows of `scores` (one per Id of `ids`) in the order of `wanted`.
-
-    Args:
-      ids: Ids of the scored records.
-      scores: [len(ids), C] scores.
-      wanted: the Ids to return, in order.
-      rejected: Id -> why the preprocessing job rejected it, quoted in the error.
-
-    Raises:
-      PredictError: repeated Ids in either list, or Ids of `wanted` without a record.
-    """
-    ids = [str(i) for i in ids]
-    if len(ids) != len(scores):
-        raise PredictError(f"{len(ids)} Ids but {len(scores)} rows of scores")
-    _check_unique(ids, "the records")
-    _check_unique(wanted, "the Id list")
-    index = {sid: row for row, sid in enumerate(ids)}
-    missing = [sid for sid in wanted if sid not in index]
-    if missing:
-        rejected = rejected or {}
-        why = [f"{sid} ({rejected[sid]})" for sid in missing[:5] if sid in rejected]
-        raise PredictError(
-            f"{len(missing)} of {len(wanted)} Ids in the Id list have no record in the shards, e.g. "
-            f"{missing[:5]}"
-            + (f"; rejected by preprocessing: {'; '.join(why)}" if why else "")
-            + ": preprocess the set that the Id list belongs to (with that list as --labels_csv)"
-        )
-    return scores[[index[sid] for sid in wanted]]
-
-
-def _check_unique(ids: Sequence[str], what: str) -> None:
-    seen: set[str] = set()
-    dup = [i for i in ids if i in seen or seen.add(i)]
-    if dup:
-        raise PredictError(f"{what} repeat{'s' if len(dup) == 1 else ''} Ids, e.g. {sorted(set(dup))[:5]}")
-
-
-def submission_rows(ids: Sequence[str], predictions: np.ndarray) -> list[tuple[str, str]]:
-    """(Id, Predicted) rows: Predicted is the space-separated class indices of each 0/1 prediction row."""
-    predictions = np.asarray(predictions)
-    if predictions.shape != (len(ids), schemas.NUM_CLASSES):
-        raise PredictError(f"predictions of shape {predictions.shape} do not fit {len(ids)} Ids")
-    return [(str(sid), schemas.format_target(row)) for sid, row in zip(ids, predictions, strict=True)]
-
-
-def format_submission(ids: Sequence[str], predictions: np.ndarray) -> str:
-    """The submission file's text: header `Id,Predicted`, one row per Id in the given order."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([schemas.CSV_ID, schemas.CSV_PREDICTED])
-    w.writerows(submission_rows(ids, predictions))
-    return buf.getvalue()
-
-
-def read_id_list(path: str) -> list[str]:
-    """The Ids of a CSV with an `Id` column (sample_submission.csv, a label file), in file order.
-
-    Raises:
-      PredictError: no such file, no `Id` column, no rows, empty or repeated Ids.
-    """
-    if not fileio.exists(path):
-        raise PredictError(f"--ids_csv {path}: no such file")
-    reader = csv.DictReader(io.StringIO(fileio.read_text(path)))
-    if schemas.CSV_ID not in (reader.fieldnames or []):
-        raise PredictError(f"{path}: no `{schemas.CSV_ID}` column (header: {reader.fieldnames})")
-    ids = [(row[schemas.CSV_ID] or "").strip() for row in reader]
-    if not ids:
-        raise PredictError(f"{path} lists no Ids")
-    if any(not i for i in ids):
-        raise PredictError(f"{path}: row {ids.index('') + 2} has an empty Id")
-    try:
-        _check_unique(ids, path)
-    except PredictError as e:
-        raise PredictError(f"{e}: an Id list must name each sample once") from None
-    return ids
-
-
-def _read_rejected(data_dir: str) -> dict[str, str]:
-    """Id -> the rest of its row in the preprocessing job's rejected.csv (empty when absent)."""
-    path = fileio.join(data_dir, schemas.REJECTED_FILE)
-    if not fileio.exists(path):
-        return {}
-    out = {}
-    for row in csv.DictReader(io.StringIO(fileio.read_text(path))):
-        sid = row.pop(schemas.CSV_ID, None)
-        if sid:
-            out[sid] = ", ".join(f"{k}: {v}" for k, v in row.items() if v)
-    return out
 
 
 # --- model dirs and thresholds ---------------------------------------------------------------------------
@@ -255,6 +190,17 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
     if cfg.data.image_size is None:
         raise PredictError(f"{config_path} does not record the image size the model was trained on")
     return _ModelDir(model_dir, int(cfg.data.image_size), int(cfg.val_tta))
+
+
+def common_image_size(dirs: Sequence[_ModelDir]) -> int:
+    """The image size every model dir was trained on. Raises PredictError when they differ."""
+    sizes = {d.image_size for d in dirs}
+    if len(sizes) > 1:
+        raise PredictError(
+            "the models were trained on different image sizes: "
+            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
+        )
+    return sizes.pop()
 
 
 def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None) -> tuple[np.ndarray, str]:
@@ -356,48 +302,15 @@ def predict_scores(
     return np.array(ids, dtype=str), np.concatenate(chunks)
 
 
-def _probabilities_bytes(path: str, ids: np.ndarray, scores: np.ndarray) -> bytes:
-    if path.endswith(".npz"):
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            **{
-                PROB_IDS: np.asarray(ids, dtype=str),
-                PROB_SCORES: scores.astype(np.float32),
-                PROB_CLASS_NAMES: np.asarray(schemas.CLASS_NAMES, dtype=str),
-            },
-        )
-        return buf.getvalue()
-    text = io.StringIO()
-    w = csv.writer(text, lineterminator="\n")
-    w.writerow([schemas.CSV_ID, *schemas.CLASS_NAMES])
-    for sid, row in zip(ids, scores, strict=True):
-        w.writerow([sid, *(f"{v:.6f}" for v in row)])
-    return text.getvalue().encode("utf-8")
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
-    """Runs the prediction job; returns a summary (paths, counts, predicted labels per row).
+def _shard_input(cfg: PredictConfig, image_size: int):
+    """The test shards of --data_dir: (dataset, number of records)."""
+    from model import data as data_lib
+    from model.config import ConfigError, DataConfig
 
-    Raises:
-      PredictError: bad inputs (the message says what to do).
-    """
-    from model.config import ConfigError
-
-    wanted = read_id_list(cfg.ids_csv) if cfg.ids_csv else None
-    dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
-    thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
-    sizes = {d.image_size for d in dirs}
-    if len(sizes) > 1:
-        raise PredictError(
-            "the models were trained on different image sizes: "
-            + ", ".join(f"{d.path}: {d.image_size}" for d in dirs)
-        )
-    image_size = sizes.pop()
     try:
         manifest = schemas.read_manifest(cfg.data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -411,10 +324,6 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     num_records = int(
         manifest.get(schemas.MANIFEST_WRITTEN, {}).get(schemas.written_key(schemas.UNLABELED_FOLD), 0)
     )
-
-    from model import data as data_lib
-    from model.config import DataConfig
-
     try:
         data_lib.list_shards(cfg.data_dir, [schemas.UNLABELED_FOLD])
     except ConfigError:
@@ -428,6 +337,66 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         DataConfig(image_size=image_size, batch_size=cfg.batch_size),
         with_ids=True,
     )
+    return dataset, num_records
+
+
+def _folder_input(cfg: PredictConfig, wanted, image_size: int, rejected: list, log) -> tuple:
+    """The samples of --input_dir: (dataset, number of samples to read, the Ids listed in order)."""
+    from model import image_folder
+
+    try:
+        files = image_folder.list_stain_files(cfg.input_dir)
+        plan = image_folder.plan_folder(files, cfg.input_dir, wanted)
+    except image_folder.FolderError as e:
+        raise PredictError(str(e)) from None
+    rejected.extend(plan.rejected)
+    if plan.unlisted:
+        log(
+            f"warning: {len(plan.unlisted)} Id(s) with images in {cfg.input_dir} are not in {cfg.ids_csv} "
+            f"and are not predicted, e.g. {list(plan.unlisted[:3])}"
+        )
+    listed = list(wanted) if wanted is not None else sorted(files)
+    dataset = image_folder.make_dataset(plan.samples, image_size, cfg.batch_size, rejected)
+    return dataset, len(plan.samples), listed
+
+
+def _missing_records(wanted: Sequence[str], ids: np.ndarray, data_dir: str) -> list[tuple[str, str, str]]:
+    """(Id, reason, detail) of the listed Ids without a record, with the preprocessing job's reason if any."""
+    have, before = set(ids.tolist()), preprocessing_reasons(data_dir)
+    absent = (NO_RECORD, f"no record in the test shards of {data_dir}")
+    return [(sid, *before.get(sid, absent)) for sid in wanted if sid not in have]
+
+
+def _same_path(a: str, b: str) -> bool:
+    def norm(p: str) -> str:
+        return posixpath.normpath(p) if fileio.is_remote(p) else os.path.abspath(p)
+
+    return norm(a) == norm(b)
+
+
+def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
+    """Runs the prediction job; returns a summary (paths, counts, predicted labels per row).
+
+    Raises:
+      PredictError: bad inputs (the message says what to do).
+    """
+    wanted = read_id_list(cfg.ids_csv) if cfg.ids_csv else None
+    dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
+    thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
+    image_size = common_image_size(dirs)
+    rejected_path = fileio.join(fileio.dirname(cfg.out) or ".", schemas.REJECTED_FILE)
+    source = cfg.input_dir or cfg.data_dir
+    rejected: list[tuple[str, str, str]] = []
+    if cfg.input_dir is not None:
+        dataset, num_records, listed = _folder_input(cfg, wanted, image_size, rejected, log)
+    else:
+        if _same_path(rejected_path, fileio.join(cfg.data_dir, schemas.REJECTED_FILE)):
+            raise PredictError(
+                f"--out {cfg.out} lies in --data_dir, where its {schemas.REJECTED_FILE} would replace the "
+                "preprocessing job's: write the submission elsewhere"
+            )
+        dataset, num_records = _shard_input(cfg, image_size)
+        listed = wanted
     transforms = tta_transforms(cfg.tta)
     tuned_tta = sorted({d.val_tta for d in dirs})
     if cfg.thresholds is None and tuned_tta != [cfg.tta]:
@@ -436,41 +405,49 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
             f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
             f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
         )
-    log(f"loading {len(dirs)} model(s): {', '.join(cfg.model_dirs)}")
-    models = [load_model_dir(d) for d in cfg.model_dirs]
-    log(
-        f"scoring {num_records or '?'} records of {cfg.data_dir} ({image_size} px) with "
-        f"{len(models)} model(s) x {len(transforms)} transform(s) {list(transforms)}"
-    )
-    start = time.perf_counter()
-    ids, scores = predict_scores(models, dataset, transforms, num_records or None, log)
-    seconds = time.perf_counter() - start
-    log(f"scored {len(ids)} records in {seconds:.1f} s")
-    if len(ids) == 0:
+    ids, scores, seconds = np.array([], dtype=str), np.zeros((0, schemas.NUM_CLASSES)), 0.0
+    if num_records or cfg.input_dir is None:
+        log(f"loading {len(dirs)} model(s): {', '.join(cfg.model_dirs)}")
+        models = [load_model_dir(d) for d in cfg.model_dirs]
+        log(
+            f"scoring {num_records or '?'} samples of {source} ({image_size} px) with "
+            f"{len(models)} model(s) x {len(transforms)} transform(s) {list(transforms)}"
+        )
+        start = time.perf_counter()
+        ids, scores = predict_scores(models, dataset, transforms, num_records or None, log)
+        seconds = time.perf_counter() - start
+        log(f"scored {len(ids)} samples in {seconds:.1f} s")
+    if len(ids) == 0 and cfg.input_dir is None:
         raise PredictError(f"the test shards of {cfg.data_dir} hold no records")
 
-    if wanted is None:
-        order = np.argsort(ids, kind="stable")
-        out_ids, out_scores = ids[order].tolist(), scores[order]
-        _check_unique(out_ids, "the records")
-        extra: list[str] = []
-    else:
-        out_scores = order_by_ids(ids, scores, wanted, _read_rejected(cfg.data_dir))
-        out_ids = list(wanted)
-        extra = sorted(set(ids.tolist()) - set(wanted))
-        if extra:
-            log(
-                f"warning: {len(extra)} record(s) of {cfg.data_dir} are not in {cfg.ids_csv} and are left "
-                f"out of the submission, e.g. {extra[:3]}"
-                + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
-            )
+    if listed is None:
+        listed = sorted(ids.tolist())
+    elif cfg.input_dir is None:
+        rejected.extend(_missing_records(listed, ids, cfg.data_dir))
+    position = {sid: k for k, sid in enumerate(listed)}
+    rejected.sort(key=lambda r: position.get(r[0], len(position)))
+    gone = {r[0] for r in rejected}
+    out_ids = [sid for sid in listed if sid not in gone]
+    fileio.write_bytes(rejected_path, rejected_csv(rejected, source))
+    if not out_ids:
+        raise PredictError(f"none of the {len(listed)} listed Id(s) could be predicted: see {rejected_path}")
+    out_scores = order_by_ids(ids, scores, out_ids)
+    extra = sorted(set(ids.tolist()) - set(listed))
+    if extra:
+        log(
+            f"warning: {len(extra)} record(s) of {cfg.data_dir} are not in {cfg.ids_csv} and are left "
+            f"out of the submission, e.g. {extra[:3]}"
+            + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
+        )
     predictions = _apply(out_scores, thresholds, cfg.empty)
     fileio.write_bytes(cfg.out, format_submission(out_ids, predictions).encode("utf-8"))
     empty_rows = int((predictions.sum(axis=1) == 0).sum())
     filled = int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if cfg.empty == "top1" else 0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(r[1] for r in rejected).items()))
     log(
-        f"wrote {cfg.out}: {len(out_ids)} rows, {predictions.sum(axis=1).mean():.2f} labels per row "
-        f"(thresholds from {thresholds_source}; "
+        f"wrote {cfg.out}: {len(out_ids)} of {len(listed)} listed Ids predicted, {len(rejected)} rejected"
+        + (f" ({reasons}; see {rejected_path})" if rejected else "")
+        + f", {predictions.sum(axis=1).mean():.2f} labels per row (thresholds from {thresholds_source}; "
         + (
             f"{filled} row(s) without a passing class got their top class)"
             if cfg.empty == "top1"
@@ -483,13 +460,15 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         if extra:
             index = {sid: i for i, sid in enumerate(ids.tolist())}
             prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
-        fileio.write_bytes(cfg.probabilities, _probabilities_bytes(cfg.probabilities, prob_ids, prob_scores))
+        fileio.write_bytes(cfg.probabilities, probabilities_bytes(cfg.probabilities, prob_ids, prob_scores))
         log(f"wrote {cfg.probabilities}: probabilities of {len(prob_ids)} records")
     return {
         "submission": cfg.out,
         "probabilities": cfg.probabilities,
         "rows": len(out_ids),
         "records": len(ids),
+        "rejected": len(rejected),
+        "rejected_file": rejected_path,
         "not_in_id_list": len(extra),
         "empty_rows": empty_rows,
         "tta": list(transforms),
@@ -507,17 +486,24 @@ def _apply(scores: np.ndarray, thresholds: np.ndarray, empty: str) -> np.ndarray
 
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
-    d = PredictConfig(data_dir="", model_dirs=("x",), out="")
+    d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
     p = argparse.ArgumentParser(
-        prog="python -m model.predict",
+        prog=PROG,
         description=(
-            "Score the unlabeled (test) shards of a preprocessed set with one or more trained models, "
-            "average over test-time augmentation and models, apply the per-class thresholds and write the "
-            "competition's submission file (Id,Predicted)."
+            "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "
+            "or more trained models, average over test-time augmentation and models, apply the per-class "
+            "thresholds and write the competition's submission file (Id,Predicted) and rejected.csv beside "
+            "it (listed Ids that could not be predicted, with the reason)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data_dir", required=True, help="preprocessing output holding test-* shards (or gs://)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="preprocessing output holding test-* shards (or gs://)")
+    source.add_argument(
+        "--input_dir",
+        help="or a folder of {Id}_{red,green,blue,yellow}.{png,jpg,jpeg,tif,tiff} files (or gs://), read and "
+        "resized to the models' size by the preprocessing job's rules",
+    )
     p.add_argument(
         "--model_dir", nargs="+", required=True, metavar="DIR", help="training run dir(s); several = ensemble"
     )
@@ -526,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ids_csv",
         default=None,
         help="CSV with an Id column (sample_submission.csv): the submission's rows, in its order "
-        "(default: every record, sorted by Id)",
+        "(default: every record, or every Id with a stain file, sorted by Id)",
     )
     p.add_argument(
         "--tta",
@@ -553,12 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = PredictConfig(
-            data_dir=args.data_dir.rstrip("/"),
+            data_dir=args.data_dir and args.data_dir.rstrip("/"),
+            input_dir=args.input_dir and args.input_dir.rstrip("/"),
             model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
             out=args.out,
             ids_csv=args.ids_csv,
@@ -570,8 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(cfg)
     except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

@@ -18,6 +18,7 @@ from model import fileio
 from model.config import (
     BACKUP_DIR,
     CONFIG_FILE,
+    F1_METRIC,
     MODEL_FILE,
     RUN_SECTION,
     ConfigError,
@@ -149,3 +150,27 @@ def truncate_history(path: str, epochs: int) -> list[dict[str, str]]:
     writer.writerows(rows)
     fileio.write_text(path, buf.getvalue())
     return rows
+
+
+def plot_history(rows: list[dict[str, str]], path: str) -> None:
+    """Training and validation loss and macro F1 per epoch (the original project's figure) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], F1_METRIC, "macro F1 (threshold 0.5)")):
+        for name, style in ((key, "-o"), (f"val_{key}", "-s")):
+            if rows and name in rows[0]:
+                ax.plot(epochs, [float(r[name]) for r in rows], style, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    fileio.write_bytes(path, buf.getvalue())

@@ -23,6 +23,9 @@ import numpy as np
 import schemas
 from model import fileio
 from model import thresholds as thr
+from pipelines import cli
+
+PROG = "hpa-score"
 
 __all__ = ["ScoreError", "main", "read_label_table", "render_table", "score_files", "score_tables"]
 
@@ -136,10 +139,11 @@ def render_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.score`; returns the exit status (2 on bad input)."""
     p = argparse.ArgumentParser(
-        prog="python -m model.score",
+        prog=PROG,
         description=(
             "Score a submission file (Id,Predicted) against answers (Id,Target): macro F1 and per class."
         ),
@@ -152,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = score_files(args.submission, args.answers)
     except ScoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     table = render_table(result)
     print(table.splitlines()[-1] if args.quiet else table, flush=True)
     if args.out:

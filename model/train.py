@@ -1,13 +1,14 @@
 """The training job: `python -m model.train --data_dir out/ --model_dir runs/r1 [...]` (see `--help`).
 
 Reads the preprocessing job's shards and manifest, trains a four-stain classifier with Keras callbacks
-(ReduceLROnPlateau on validation loss, EarlyStopping, ModelCheckpoint of the best epoch, BackupAndRestore,
-CSVLogger, TensorBoard) and writes into --model_dir: config.json, model.keras, export/ (SavedModel taking
-serialized tf.Examples), history.csv, plots.png, logs/ (TensorBoard) and val_predictions.npz.
+(`model/callbacks.py`: ReduceLROnPlateau or a `model/schedules.py` schedule, EarlyStopping, ModelCheckpoint
+of the best epoch, BackupAndRestore, CSVLogger, TensorBoard; with --ema the averaged weights) and writes
+into --model_dir: config.json, model.keras, export/ (SavedModel taking serialized tf.Examples), history.csv,
+plots.png, logs/ (TensorBoard) and val_predictions.npz.
 
 Restarting the same command after a crash or preemption resumes from the last finished epoch: weights,
-optimizer state (learning rate included) come from BackupAndRestore's backup, the callbacks' plateau
-counters and history.csv are restored from the epochs already logged.
+optimizer state (learning rate, schedule position, weight average) come from BackupAndRestore's backup,
+the callbacks' plateau counters and history.csv are restored from the epochs already logged.
 
 Devices and strategies (`model/devices.py`): one device, MirroredStrategy over local GPUs or logical CPUs
 (`--cpu_replicas`), or MultiWorkerMirroredStrategy over the machines of TF_CONFIG. Every worker trains and
@@ -18,28 +19,28 @@ outside the strategy.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import io
 import json
 import sys
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from model import devices as devices_lib
-from model import fileio, rundir
+from model import fileio, presets, rundir
 from model.config import (
     BACKBONES,
     BACKUP_DIR,
     BEST_WEIGHTS,
     CACHE_NONE,
     EXPORT_DIR,
+    F1_METRIC,
     HISTORY_FILE,
     INPUT_NORM_CHOICES,
-    LOGS_DIR,
+    LOGS_DIR,  # noqa: F401 - one of this module's names (callers use train.LOGS_DIR)
     LOSSES,
+    LR_SCHEDULES,
     MODEL_FILE,
     PLOTS_FILE,
     PRECISIONS,
@@ -58,10 +59,10 @@ from model.config import (
     resolve_input_norm,
     tta_transforms,
 )
-from model.rundir import read_history, truncate_history
+from model.rundir import plot_history, read_history, truncate_history
+from pipelines import cli
 
-MONITOR = "val_loss"
-F1_METRIC = "f1"
+PROG = "hpa-train"
 AUC_METRIC = "auc"
 
 
@@ -69,9 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's flags (defaults from the config dataclasses)."""
     d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
     p = argparse.ArgumentParser(
-        prog="run_train.sh",
+        prog=PROG,
         description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog=presets.epilog(),
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="fill the flags of a named recipe (listed below); flags given on the command line win",
     )
     p.add_argument("--data_dir", required=True, help="preprocessing output (local or gs://)")
     p.add_argument("--model_dir", required=True, help="where to write the run's outputs (local or gs://)")
@@ -130,11 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow_cpu", action="store_true", help="train a backbone other than small without a GPU (slow)"
     )
-    p.add_argument("--lr_factor", type=float, default=t.lr_factor, help="ReduceLROnPlateau factor")
+    p.add_argument(
+        "--lr_schedule",
+        choices=LR_SCHEDULES,
+        default=t.lr_schedule,
+        help="plateau: ReduceLROnPlateau on validation loss; cosine: cosine decay to --min_lr over the "
+        "epochs after the warm-up; step: x --lr_factor at each of --lr_steps (Keras schedules of the "
+        "optimizer step)",
+    )
+    p.add_argument(
+        "--warmup_epochs",
+        type=int,
+        default=t.warmup_epochs,
+        help="linear warm-up from 1%% of --learning_rate, step by step, with any schedule (plateau watches "
+        "the epochs after it)",
+    )
+    p.add_argument(
+        "--lr_steps",
+        type=_epoch_list,
+        default=t.lr_steps,
+        metavar="E1,E2,...",
+        help="epochs at which the step schedule multiplies the rate by --lr_factor (default: 1/2 and 3/4 of "
+        "--epochs)",
+    )
+    p.add_argument(
+        "--lr_factor", type=float, default=t.lr_factor, help="ReduceLROnPlateau and step schedule factor"
+    )
     p.add_argument(
         "--lr_patience", type=int, default=t.lr_patience, help="ReduceLROnPlateau patience (epochs)"
     )
-    p.add_argument("--min_lr", type=float, default=t.min_lr)
+    p.add_argument("--min_lr", type=float, default=t.min_lr, help="plateau's floor, cosine's end")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (the Keras optimizer's use_ema) and use it "
+        "for validation, the best checkpoint, model.keras, export/ and val_predictions.npz",
+    )
+    p.add_argument(
+        "--ema_momentum", type=float, default=t.ema_momentum, help="weight of the old average at each step"
+    )
     p.add_argument("--early_stopping_patience", type=int, default=t.early_stopping_patience)
     p.add_argument(
         "--val_tta",
@@ -195,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flags' help; the epilog's preset list kept one line each."""
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The job's flags, with those of `--preset` filled in where the command line gives none.
+
+    Raises:
+      ConfigError: an unknown preset.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return presets.apply(build_parser, build_parser().parse_args(argv), argv)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Flags -> TrainConfig (raises ConfigError on bad values)."""
     data = DataConfig(
@@ -230,11 +293,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         loss=args.loss,
         focal_gamma=args.focal_gamma,
         precision=args.precision,
+        lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs,
+        lr_steps=args.lr_steps,
         lr_factor=args.lr_factor,
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
         early_stopping_patience=args.early_stopping_patience,
+        ema=args.ema,
+        ema_momentum=args.ema_momentum,
         val_tta=args.val_tta,
+        preset=args.preset,
         data=data,
         model=model,
     )
@@ -297,91 +366,7 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Callbacks and outputs.
-
-
-def _replay_callback(rows: list[dict[str, str]]):
-    """A callback restoring ReduceLROnPlateau / EarlyStopping counters from the logged epochs on resume."""
-    import keras
-
-    class ReplayPlateauState(keras.callbacks.Callback):
-        def __init__(self, targets):
-            super().__init__()
-            self.targets = targets
-
-        def on_train_begin(self, logs=None):
-            if not rows:
-                return
-            optimizer = self.model.optimizer
-            lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            for cb in self.targets:
-                verbose, cb.verbose = cb.verbose, 0
-                for row in rows:
-                    cb.on_epoch_end(int(row["epoch"]), {MONITOR: float(row[MONITOR])})
-                cb.verbose = verbose
-            optimizer.learning_rate = lr  # BackupAndRestore (after this callback) restores the true value
-
-    return ReplayPlateauState
-
-
-def make_callbacks(cfg: TrainConfig, work_dir: str, history_rows: list[dict[str, str]]) -> list:
-    """The Keras callbacks of a run, in the order they must see each epoch's end."""
-    import keras
-
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(
-        monitor=MONITOR, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
-    )
-    early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
-    best_so_far = min((float(r[MONITOR]) for r in history_rows), default=None)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        fileio.join(work_dir, BEST_WEIGHTS),
-        monitor=MONITOR,
-        save_best_only=True,
-        save_weights_only=True,
-        initial_value_threshold=best_so_far,
-    )
-    callbacks = [
-        reduce_lr,
-        early,
-        _replay_callback(history_rows)([reduce_lr, early]),
-        checkpoint,
-        keras.callbacks.CSVLogger(fileio.join(work_dir, HISTORY_FILE), append=True),
-    ]
-    if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(fileio.join(work_dir, LOGS_DIR), profile_batch=0))
-    else:
-        _print(
-            "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
-        )
-    # Last, so an epoch counts as done only once every other callback has handled it.
-    callbacks.append(
-        keras.callbacks.BackupAndRestore(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
-    )
-    return callbacks
-
-
-def plot_history(rows: list[dict[str, str]], path: str) -> None:
-    """Training and validation loss and macro F1 per epoch (the original project's figure) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], F1_METRIC, "macro F1 (threshold 0.5)")):
-        for name, style in ((key, "-o"), (f"val_{key}", "-s")):
-            if rows and name in rows[0]:
-                ax.plot(epochs, [float(r[name]) for r in rows], style, label=name)
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    fileio.write_bytes(path, buf.getvalue())
+# Outputs.
 
 
 def _save_npz(path: str, **arrays) -> None:
@@ -404,7 +389,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     Raises:
       ConfigError: bad flags or inputs (the message says what to change).
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     cfg = config_from_args(args)
     dev = devices_lib.setup(
         args.strategy, args.jit_compile, cfg.precision, args.cpu_replicas, cfg.model.backbone, args.allow_cpu
@@ -420,6 +405,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     import schemas
     from model import losses
+    from model import schedules as schedules_lib
+    from model.callbacks import make_callbacks
 
     if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
         from model import model as model_lib
@@ -458,8 +445,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     _print(
         f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size}; "
         f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
-        f"loss {cfg.loss}"
+        f"loss {cfg.loss}" + (f"; preset {cfg.preset}" if cfg.preset else "")
     )
+    _print(f"schedule: {schedules_lib.describe(cfg)}")
     _print(
         dev.describe() + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
     )
@@ -493,24 +481,27 @@ def run(argv: Sequence[str] | None = None) -> dict:
         files = len(data_lib.list_shards(cfg.data_dir, train_folds))
         # A cache serves decoded elements, not files: split those.
         by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = _shard_by(train_ds, "FILE" if by_file else "DATA")
-        val_ds = _shard_by(val_ds, "DATA")  # every worker reads the fold in the same order: an exact split
+        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
+        # Every worker reads the fold in the same order: an exact split.
+        val_ds = devices_lib.shard_by(val_ds, "DATA")
 
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():
-        model = compiled_model(cfg, stats, positive_weights, dev.jit_compile)
-    if dev.cluster is not None:
-        _build_before_fit(model, train_ds, dev.strategy)
+        model = compiled_model(cfg, stats, positive_weights, dev.jit_compile, steps_per_epoch=steps_per_epoch)
+    if dev.kind != "default":
+        devices_lib.build_before_fit(model, train_ds, dev.strategy)
 
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    with _scalar_mean_across_workers(dev.cluster is not None):
+    with devices_lib.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
             train_ds,
             epochs=cfg.epochs,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_ds,
             validation_steps=validation_steps,
-            callbacks=make_callbacks(cfg, work_dir, history_rows),
+            callbacks=make_callbacks(
+                cfg, work_dir, history_rows, steps_per_epoch, _schedule(cfg, steps_per_epoch), warn=_print
+            ),
             verbose=args.verbose,
         )
 
@@ -526,7 +517,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not dev.is_chief:
         _print(f"done: {len(rows)} epochs; task {dev.cluster.task_name} leaves the outputs to the chief")
         return summary
-    plain = compiled_model(cfg, stats, positive_weights, dev.jit_compile, weights=False)
+    plain = compiled_model(
+        cfg, stats, positive_weights, dev.jit_compile, weights=False, steps_per_epoch=steps_per_epoch
+    )
     _copy_state(model, plain)
     _print(f"writing outputs to {cfg.model_dir} ...")
     plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
@@ -545,10 +538,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
-def compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile: bool, weights: bool = True):
+def compiled_model(
+    cfg: TrainConfig,
+    stats: dict,
+    positive_weights,
+    jit_compile: bool,
+    weights: bool = True,
+    steps_per_epoch: int | None = None,
+):
     """The classifier compiled with the run's optimizer, loss and metrics (in the current strategy's scope).
 
-    `weights=False` skips loading pretrained weights (the caller copies trained ones in).
+    `weights=False` skips loading pretrained weights (the caller copies trained ones in). The optimizer is
+    Adam with the config's learning-rate schedule (`cosine` and `step` need steps_per_epoch) and, with
+    `cfg.ema`, an exponential moving average of the weights.
     """
     import dataclasses
 
@@ -557,6 +559,7 @@ def compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile:
     import schemas
     from model import augment, losses
     from model import model as model_lib
+    from model import schedules as schedules_lib
     from model.config import WEIGHTS_NONE
 
     model_cfg = cfg.model if weights else dataclasses.replace(cfg.model, weights=WEIGHTS_NONE)
@@ -564,7 +567,9 @@ def compiled_model(cfg: TrainConfig, stats: dict, positive_weights, jit_compile:
         model_cfg, stats["mean"], stats["std"], augmentation=augment.from_data_config(cfg.data)
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        optimizer=keras.optimizers.Adam(
+            schedules_lib.learning_rate(cfg, steps_per_epoch), use_ema=cfg.ema, ema_momentum=cfg.ema_momentum
+        ),
         loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
         metrics=[
             keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
@@ -585,65 +590,28 @@ def _copy_state(source, target) -> None:
         return
     for s, d in zip(src, dst, strict=True):
         d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
+    if getattr(target.optimizer, "inner_optimizer", target.optimizer).use_ema:  # loss scaling wraps it
+        # The weights came from the best checkpoint, which holds the average as the weights.
+        from model.callbacks import average_into_optimizer
+
+        average_into_optimizer(target)
 
 
-def _build_before_fit(model, dataset, strategy) -> None:
-    """Builds the model's metrics, loss and optimizer state from the dataset's element spec.
+def _schedule(cfg: TrainConfig, steps_per_epoch: int):
+    """The run's learning-rate schedule (as the optimizer's), or None when the optimizer holds a rate."""
+    from model import schedules as schedules_lib
 
-    Keras 3.15's fit under MultiWorkerMirroredStrategy builds them from a first distributed batch averaged
-    with `strategy.reduce`, which fails across workers ("Attempt to convert a value (PerReplica...)"); the
-    element spec gives the same shapes without a collective op.
-    """
-    with strategy.scope():
-        model._symbolic_build(data_batch=dataset.element_spec)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    rate = schedules_lib.learning_rate(cfg, steps_per_epoch)
+    return None if isinstance(rate, float) else rate
 
 
-@contextlib.contextmanager
-def _scalar_mean_across_workers(active: bool) -> Iterator[None]:
-    """Keras 3.15's step results under MultiWorkerMirroredStrategy: the mean over all replicas.
-
-    Keras averages each step's per-replica logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
-    scalar losses and metrics ("Invalid reduction dimension 0 for input with 0 dimensions",
-    tensorflow/tensorflow#72388); `axis=None` is the mean over replicas. Epoch logs, which the callbacks
-    act on, come from the metrics' variables summed over every worker, not from these values.
-    """
-    if not active:
-        yield
-        return
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = tf_trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean"):
-            return original(values, strategy, reduction)
-        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    try:
-        yield
-    finally:
-        tf_trainer.reduce_per_replica = original
-
-
-def _shard_by(dataset, policy: str):
-    """The dataset split between the workers of a multi-worker run by files (FILE) or records (DATA)."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = getattr(tf.data.experimental.AutoShardPolicy, policy)
-    return dataset.with_options(options)
-
-
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
     try:
         run(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

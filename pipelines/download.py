@@ -65,10 +65,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
+from pipelines import cli, progress_files
 from pipelines import labels as labels_lib
-from pipelines import progress_files
 from pipelines import stains as stains_lib
 
+PROG = "hpa-download"
 DOWNLOADED = "downloaded"
 PRESENT = "present"
 NOT_FOUND = "not_found"
@@ -542,7 +543,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     """Job flags -> DownloadConfig; unknown flags are returned for Beam's PipelineOptions."""
     d = DownloadConfig(labels_csv="", output_dir="")
     parser = argparse.ArgumentParser(
-        prog="run_download.sh",
+        prog=PROG,
         description="Download the four stain images of every atlas Id of a label file (e.g. the external "
         "HPAv18 set) into one folder that the preprocessing job reads as its --input_dir. Any Beam option "
         "(--runner DataflowRunner --project P --region R --temp_location gs://...) passes through.",
@@ -599,6 +600,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
     args, beam_args = parser.parse_known_args(argv)
+    cli.reject_unknown_beam_flags(parser, beam_args)
     if not args.base_url.startswith(("http://", "https://")):
         parser.error(f"--base_url must start with http:// or https://, got {args.base_url!r}")
     for name in ("image_size", "limit"):
@@ -733,19 +735,16 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def _log(msg: str) -> None:
-    print(f"download: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
     try:
         run(argv)
     except labels_lib.LabelFileError as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 1
+        return cli.bad_input(PROG, e)
     return 0
 
 

@@ -43,8 +43,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
 import schemas
+from pipelines import cli, publish, storage
 from pipelines import labels as labels_lib
-from pipelines import publish, storage
 from pipelines.progress import Progress
 from pipelines.transforms import duplicates as dup
 from pipelines.transforms.duplicates import FindDuplicates
@@ -57,7 +57,7 @@ from pipelines.transforms.stats import StainStatistics, read_stain_stats
 from pipelines.transforms.summary import SUMMARY_FILE, Summarise
 
 INCOMPLETE_DIR = publish.INCOMPLETE_DIR
-PROG = "preprocess"
+PROG = "hpa-preprocess"
 _PROGRESS_DIR = "progress"
 
 
@@ -155,7 +155,7 @@ def build_pipeline(
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig; unknown flags are returned for Beam's PipelineOptions."""
     parser = argparse.ArgumentParser(
-        prog="run_preprocess.sh",
+        prog=PROG,
         description="Merge the four stain images of every sample into fold-tagged, sharded TFRecords. "
         "Any Beam option (--runner DataflowRunner --project P --region R --temp_location gs://...) passes "
         "through.",
@@ -237,6 +237,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     )
     parser.add_argument("--progress_seconds", type=float, default=10.0, help="progress print interval")
     args, beam_args = parser.parse_known_args(argv)
+    cli.reject_unknown_beam_flags(parser, beam_args)
     if len(args.labels_csv) != len(args.input_dir):
         parser.error("give one --input_dir per --labels_csv")
     sources = args.source or []
@@ -502,16 +503,13 @@ def _log(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors instead of tracebacks (exit 2: bad input; 1: the job failed)."""
     try:
         run(argv)
     except (labels_lib.LabelFileError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except publish.PublishError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return cli.bad_input(PROG, e)
     return 0
 
 

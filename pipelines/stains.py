@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import posixpath
 import warnings
 import zlib
 
@@ -33,6 +34,10 @@ CORRUPT_IMAGE = "corrupt_image"
 SIZE_MISMATCH = "size_mismatch"
 UNSUPPORTED_MODE = "unsupported_mode"
 TOO_SMALL = "image_too_small"
+
+# Stain file extensions, in order of preference when one stain exists in several formats (e.g. a PNG and
+# the full-size TIFF).
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 # Formats stored as they are (TensorFlow's decode_image reads them).
 _KEEP_FORMATS = {"PNG", "JPEG"}
@@ -267,3 +272,20 @@ def decode_gray8(stain: str, data: bytes, strict_modes: bool = False) -> tuple[n
     img, fmt = _decode(stain, data)
     pixels, note = _to_gray8(stain, img, strict_modes)
     return pixels, fmt, note
+
+
+def stain_of(path: str) -> tuple[str, str, str] | None:
+    """`dir/{Id}_{stain}.{ext}` -> (Id, stain, ext), or None for a file that is not a stain image."""
+    stem, ext = posixpath.splitext(posixpath.basename(path))
+    ext = ext.lower()
+    if ext not in EXTENSIONS or "_" not in stem:
+        return None
+    sample_id, stain = stem.rsplit("_", 1)
+    if stain not in schemas.STAINS or not sample_id:
+        return None
+    return sample_id, stain, ext
+
+
+def choose_file(files: list[tuple[str, str]]) -> str:
+    """The path to read among one stain's (ext, path) files: the preferred format, then the first path."""
+    return min(files, key=lambda f: (EXTENSIONS.index(f[0]), f[1]))[1]

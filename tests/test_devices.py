@@ -127,7 +127,7 @@ def test_bad_device_flags_stop_before_any_work(flags, tf_config, message, tmp_pa
     argv += ["--weights", "none", *flags]
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("hpa-train: error: ") and message in err[0], err
     assert not os.path.exists(model_dir)
 
 
@@ -147,5 +147,5 @@ def test_large_backbone_without_gpu_stops_before_reading_data(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no GPU is visible") and "make setup-gpu" in last
+    assert last.startswith("hpa-train: error: no GPU is visible") and "make setup-gpu" in last
     assert "data:" not in proc.stdout and not os.path.exists(model_dir)  # no data read, nothing written

@@ -362,23 +362,35 @@ def test_not_preprocessed_or_no_test_shards(setup, tmp_path):
         _run(setup, tmp_path, data_dir=labeled_only)
 
 
-def test_ids_missing_from_the_shards(setup, tmp_path):
+def test_ids_missing_from_the_shards_are_rejected_rows(setup, tmp_path):
     ids_csv = str(tmp_path / "ids.csv")
     write_labels_csv(
         ids_csv,
-        [(i, "0") for i in [*setup["ids"], "ghost1", "ghost2"]],
+        [(i, "0") for i in ["ghost1", *setup["ids"], "ghost2"]],
         header=(schemas.CSV_ID, schemas.CSV_PREDICTED),
     )
     with open(os.path.join(setup["data_dir"], schemas.REJECTED_FILE), "w") as f:
         f.write(f"{schemas.CSV_ID},reason,detail,source\nghost2,missing_stain,no yellow,test\n")
     try:
-        with pytest.raises(
-            predict.PredictError, match=r"2 of 13 Ids.*ghost1.*ghost2 \(reason: missing_stain"
-        ):
-            _run(setup, tmp_path, ids_csv=ids_csv)
+        summary = _run(setup, tmp_path, ids_csv=ids_csv)
     finally:
         os.remove(os.path.join(setup["data_dir"], schemas.REJECTED_FILE))
-    assert not os.path.exists(tmp_path / "submission.csv")  # nothing written on error
+    assert (summary["rows"], summary["rejected"]) == (NUM_TEST, 2)
+    assert [r[0] for r in _read_csv(tmp_path / "submission.csv")[1:]] == setup["ids"]
+    rejected = _read_csv(tmp_path / schemas.REJECTED_FILE)
+    assert rejected[0] == list(schemas.REJECTED_COLUMNS)
+    assert [r[:2] for r in rejected[1:]] == [["ghost1", predict.NO_RECORD], ["ghost2", "missing_stain"]]
+    assert "no yellow" in rejected[2][2] and "preprocessing" in rejected[2][2]
+    # Nothing to predict: an error, the reasons in rejected.csv and no submission.
+    only_ghosts = str(tmp_path / "ghosts.csv")
+    write_labels_csv(only_ghosts, [("ghost1", "0")], header=(schemas.CSV_ID, schemas.CSV_PREDICTED))
+    out = str(tmp_path / "none" / "submission.csv")
+    with pytest.raises(predict.PredictError, match="none of the 1 listed Id"):
+        _run(setup, tmp_path, ids_csv=only_ghosts, out=out)
+    assert not os.path.exists(out) and os.path.exists(tmp_path / "none" / schemas.REJECTED_FILE)
+    # The submission may not sit beside the preprocessing job's own rejected.csv.
+    with pytest.raises(predict.PredictError, match="lies in --data_dir"):
+        _run(setup, tmp_path, out=os.path.join(setup["data_dir"], "submission.csv"))
 
 
 def test_bad_id_lists(tmp_path):
@@ -417,7 +429,7 @@ def test_main_help_and_error_status(setup, tmp_path, capsys):
     code = predict.main(
         ["--data_dir", setup["data_dir"], "--model_dir", str(tmp_path), "--out", str(tmp_path / "s.csv")]
     )
-    assert code == 2 and capsys.readouterr().err.startswith("error: ")
+    assert code == 2 and capsys.readouterr().err.startswith("hpa-predict: error: ")
 
 
 # --- scoring ---------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_imagenet_weights_offline_exit_2_with_one_line_before_writing(written, t
         argv.append("--allow_cpu")
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error: --weights imagenet:")
+    assert "\n" not in err and err.startswith("hpa-train: error: --weights imagenet:")
     assert fname in err and url in err and f"KERAS_HOME={home}" in err and "--weights PATH" in err
     assert tried == [url]
     assert not os.path.exists(model_dir)
@@ -276,7 +276,7 @@ def test_deterministic_with_tf_data_service_and_a_bad_cache_dir_are_usage_errors
     argv = _base(written, str(tmp_path / "m"), "--seed", "1", "--deterministic")
     assert train.main([*argv, "--tf_data_service", "grpc://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --deterministic cannot be combined with --tf_data_service")
+    assert err.startswith("hpa-train: error: --deterministic cannot be combined with --tf_data_service")
     assert "\n" not in err
     assert not os.path.exists(tmp_path / "m")
     blocker = tmp_path / "a_file"

@@ -23,10 +23,12 @@ from typing import Sequence
 import numpy as np
 
 import schemas
+from pipelines import cli
 from pipelines.synthetic.labels import BALANCES, TEMPERED_POWER, draw_label_sets, read_label_sets
 from pipelines.synthetic.png import encode_png
 from pipelines.synthetic.render import MIN_IMAGE_SIZE, RenderConfig, render_stains, sample_seed
 
+PROG = "hpa-synthetic"
 TRAIN_DIR = "train"
 TEST_DIR = "test"
 TRAIN_CSV = "train.csv"
@@ -224,13 +226,15 @@ def generate(cfg: GeneratorConfig, log=print) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipelines.synthetic",
+        prog=PROG,
         description="Synthetic HPA-like dataset in the competition's own file format: fields of cells "
         "whose green protein stain shows one spatial pattern per label, written as "
         "{Id}_{red,green,blue,yellow}.png plus train.csv like the competition's data.",
     )
     d = GeneratorConfig(output_dir="")  # the defaults live in the dataclass
-    p.add_argument("--output_dir", required=True, help="dataset root to write (train/, train.csv, ...)")
+    p.add_argument(
+        "--output_dir", required=True, help="dataset root to write (train/, train.csv, ...): a local folder"
+    )
     p.add_argument(
         "--num_samples",
         type=int,
@@ -251,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         % TEMPERED_POWER,
     )
     p.add_argument(
-        "--labels_csv", default=None, help="draw whole label sets from this Id,Target file instead"
+        "--labels_csv", default=None, help="draw whole label sets from this local Id,Target file instead"
     )
     p.add_argument(
         "--test_samples",
@@ -264,9 +268,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for flag, path in (("--output_dir", args.output_dir), ("--labels_csv", args.labels_csv)):
+        if path and "://" in path:
+            parser.error(f"{flag} {path}: the generator reads and writes local files only (copy with gsutil)")
     cfg = GeneratorConfig(
         output_dir=args.output_dir,
         num_samples=args.num_samples,
@@ -281,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         generate(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.bad_input(PROG, e)
     return 0
 
 

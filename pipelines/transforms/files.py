@@ -14,20 +14,6 @@ from pipelines import stains as stains_lib
 from pipelines.transforms.samples import Candidate, rejection
 
 COUNTERS = "preprocess"
-# Preference when one stain exists in several formats (e.g. a PNG and the full-size TIFF).
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-def stain_of(path: str) -> tuple[str, str, str] | None:
-    """`dir/{Id}_{stain}.{ext}` -> (Id, stain, ext), or None for a file that is not a stain image."""
-    stem, ext = posixpath.splitext(posixpath.basename(path))
-    ext = ext.lower()
-    if ext not in EXTENSIONS or "_" not in stem:
-        return None
-    sample_id, stain = stem.rsplit("_", 1)
-    if stain not in schemas.STAINS or not sample_id:
-        return None
-    return sample_id, stain, ext
 
 
 class _StainFileFn(beam.DoFn):
@@ -35,7 +21,7 @@ class _StainFileFn(beam.DoFn):
         self._source = source
 
     def process(self, meta):
-        parsed = stain_of(meta.path)
+        parsed = stains_lib.stain_of(meta.path)
         if parsed is None:
             beam.metrics.Metrics.counter(COUNTERS, "ignored_files").inc()
             return
@@ -76,14 +62,17 @@ def _join_files(item):
             "rejected", rejection(source, sample_id, stains_lib.MISSING_STAIN, detail)
         )
         return
-    chosen = [min(by_stain[s], key=lambda f: (EXTENSIONS.index(f[0]), f[1])) for s in schemas.STAINS]
+    paths = tuple(
+        stains_lib.choose_file([(ext, path) for ext, path, _ in by_stain[s]]) for s in schemas.STAINS
+    )
+    sizes = {path: size for files_of in by_stain.values() for _, path, size in files_of}
     yield Candidate(
         source=source,
         id=sample_id,
         labels=row.labels,
         labeled=row.labeled,
-        paths=tuple(path for _, path, _ in chosen),
-        num_bytes=sum(size for _, _, size in chosen),
+        paths=paths,
+        num_bytes=sum(sizes[p] for p in paths),
     )
 
 
