@@ -77,6 +77,7 @@ from pipelines import cli
 
 __all__ = [
     "EMPTY_RULES",
+    "add_prediction_flags",
     "PROB_CLASS_NAMES",
     "PROB_IDS",
     "PROB_SCORES",
@@ -484,19 +485,8 @@ def _apply(scores: np.ndarray, thresholds: np.ndarray, empty: str) -> np.ndarray
     return thr.apply_thresholds(scores, thresholds, at_least_one=empty == "top1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The job's flags."""
-    d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "
-            "or more trained models, average over test-time augmentation and models, apply the per-class "
-            "thresholds and write the competition's submission file (Id,Predicted) and rejected.csv beside "
-            "it (listed Ids that could not be predicted, with the reason)."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_prediction_flags(p: argparse.ArgumentParser, *, tta: int, empty: str) -> None:
+    """The flags this job shares with the Beam batch prediction (pipelines/batch_predict.py)."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_dir", help="preprocessing output holding test-* shards (or gs://)")
     source.add_argument(
@@ -518,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         type=int,
         choices=TTA_CHOICES,
-        default=d.tta,
+        default=tta,
         help="transforms averaged: 1 none, 2 + left-right flip, 4 flips, 8 flips and rotations",
     )
     p.add_argument(
@@ -529,12 +519,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--empty",
         choices=EMPTY_RULES,
-        default=d.empty,
+        default=empty,
         help="a row where no class passes: top1 = the class with the largest score - threshold, none = empty",
     )
     p.add_argument(
         "--probabilities", default=None, help="also write the averaged probabilities (.npz or .csv)"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags."""
+    d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "
+            "or more trained models, average over test-time augmentation and models, apply the per-class "
+            "thresholds and write the competition's submission file (Id,Predicted) and rejected.csv beside "
+            "it (listed Ids that could not be predicted, with the reason)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_prediction_flags(p, tta=d.tta, empty=d.empty)
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="records per batch")
     return p
 

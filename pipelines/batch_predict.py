@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import StandardOptions
 
 import schemas
 from model import predict
@@ -44,7 +44,6 @@ from model.predict import PredictConfig, PredictError
 from pipelines import cli, storage
 
 PROG = "hpa-batch-predict"
-_LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
 _SAVED_MODEL_PB = "saved_model.pb"
 _FOLDER_SOURCE = "input_dir"  # the source name of an image folder's samples (not written anywhere)
 
@@ -281,34 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data_dir", help="preprocessing output holding test-* shards (or gs://)")
-    source.add_argument(
-        "--input_dir",
-        help="a folder of {Id}_{red,green,blue,yellow}.{png,jpg,tif} files (or gs://), read and checked by "
-        "the preprocessing job's rules and resized to the models' size",
-    )
-    p.add_argument(
-        "--model_dir", nargs="+", required=True, metavar="DIR", help="training run dir(s) (ensemble)"
-    )
-    p.add_argument(
-        "--out", required=True, help="submission CSV to write (Id,Predicted); rejected.csv beside it"
-    )
-    p.add_argument(
-        "--ids_csv",
-        help="CSV with an Id column: the rows to predict, in order (none: every sample, by Id)",
-    )
-    p.add_argument("--tta", type=int, choices=predict.TTA_CHOICES, default=d.tta, help="transforms averaged")
-    p.add_argument(
-        "--thresholds", help="a thresholds.json to apply instead of the model dirs' (which must agree)"
-    )
-    p.add_argument(
-        "--empty",
-        choices=predict.EMPTY_RULES,
-        default=d.empty,
-        help="a row where no class passes its threshold",
-    )
-    p.add_argument("--probabilities", help="also write the averaged probabilities (.npz or .csv)")
+    predict.add_prediction_flags(p, tta=d.tta, empty=d.empty)
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per RunInference batch")
     p.add_argument(
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress interval (local)"
@@ -335,26 +307,6 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         progress_seconds=args.progress_seconds,
     )
     return cfg, beam_args
-
-
-def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
-    """Beam's options; remote runners get this project's setup.py. Returns (options, local run?).
-
-    Local runs default to one in-process worker: TensorFlow already spreads each batch over the cores.
-    """
-    options = PipelineOptions(beam_args)
-    local = options.view_as(StandardOptions).runner in _LOCAL_RUNNERS
-    if local:
-        direct = options.view_as(DirectOptions)
-        if direct.direct_num_workers > 1 and "--direct_running_mode" not in " ".join(beam_args):
-            direct.direct_running_mode = "multi_processing"
-    else:
-        setup = options.view_as(SetupOptions)
-        if not setup.setup_file:
-            setup.setup_file = os.path.join(
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
-            )
-    return options, local
 
 
 def _publish(cfg: JobConfig, work: str) -> dict:
@@ -396,7 +348,7 @@ def run(argv: list[str] | None = None, log=None) -> dict:
     log = log or _log
     cfg, beam_args = parse_args(argv)
     inputs = check_inputs(cfg, log)
-    options, local = pipeline_options(beam_args)
+    options, local = cli.beam_pipeline_options(beam_args)
     work = cfg.work_dir
     storage.delete(work)  # leftovers of a failed run
     log(

@@ -61,7 +61,6 @@ import urllib3
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
@@ -652,18 +651,6 @@ def read_ids(path: str, limit: int | None = None) -> tuple[list[str], int]:
     return (ids[:limit] if limit else ids), repeats
 
 
-def _pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
-    options = PipelineOptions(beam_args)
-    runner = options.view_as(StandardOptions).runner
-    local = runner in (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
-    setup = options.view_as(SetupOptions)
-    if not local and not setup.setup_file:  # remote workers need this project's packages
-        setup.setup_file = os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
-        )
-    return options, local
-
-
 def _progress_line(c: collections.Counter, elapsed: float, total: int) -> str:
     done = sum(c[s] for s in STATUSES)
     by_status = ", ".join(f"{c[s]} {s}" for s in STATUSES if c[s])
@@ -702,7 +689,7 @@ def run(argv: list[str] | None = None) -> dict:
         os.makedirs(out, exist_ok=True)
     partial_dir = posixpath.join(out, PARTIAL_DIR)
     cleared = _clear_partial(partial_dir)
-    options, local = _pipeline_options(beam_args)
+    options, local = cli.beam_pipeline_options(beam_args)
     _log(
         f"{len(ids)} Ids ({len(ids) * schemas.NUM_STAINS} stain files) from {cfg.labels_csv}"
         f"{f', {repeats} repeated rows skipped' if repeats else ''} -> {out} "

@@ -40,7 +40,6 @@ import time
 from importlib import metadata
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
 import schemas
 from pipelines import cli, publish, storage
@@ -314,25 +313,6 @@ def _read_groups(path: str) -> dict[str, str]:
         raise labels_lib.LabelFileError(f"groups file {path} line {reader.line_num}: {e}") from None
 
 
-def _pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, bool]:
-    options = PipelineOptions(beam_args)
-    std = options.view_as(StandardOptions)
-    local = std.runner in (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
-    if local:
-        direct = options.view_as(DirectOptions)
-        if direct.direct_num_workers == 1 and "--direct_num_workers" not in " ".join(beam_args):
-            direct.direct_num_workers = os.cpu_count() or 1
-        if direct.direct_num_workers > 1 and "--direct_running_mode" not in " ".join(beam_args):
-            direct.direct_running_mode = "multi_processing"
-    else:
-        setup = options.view_as(SetupOptions)
-        if not setup.setup_file:
-            setup.setup_file = os.path.join(
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
-            )
-    return options, local
-
-
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in ("apache-beam", "tensorflow", "tensorflow-transform", "numpy", "pillow", "scikit-multilearn"):
@@ -449,7 +429,7 @@ def run(argv: list[str] | None = None):
 
     storage.delete(work)  # leftovers of a failed run, or of another command
     publish.write_job(work, _identity(cfg))
-    options, local = _pipeline_options(beam_args)
+    options, local = cli.beam_pipeline_options(beam_args, local_workers=os.cpu_count() or 1)
     # tf.Transform's output is written by TensorFlow's own file system: in place for local output folders
     # and remote workers; staged locally and uploaded for a local run writing to an object store.
     stage = tempfile.mkdtemp(prefix="hpa-preprocess-") if local else None

@@ -228,7 +228,7 @@ def test_main_input_dir_flags(world, tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert code == 2 and err.startswith("hpa-predict: error: ") and err.count("\n") == 1
 
 
 def test_remote_folder_through_gfile(world, tmp_path):
