@@ -415,7 +415,9 @@ def _index_html(cfg: InspectConfig, summary: dict, table: Sequence[dict], labele
     if labeled and cfg.answers:
         notes.append(
             f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds on "
-            f"held-out samples (labels from {esc(cfg.answers)}; the thresholds were tuned on validation data)"
+            f"held-out samples (labels from {esc(cfg.answers)}; the thresholds were tuned on validation "
+            "data). Here a class is predicted when its score reaches its threshold; model.score scores the "
+            "submission, where a row in which no class passes gets its top class, so its figures can differ"
         )
     elif labeled:
         notes.append(
