@@ -70,43 +70,21 @@ def _write_data(root: str, n: int, size: int, seed: int = 0) -> None:
 
 
 def _write_model_dir(path: str, data_dir: str, size: int, batch_size: int) -> None:
-    import schemas
     from model import data as data_lib
     from model import predict
-    from model import thresholds as thr
-    from model.config import (
-        CONFIG_FILE,
-        MODEL_FILE,
-        THRESHOLDS_FILE,
-        DataConfig,
-        ModelConfig,
-        TrainConfig,
-        config_to_json,
-    )
+    from model.config import THRESHOLDS_FILE, DataConfig, ModelConfig
     from model.model import build_model
+    from tests import fixtures
 
-    os.makedirs(path, exist_ok=True)
     mcfg = ModelConfig(backbone="small", weights="none")
     model = build_model(mcfg, [128.0] * 4, [74.0] * 4)
-    model.save(os.path.join(path, MODEL_FILE))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        f.write(
-            config_to_json(TrainConfig(data_dir=data_dir, model_dir=path, data=DataConfig(image_size=size)))
-        )
+    fixtures.write_model_dir(path, model, mcfg, size, data_dir=data_dir)
     ds = data_lib.make_eval_dataset(
         data_dir, [0], DataConfig(image_size=size, batch_size=batch_size), with_ids=True
     )
     _, scores = predict.predict_scores([model], ds, (0,), log=None)
-    n = schemas.NUM_CLASSES
-    fit = thr.ThresholdFit(
-        values=np.percentile(scores, 70, axis=0),
-        rules=("fit",) * n,
-        positives=(0,) * n,
-        num_samples=len(scores),
-        global_threshold=0.5,
-        config=thr.ThresholdConfig(),
-    )
-    thr.save_thresholds(os.path.join(path, THRESHOLDS_FILE), fit)
+    thresholds = np.percentile(scores, 70, axis=0)
+    fixtures.save_thresholds(os.path.join(path, THRESHOLDS_FILE), thresholds, num_samples=len(scores))
 
 
 def main(argv=None) -> int:

@@ -102,3 +102,34 @@ def sigkill_when(proc, ready, timeout: float = 120.0, poll: float = 0.02) -> boo
         if proc.poll() is None:
             proc.kill()
     return killed
+
+
+def save_thresholds(path: str, values, num_samples: int = 0) -> None:
+    """A thresholds.json as model.evaluate writes it: `values` is one threshold, or one per class."""
+    from model import thresholds as thr
+
+    n = schemas.NUM_CLASSES
+    fit = thr.ThresholdFit(
+        values=np.broadcast_to(np.asarray(values, dtype=np.float64), (n,)).copy(),
+        rules=("fit",) * n,
+        positives=(0,) * n,
+        num_samples=num_samples,
+        global_threshold=0.5,
+        config=thr.ThresholdConfig(),
+    )
+    thr.save_thresholds(path, fit)
+
+
+def write_model_dir(
+    path: str, model, model_config, size: int, thresholds=None, data_dir: str = "data"
+) -> None:
+    """A model dir as the training job (model.keras, config.json) and model.evaluate (thresholds) leave it."""
+    from model.config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, DataConfig, TrainConfig, config_to_json
+
+    os.makedirs(path, exist_ok=True)
+    model.save(os.path.join(path, MODEL_FILE))
+    cfg = TrainConfig(data_dir=data_dir, model_dir=path, data=DataConfig(image_size=size), model=model_config)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        f.write(config_to_json(cfg))
+    if thresholds is not None:
+        save_thresholds(os.path.join(path, THRESHOLDS_FILE), thresholds)

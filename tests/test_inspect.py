@@ -19,17 +19,12 @@ import tensorflow as tf
 
 import schemas
 from model import inspect as insp
-from model import thresholds as thr
 from model.config import (
-    CONFIG_FILE,
     MODEL_FILE,
-    THRESHOLDS_FILE,
-    DataConfig,
     ModelConfig,
-    TrainConfig,
-    config_to_json,
 )
 from model.model import build_model
+from tests import fixtures
 from tests.fixtures import png_bytes
 
 SIZE = 64
@@ -101,23 +96,8 @@ def _write_manifest(root: str, size: int = SIZE) -> None:
 
 
 def _write_model_dir(path: str, model: keras.Model, size: int = SIZE, thresholds=None) -> None:
-    os.makedirs(path, exist_ok=True)
-    model.save(os.path.join(path, MODEL_FILE))
     mcfg = ModelConfig(backbone="small", weights="none", small_filters=8)
-    cfg = TrainConfig(data_dir="data", model_dir=path, data=DataConfig(image_size=size), model=mcfg)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        f.write(config_to_json(cfg))
-    if thresholds is not None:
-        n = schemas.NUM_CLASSES
-        fit = thr.ThresholdFit(
-            values=np.full(n, thresholds, np.float64),
-            rules=("fit",) * n,
-            positives=(0,) * n,
-            num_samples=0,
-            global_threshold=0.5,
-            config=thr.ThresholdConfig(),
-        )
-        thr.save_thresholds(os.path.join(path, THRESHOLDS_FILE), fit)
+    fixtures.write_model_dir(path, model, mcfg, size, thresholds)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,11 @@ from model import predict
 from model import score as score_lib
 from model import thresholds as thr
 from model.config import (
-    CONFIG_FILE,
-    MODEL_FILE,
     THRESHOLDS_FILE,
-    DataConfig,
     ModelConfig,
-    TrainConfig,
-    config_to_json,
 )
 from model.model import build_model
+from tests import fixtures
 from tests.fixtures import png_bytes, stain_array, write_labels_csv
 
 SIZE = 16
@@ -79,30 +75,14 @@ def write_test_set(root: str, ids, size: int = SIZE, sizes=None, schema_version=
 
 def write_model_dir(path: str, seed: int, size: int = SIZE, thresholds=None) -> keras.Model:
     """A model dir as the training job (model.keras, config.json) and model.evaluate (thresholds) leave it."""
-    os.makedirs(path, exist_ok=True)
     keras.utils.set_random_seed(seed)
     mcfg = ModelConfig(backbone="small", weights="none", small_filters=4)
     model = build_model(mcfg, [60.0] * 4, [50.0] * 4)
-    model.save(os.path.join(path, MODEL_FILE))
-    cfg = TrainConfig(data_dir="data", model_dir=path, data=DataConfig(image_size=size), model=mcfg)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        f.write(config_to_json(cfg))
-    if thresholds is not None:
-        save_thresholds(os.path.join(path, THRESHOLDS_FILE), thresholds)
+    fixtures.write_model_dir(path, model, mcfg, size, thresholds)
     return model
 
 
-def save_thresholds(path: str, values) -> None:
-    n = schemas.NUM_CLASSES
-    fit = thr.ThresholdFit(
-        values=np.broadcast_to(np.asarray(values, dtype=np.float64), (n,)).copy(),
-        rules=("fit",) * n,
-        positives=(0,) * n,
-        num_samples=0,
-        global_threshold=0.5,
-        config=thr.ThresholdConfig(),
-    )
-    thr.save_thresholds(path, fit)
+save_thresholds = fixtures.save_thresholds
 
 
 def _ids(n: int = NUM_TEST) -> list[str]:
