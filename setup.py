@@ -46,7 +46,7 @@ TEST = [
 # several GB), so no system CUDA is needed. The TF range is REQUIRED's.
 GPU = [r.replace("tensorflow", "tensorflow[and-cuda]", 1) for r in REQUIRED if r.startswith("tensorflow>")]
 # The installed commands (in .venv/bin after `make setup`), one per job: `hpa-x = package.module:main`, where
-# main follows pipelines/cli.py's conventions. A new job is one line here.
+# main follows schemas/cli.py's conventions. A new job is one line here.
 COMMANDS = [
     "hpa-synthetic = pipelines.synthetic.generator:main",
     "hpa-download = pipelines.download:main",

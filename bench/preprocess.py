@@ -40,12 +40,13 @@ from bench._common import (  # noqa: E402
     timed,
     warm,
 )
-from pipelines import labels as labels_lib  # noqa: E402
-from pipelines import near_duplicates, preprocess, stains, tfrecord  # noqa: E402
+from pipelines import near_duplicates, preprocess, tfrecord  # noqa: E402
 from pipelines.transforms.folds import compute_folds  # noqa: E402
 from pipelines.transforms.images import checksums, inspect_candidate  # noqa: E402
 from pipelines.transforms.samples import Candidate  # noqa: E402
 from pipelines.transforms.shards import plan_fold_shards  # noqa: E402
+from schemas import labels as labels_lib  # noqa: E402
+from schemas import stains
 
 FACTS_PIL_CEILING_PER_CORE = 155.0  # samples/s, real PNGs, PIL x4, one core of this machine (FACTS.md)
 

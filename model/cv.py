@@ -46,7 +46,7 @@ from model.config import (
     config_from_dict,
     config_to_dict,
 )
-from pipelines import cli
+from schemas import cli
 
 EVAL_DIR = "eval"
 SUBMISSION_FILE = "submission.csv"

@@ -34,7 +34,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, VAL_IDS, VAL_LABELS, VAL_PREDICTIONS_FILE, VAL_SCORES
-from pipelines import cli
+from schemas import cli
 
 __all__ = [
     "F1_PLOT_FILE",

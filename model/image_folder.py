@@ -1,10 +1,10 @@
 """Prediction input straight from a folder of `{Id}_{stain}.{png,jpg,jpeg,tif,tiff}` files, no Beam run.
 
 The rules are the preprocessing job's, from the same pure functions: file names parsed and the preferred
-format chosen by `pipelines.stains` (`stain_of`, `choose_file`), Ids checked by `pipelines.labels.check_id`,
+format chosen by `schemas.stains` (`stain_of`, `choose_file`), Ids checked by `schemas.labels.check_id`,
 and each sample decoded, converted to 8-bit single channel (colour-coded stains take the maximum over the
 colour channels, 16-bit is scaled, TIFF is read by Pillow), size-checked and resized with the box filter by
-`pipelines.stains.inspect_stains`. A sample's four stains become one uint8 [S, S, NUM_STAINS] array in
+`schemas.stains.inspect_stains`. A sample's four stains become one uint8 [S, S, NUM_STAINS] array in
 `schemas.STAINS` order: what the shard path decodes from the records the preprocessing job writes with
 `--image_size S`. Converted or resized stains are stored as PNG there (lossless), so Pillow's pixels are
 those; a JPEG stored as it is is decoded by TensorFlow there, whose default IDCT differs from Pillow's by a
@@ -26,8 +26,8 @@ import numpy as np
 
 import schemas
 from model import fileio
-from pipelines import labels as labels_lib
-from pipelines import stains as stains_lib
+from schemas import labels as labels_lib
+from schemas import stains as stains_lib
 
 __all__ = [
     "FolderError",
@@ -147,7 +147,7 @@ def read_sample(
     (the one case where Pillow's pixels are not the shard path's).
 
     Raises:
-      pipelines.stains.Rejected: a file that cannot be read (`missing_stain`, as the preprocessing job
+      schemas.stains.Rejected: a file that cannot be read (`missing_stain`, as the preprocessing job
         says), an empty, corrupt or unsupported image, stains of different sizes.
     """
     data = {}

@@ -52,7 +52,7 @@ import schemas
 from model import fileio
 from model import thresholds as thr
 from model.config import THRESHOLDS_FILE, TTA_CHOICES
-from pipelines import cli
+from schemas import cli
 
 __all__ = [
     "DEFAULT_THRESHOLD",

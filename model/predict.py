@@ -73,7 +73,7 @@ from model.submission import (
     rejected_csv,
     submission_rows,
 )
-from pipelines import cli
+from schemas import cli
 
 __all__ = [
     "EMPTY_RULES",

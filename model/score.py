@@ -23,7 +23,7 @@ import numpy as np
 import schemas
 from model import fileio
 from model import thresholds as thr
-from pipelines import cli
+from schemas import cli
 
 PROG = "hpa-score"
 

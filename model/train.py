@@ -60,7 +60,7 @@ from model.config import (
     tta_transforms,
 )
 from model.rundir import plot_history, read_history, truncate_history
-from pipelines import cli
+from schemas import cli
 
 PROG = "hpa-train"
 AUC_METRIC = "auc"

@@ -41,7 +41,8 @@ import schemas
 from model import predict
 from model.config import EXPORT_DIR
 from model.predict import PredictConfig, PredictError
-from pipelines import cli, storage
+from pipelines import beam_options, storage
+from schemas import cli
 
 PROG = "hpa-batch-predict"
 _SAVED_MODEL_PB = "saved_model.pb"
@@ -223,8 +224,8 @@ def _same_file(a: str, b: str) -> bool:
 
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: str, progress_dir=None):
     """Wires the job's transforms into `p`; the outputs land in work_dir."""
-    from pipelines import labels as labels_lib
     from pipelines.transforms import predictions as pred
+    from schemas import labels as labels_lib
 
     if cfg.data_dir is not None:
         records = p | "ReadRecords" >> pred.ReadRecords(
@@ -292,7 +293,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig (PredictError on bad values); unknown flags are returned for Beam."""
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
-    cli.reject_unknown_beam_flags(parser, beam_args)
+    beam_options.reject_unknown_beam_flags(parser, beam_args)
     cfg = JobConfig(
         data_dir=args.data_dir.rstrip("/") if args.data_dir else None,
         input_dir=args.input_dir.rstrip("/") if args.input_dir else None,
@@ -348,7 +349,7 @@ def run(argv: list[str] | None = None, log=None) -> dict:
     log = log or _log
     cfg, beam_args = parse_args(argv)
     inputs = check_inputs(cfg, log)
-    options, local = cli.beam_pipeline_options(beam_args)
+    options, local = beam_options.beam_pipeline_options(beam_args)
     work = cfg.work_dir
     storage.delete(work)  # leftovers of a failed run
     log(

@@ -4,7 +4,7 @@
 
 An atlas Id `{a}_{rest}` has four files, `{base_url}/{a}/{rest}_{stain}.jpg`, stains red, green, blue,
 yellow. Each becomes `{output_dir}/{Id}_{stain}.jpg` (the bytes as served) or, with `--image_size N`,
-`{Id}_{stain}.png` (8-bit grayscale, N x N, box filter: the preprocessing job's rules, pipelines.stains).
+`{Id}_{stain}.png` (8-bit grayscale, N x N, box filter: the preprocessing job's rules, schemas.stains).
 The folder is the preprocessing job's `--input_dir` as it is.
 
 The graph, each step a named transform:
@@ -64,9 +64,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
-from pipelines import cli, progress_files
-from pipelines import labels as labels_lib
-from pipelines import stains as stains_lib
+from pipelines import beam_options, progress_files
+from schemas import cli
+from schemas import labels as labels_lib
+from schemas import stains as stains_lib
 
 PROG = "hpa-download"
 DOWNLOADED = "downloaded"
@@ -160,7 +161,7 @@ def prepare_image(body: bytes, stain: str, image_size: int | None) -> tuple[byte
     """Checks that a downloaded body is a whole image; returns the bytes to write and their extension.
 
     Without image_size the body is kept as served; with it the stain becomes an 8-bit grayscale PNG of
-    image_size x image_size (pipelines.stains' conversion and box-filter resize, as the preprocessing job).
+    image_size x image_size (schemas.stains' conversion and box-filter resize, as the preprocessing job).
 
     Raises:
       stains.Rejected: an empty, truncated or undecodable body, or a format the preprocessing job cannot read.
@@ -599,7 +600,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
     args, beam_args = parser.parse_known_args(argv)
-    cli.reject_unknown_beam_flags(parser, beam_args)
+    beam_options.reject_unknown_beam_flags(parser, beam_args)
     if not args.base_url.startswith(("http://", "https://")):
         parser.error(f"--base_url must start with http:// or https://, got {args.base_url!r}")
     for name in ("image_size", "limit"):
@@ -689,7 +690,7 @@ def run(argv: list[str] | None = None) -> dict:
         os.makedirs(out, exist_ok=True)
     partial_dir = posixpath.join(out, PARTIAL_DIR)
     cleared = _clear_partial(partial_dir)
-    options, local = cli.beam_pipeline_options(beam_args)
+    options, local = beam_options.beam_pipeline_options(beam_args)
     _log(
         f"{len(ids)} Ids ({len(ids) * schemas.NUM_STAINS} stain files) from {cfg.labels_csv}"
         f"{f', {repeats} repeated rows skipped' if repeats else ''} -> {out} "

@@ -42,8 +42,7 @@ from importlib import metadata
 import apache_beam as beam
 
 import schemas
-from pipelines import cli, publish, storage
-from pipelines import labels as labels_lib
+from pipelines import beam_options, publish, storage
 from pipelines.progress import Progress
 from pipelines.transforms import duplicates as dup
 from pipelines.transforms.duplicates import FindDuplicates
@@ -54,6 +53,8 @@ from pipelines.transforms.rows import CheckRows, DropDuplicateIds
 from pipelines.transforms.shards import WRITE_PHASE, PlanShards, WriteShards
 from pipelines.transforms.stats import StainStatistics, read_stain_stats
 from pipelines.transforms.summary import SUMMARY_FILE, Summarise
+from schemas import cli
+from schemas import labels as labels_lib
 
 INCOMPLETE_DIR = publish.INCOMPLETE_DIR
 PROG = "hpa-preprocess"
@@ -236,7 +237,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     )
     parser.add_argument("--progress_seconds", type=float, default=10.0, help="progress print interval")
     args, beam_args = parser.parse_known_args(argv)
-    cli.reject_unknown_beam_flags(parser, beam_args)
+    beam_options.reject_unknown_beam_flags(parser, beam_args)
     if len(args.labels_csv) != len(args.input_dir):
         parser.error("give one --input_dir per --labels_csv")
     sources = args.source or []
@@ -429,7 +430,7 @@ def run(argv: list[str] | None = None):
 
     storage.delete(work)  # leftovers of a failed run, or of another command
     publish.write_job(work, _identity(cfg))
-    options, local = cli.beam_pipeline_options(beam_args, local_workers=os.cpu_count() or 1)
+    options, local = beam_options.beam_pipeline_options(beam_args, local_workers=os.cpu_count() or 1)
     # tf.Transform's output is written by TensorFlow's own file system: in place for local output folders
     # and remote workers; staged locally and uploaded for a local run writing to an object store.
     stage = tempfile.mkdtemp(prefix="hpa-preprocess-") if local else None

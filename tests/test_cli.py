@@ -1,4 +1,4 @@
-"""The command family (pipelines/cli.py): every job installed as an `hpa-*` command with `--help`, and the
+"""The command family (schemas/cli.py): every job installed as an `hpa-*` command with `--help`, and the
 same exit statuses everywhere: 2 and one line for bad usage or bad input, 1 and a traceback for a failure.
 
 The installed scripts run as subprocesses, in parallel (most import Beam or Keras); the error paths run
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from pipelines import cli
+from schemas import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -17,7 +17,8 @@ import urllib3
 from PIL import Image
 
 import schemas
-from pipelines import download, labels, stains
+from pipelines import download
+from schemas import labels, stains
 from tests import fixtures
 from tests.image_server import HTML, ImageServer, atlas_jpeg, cut, ok, slow, status
 

@@ -15,9 +15,9 @@ import schemas
 from model import data as data_lib
 from model import fileio, image_folder, predict
 from model.config import DataConfig
-from pipelines import labels as labels_lib
 from pipelines import preprocess
-from pipelines import stains as stains_lib
+from schemas import labels as labels_lib
+from schemas import stains as stains_lib
 from tests import fixtures
 from tests.test_predict import _npz as _npz_dict
 from tests.test_predict import _read_csv as _read

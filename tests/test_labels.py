@@ -1,8 +1,8 @@
-"""Label files and row checks (pipelines.labels)."""
+"""Label files and row checks (schemas.labels)."""
 
 import pytest
 
-from pipelines import labels
+from schemas import labels
 
 
 def test_parse_labeled_and_unlabeled_tables():

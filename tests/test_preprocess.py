@@ -19,12 +19,13 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 import schemas
-from pipelines import labels, preprocess, stains
+from pipelines import preprocess
 from pipelines.transforms import folds as folds_tf
 from pipelines.transforms import rows as rows_tf
 from pipelines.transforms import shards as shards_tf
 from pipelines.transforms import stats as stats_tf
 from pipelines.transforms.samples import Candidate
+from schemas import labels, stains
 from tests import fixtures
 
 IN_PROCESS = ["--direct_num_workers", "1"]  # faster start for tests; one test runs the multi-process default

@@ -1,4 +1,4 @@
-"""Validation of one sample's stain images (pipelines.stains)."""
+"""Validation of one sample's stain images (schemas.stains)."""
 
 import io
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import schemas
-from pipelines import stains
+from schemas import stains
 from tests import fixtures
 
 

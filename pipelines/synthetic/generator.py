@@ -23,10 +23,10 @@ from typing import Sequence
 import numpy as np
 
 import schemas
-from pipelines import cli
 from pipelines.synthetic.labels import BALANCES, TEMPERED_POWER, draw_label_sets, read_label_sets
 from pipelines.synthetic.png import encode_png
 from pipelines.synthetic.render import MIN_IMAGE_SIZE, RenderConfig, render_stains, sample_seed
+from schemas import cli
 
 PROG = "hpa-synthetic"
 TRAIN_DIR = "train"

@@ -9,9 +9,9 @@ import apache_beam as beam
 from apache_beam.io import fileio
 
 import schemas
-from pipelines import labels as labels_lib
-from pipelines import stains as stains_lib
 from pipelines.transforms.samples import Candidate, rejection
+from schemas import labels as labels_lib
+from schemas import stains as stains_lib
 
 COUNTERS = "preprocess"
 

@@ -14,10 +14,10 @@ import google_crc32c
 import numpy as np
 
 import schemas
-from pipelines import stains as stains_lib
 from pipelines import storage
 from pipelines.progress import ProgressFile
 from pipelines.transforms.samples import Candidate, rejection
+from schemas import stains as stains_lib
 
 COUNTERS = "preprocess"
 INSPECT_PHASE = "inspected"

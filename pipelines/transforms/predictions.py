@@ -103,7 +103,7 @@ LOAD_PHASE = "load"
 
 
 def _row_of_file(key, input_dir: str):
-    from pipelines import labels as labels_lib
+    from schemas import labels as labels_lib
 
     source, sample_id = key
     return labels_lib.LabelRow(source, input_dir, 0, sample_id, None)
@@ -145,9 +145,9 @@ class _LoadSampleFn(beam.DoFn):
         self._progress = ProgressFile(self._progress_dir, LOAD_PHASE)
 
     def process(self, c):
-        from pipelines import stains as stains_lib
         from pipelines.transforms.images import read_stains
         from pipelines.transforms.samples import rejection
+        from schemas import stains as stains_lib
 
         try:
             valid = stains_lib.validate_stains(read_stains(c), self._size)

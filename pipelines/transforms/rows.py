@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from pipelines import labels as labels_lib
 from pipelines.transforms.samples import rejection
+from schemas import labels as labels_lib
 
 COUNTERS = "preprocess"
 

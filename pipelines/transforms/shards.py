@@ -11,11 +11,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines import stains as stains_lib
 from pipelines import tfrecord
 from pipelines.progress import ProgressFile
 from pipelines.transforms.images import checksums, read_stains
 from pipelines.transforms.samples import Candidate, ShardSpec, rejection
+from schemas import stains as stains_lib
 
 COUNTERS = "preprocess"
 WRITE_PHASE = "written"

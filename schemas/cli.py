@@ -35,16 +35,15 @@ A command's module follows this pattern:
 traceback. Registering the command is one line in setup.py's `COMMANDS`: `"hpa-x = package.module:main"`
 (tests/test_cli.py checks that every runnable module of both packages is registered and answers `--help`).
 
-A Beam job parses its own flags with `parse_known_args` and hands the rest to Beam's PipelineOptions, which
-would drop a misspelt flag with a log line; `reject_unknown_beam_flags` makes that bad usage (exit 2) too.
+A Beam job's own options (an unknown flag is bad usage, local and remote runners) are in
+`pipelines/beam_options.py`.
 
-This module imports nothing outside the standard library (Beam only inside `reject_unknown_beam_flags`), so
-both packages can use it, `model/` included.
+This module imports nothing outside the standard library, so every package can use it: it sits in `schemas/`
+below both jobs, beside the record and input-file contracts.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -120,58 +119,3 @@ def command(prog: str) -> Callable[[Main], Main]:
         return entry
 
     return decorate
-
-
-def reject_unknown_beam_flags(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
-    """Exits through `parser.error` (status 2) when a flag left for Beam is no Beam pipeline option either.
-
-    Args:
-      parser: the job's own parser (for its usage line and prog).
-      beam_args: what `parser.parse_known_args` left over.
-    """
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    given = PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
-    unknown = sorted(set(given) - set(PipelineOptions([]).get_all_options()))
-    if unknown:
-        flags = ", ".join(f"--{name}" for name in unknown)
-        parser.error(f"unrecognized arguments: {flags} (neither flags of this job nor Beam pipeline options)")
-
-
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")
-
-
-def beam_pipeline_options(beam_args: Sequence[str], local_workers: int | None = None):
-    """Beam's PipelineOptions of a job, and whether it runs locally: (options, local).
-
-    Remote runners get this project's setup.py (their workers need its packages) unless --setup_file is
-    given. Local runs with several DirectRunner workers run them as processes (Beam's default, threads, would
-    share one GIL) unless --direct_running_mode is given.
-
-    Args:
-      beam_args: what the job's parser left over.
-      local_workers: DirectRunner workers when --direct_num_workers is not given (None: Beam's default, 1).
-    """
-    from apache_beam.options.pipeline_options import (
-        DirectOptions,
-        PipelineOptions,
-        SetupOptions,
-        StandardOptions,
-    )
-
-    given = " ".join(beam_args)
-    options = PipelineOptions(list(beam_args))
-    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
-    if local:
-        direct = options.view_as(DirectOptions)
-        if local_workers is not None and "--direct_num_workers" not in given:
-            direct.direct_num_workers = local_workers
-        if direct.direct_num_workers > 1 and "--direct_running_mode" not in given:
-            direct.direct_running_mode = "multi_processing"
-    else:
-        setup = options.view_as(SetupOptions)
-        if not setup.setup_file:
-            setup.setup_file = os.path.join(
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
-            )
-    return options, local
