@@ -111,6 +111,54 @@ class SwapEMAAtEpochEnd(keras.callbacks.SwapEMAWeights):
         pass
 
 
+class AtomicBestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose weight file is written beside its name and renamed in (never half-written)."""
+
+    def _save_model(self, epoch, batch, logs):
+        logs = logs or {}
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            fileio.save_file(
+                filepath, lambda tmp: self.model.save_weights(tmp, overwrite=True), suffix=".weights.h5"
+            )
+
+
+class TwoSlotBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose backup survives a kill at any instant of its save (docs/interrupts.md).
+
+    Each epoch's weights and optimizer state go to their own slot (`epoch-N.weights.h5`, written beside and
+    renamed in), then its record (size, SHA-256) and Keras' `training_metadata.json`; the slot before it is
+    kept until the next one is whole. On resume the newest whole slot is loaded (`rundir.find_backup`): one
+    cut short or corrupt falls back to the previous one, which the job reports in one line.
+    """
+
+    def __init__(self, work_dir: str):
+        super().__init__(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
+        self.work_dir = work_dir
+
+    def _load_model(self):
+        from model import rundir
+
+        found = rundir.find_backup(self.work_dir)
+        if found is None or found.weights is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(fileio.local_copy(found.weights))
+        self.model._initial_epoch = found.epoch  # what Keras' own BackupAndRestore sets  # noqa: SLF001
+
+    def _save_model(self):
+        from model import rundir
+
+        fileio.makedirs(self.backup_dir)
+        weights = fileio.join(self.backup_dir, rundir.backup_slot(self._current_epoch)[0])
+        fileio.save_file(
+            weights, lambda tmp: self.model.save_weights(tmp, overwrite=True), suffix=".weights.h5"
+        )
+        rundir.record_backup(self.work_dir, self._current_epoch)
+
+
 def average_into_optimizer(model) -> None:
     """Sets the optimizer's weight average to the model's weights (after loading averaged weights)."""
     swap = keras.callbacks.SwapEMAWeights()
@@ -180,7 +228,7 @@ def make_callbacks(
     replayed.append(early)
     callbacks += [early, _replay_callback(history_rows, cfg.lr_schedule == LR_PLATEAU)(replayed)]
     best_so_far = min((float(r[MONITOR]) for r in history_rows), default=None)
-    checkpoint = keras.callbacks.ModelCheckpoint(
+    checkpoint = AtomicBestCheckpoint(
         fileio.join(work_dir, BEST_WEIGHTS),
         monitor=MONITOR,
         save_best_only=True,
@@ -199,7 +247,5 @@ def make_callbacks(
             "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
         )
     # Last, so an epoch counts as done only once every other callback has handled it.
-    callbacks.append(
-        keras.callbacks.BackupAndRestore(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
-    )
+    callbacks.append(TwoSlotBackup(work_dir))
     return callbacks

@@ -10,8 +10,10 @@ the same command finds them again after a restart.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import os
 from typing import Any
 
 from model import fileio
@@ -26,8 +28,11 @@ from model.config import (
     config_from_dict,
     config_to_dict,
 )
+from schemas import atomic
 
-BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
+BACKUP_METADATA = "training_metadata.json"  # Keras' BackupAndRestore's name; {"epoch": N}
+LEGACY_BACKUP_WEIGHTS = "latest.weights.h5"  # Keras' BackupAndRestore's one slot (runs before the two slots)
+BACKUP_SLOTS_KEPT = 2
 WORKERS_DIR = "workers"
 
 
@@ -36,15 +41,118 @@ def worker_dir(model_dir: str, task_name: str) -> str:
     return fileio.join(model_dir, WORKERS_DIR, task_name)
 
 
-def backup_epoch(work_dir: str) -> int | None:
-    """Epochs finished according to BackupAndRestore's backup in work_dir, or None without a backup."""
-    path = fileio.join(work_dir, BACKUP_DIR, BACKUP_METADATA)
-    if not fileio.exists(path):
+def backup_slot(epoch: int) -> tuple[str, str]:
+    """(weights file, its record) of the backup taken after `epoch` finished epochs."""
+    return f"epoch-{epoch:04d}.weights.h5", f"epoch-{epoch:04d}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backup:
+    """The backup a resumed run starts from: `epoch` epochs finished, their weights in `weights`.
+
+    `damaged`: one line per newer slot that could not be used (cut short by a kill, corrupt), newest first.
+    """
+
+    epoch: int
+    weights: str | None
+    damaged: tuple[str, ...] = ()
+
+
+def find_backup(work_dir: str) -> Backup | None:
+    """The newest whole backup of work_dir (None when there is no backup at all).
+
+    A slot is whole when its record (`epoch-N.json`, written after the weights) exists and the weights'
+    size and SHA-256 match it. A damaged newest slot falls back to the one before it; when no slot is whole
+    the run starts from epoch 0 (Backup(0, None, ...)), never a loop of failing resumes.
+    """
+    directory = fileio.join(work_dir, BACKUP_DIR)
+    if not fileio.exists(directory):
         return None
+    names = fileio.listdir(directory)
+    epochs = sorted(
+        {
+            int(n[len("epoch-") : -len(suffix)])
+            for n in names
+            for suffix in (".weights.h5", ".json")
+            if n.startswith("epoch-") and n.endswith(suffix) and n[len("epoch-") : -len(suffix)].isdigit()
+        },
+        reverse=True,
+    )
+    damaged = []
+    for epoch in epochs:
+        weights, record = (fileio.join(directory, n) for n in backup_slot(epoch))
+        problem = _slot_problem(weights, record)
+        if problem is None:
+            return Backup(epoch, weights, tuple(damaged))
+        damaged.append(f"the backup after epoch {epoch} is unusable ({problem})")
+    legacy = fileio.join(directory, LEGACY_BACKUP_WEIGHTS)
+    meta = fileio.join(directory, BACKUP_METADATA)
+    if not epochs and fileio.exists(legacy) and fileio.exists(meta):
+        try:
+            return Backup(int(json.loads(fileio.read_text(meta))["epoch"]), legacy)
+        except (ValueError, KeyError, TypeError):
+            damaged.append(f"{meta} is unreadable")
+    if not epochs and not damaged:
+        return None
+    return Backup(0, None, tuple(damaged))
+
+
+def _slot_problem(weights: str, record: str) -> str | None:
+    if not fileio.exists(record):
+        return "its save was cut short" if fileio.exists(weights) else "no weights file"
     try:
-        return int(json.loads(fileio.read_text(path))["epoch"])
-    except (ValueError, KeyError):
-        return None
+        want = json.loads(fileio.read_text(record))
+        size, digest = int(want["bytes"]), str(want["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return f"{fileio.basename(record)} is unreadable"
+    if not fileio.exists(weights):
+        return "no weights file"
+    if _size(weights) != size:
+        return f"{fileio.basename(weights)} has {_size(weights)} bytes, {size} were written"
+    if fileio.sha256(weights) != digest:
+        return f"{fileio.basename(weights)} does not match its checksum"
+    return None
+
+
+def _size(path: str) -> int:
+    if fileio.is_remote(path):
+        import tensorflow as tf
+
+        return int(tf.io.gfile.stat(path).length)
+    return os.path.getsize(path)
+
+
+def record_backup(work_dir: str, epoch: int) -> None:
+    """After the weights of `epoch` were written: their record, the epoch marker, and old slots removed."""
+    directory = fileio.join(work_dir, BACKUP_DIR)
+    weights_name, record_name = backup_slot(epoch)
+    weights = fileio.join(directory, weights_name)
+    record = {"epoch": epoch, "bytes": _size(weights), "sha256": fileio.sha256(weights)}
+    fileio.write_text(fileio.join(directory, record_name), json.dumps(record))
+    fileio.write_text(fileio.join(directory, BACKUP_METADATA), json.dumps({"epoch": epoch, "batch": 0}))
+    keep = {n for e in (epoch - k for k in range(BACKUP_SLOTS_KEPT)) for n in backup_slot(e)}
+    for name in fileio.listdir(directory):
+        if name.startswith("epoch-") and name not in keep or name == LEGACY_BACKUP_WEIGHTS:
+            fileio.remove(fileio.join(directory, name))
+    if not fileio.is_remote(directory):
+        atomic.remove_temporaries(directory)
+
+
+def backup_notes(work_dir: str) -> list[str]:
+    """One line when the newest backup is unusable and the run falls back (empty otherwise)."""
+    found = find_backup(work_dir)
+    if found is None or not found.damaged:
+        return []
+    start = "starting from epoch 0"
+    if found.weights:
+        start = f"resuming from the backup after epoch {found.epoch}"
+    return [f"warning: {'; '.join(found.damaged)}: {start}"]
+
+
+def backup_epoch(work_dir: str) -> int | None:
+    """Epochs finished according to the newest whole backup in work_dir, or None without a backup."""
+    found = find_backup(work_dir)
+    return None if found is None else found.epoch
 
 
 def config_json(cfg: TrainConfig, run: dict[str, Any] | None = None) -> str:
@@ -132,10 +240,15 @@ def dict_diff(old: dict, new: dict, prefix: str = "") -> str:
 
 
 def read_history(path: str) -> list[dict[str, str]]:
-    """Rows of a CSVLogger file (empty when absent)."""
+    """Rows of a CSVLogger file (empty when absent), without a last row cut short by a kill mid-append."""
     if not fileio.exists(path):
         return []
-    return list(csv.DictReader(io.StringIO(fileio.read_text(path))))
+    rows = []
+    for row in csv.DictReader(io.StringIO(fileio.read_text(path))):
+        if None in row or any(v in (None, "") for v in row.values()) or not row.get("epoch", "").isdigit():
+            continue  # a row CSVLogger did not finish (its epoch is not in the backup either)
+        rows.append(row)
+    return rows
 
 
 def truncate_history(path: str, epochs: int) -> list[dict[str, str]]:

@@ -467,6 +467,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         work_dir = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
         initial_epoch = rundir.prepare_worker_dir(cfg, work_dir, args.overwrite)
     devices_lib.check_same_epoch(dev, initial_epoch)
+    for line in rundir.backup_notes(work_dir):
+        _print(line)
     if initial_epoch:
         _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
@@ -522,10 +524,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     _copy_state(model, plain)
     _print(f"writing outputs to {cfg.model_dir} ...")
-    plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
+    fileio.save_file(fileio.join(cfg.model_dir, MODEL_FILE), plain.save)
     from model import model as model_lib
 
-    model_lib.export_serving(plain, fileio.join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
+    fileio.replace_dir(
+        fileio.join(cfg.model_dir, EXPORT_DIR),
+        lambda d: model_lib.export_serving(plain, d, cfg.data.image_size),
+    )
     val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
     ids, y_true, scores = model_lib.predict_with_ids(plain, val_ids_ds, tta_transforms(cfg.val_tta))
     _save_npz(

@@ -11,6 +11,10 @@ Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `m
   prints the traceback of bad-input errors too.
 - run as a command (`argv=None`), TensorFlow's C++ logging is cut to errors unless TF_CPP_MIN_LOG_LEVEL is
   set.
+- interrupted by SIGINT (Ctrl-C) or SIGTERM: one line `hpa-x: interrupted during STAGE; rerun the same command
+  to resume` on stderr, no traceback (`HPA_TRACEBACK=1` shows it), exit status 130 or 143 (128 + the
+  signal). A command names what it is doing with `set_stage` (a text, or a function called at the
+  interrupt). Child processes started with `child_env()` leave that line to their parent.
 
 A command's module follows this pattern:
 
@@ -46,9 +50,11 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -60,7 +66,53 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
     IsADirectoryError,
 )
 TRACEBACK_ENV = "HPA_TRACEBACK"
+CHILD_ENV = "HPA_CHILD_OF"  # set for a child process whose parent reports interrupts (the fold driver's)
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}  # 130, 143
+
+Stage = Union[str, Callable[[], str], None]
+_stage: list[Stage] = [None]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so the same cleanup runs (`finally`, children)."""
+
+    signum = signal.SIGTERM
+
+
+def set_stage(stage: Stage) -> None:
+    """What the command is doing now, for its interrupt line (`epoch 4 of 30`); a function is called then."""
+    _stage[0] = stage
+
+
+def stage_text() -> str:
+    """The current stage's text (empty when none was set or it cannot be told)."""
+    stage = _stage[0]
+    try:
+        return (stage() if callable(stage) else stage) or ""
+    except Exception:  # the line must come out whatever the state
+        return ""
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The environment for a child command whose interrupts this process reports (one line, not two)."""
+    return {**(os.environ if env is None else env), CHILD_ENV: str(os.getpid())}
+
+
+def interrupted(prog: str, error: KeyboardInterrupt) -> int:
+    """Reports an interrupt in one line (after its traceback with HPA_TRACEBACK=1); returns 130 or 143."""
+    signum = getattr(error, "signum", signal.SIGINT)
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    if not os.environ.get(CHILD_ENV):
+        stage = stage_text()
+        where = f" during {stage}" if stage else ""
+        print(f"{prog}: interrupted{where}; rerun the same command to resume", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED[signum]
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
@@ -98,7 +150,8 @@ def command(prog: str) -> Callable[[Main], Main]:
 
     Returns:
       A decorator; the decorated `main` returns main's own status, 2 for BAD_INPUT (and TensorFlow's
-      NotFoundError) and 1 for any other exception; argparse's SystemExit (help, bad usage) passes through.
+      NotFoundError), 130 / 143 for SIGINT / SIGTERM (one line, see the module docstring) and 1 for any
+      other exception; argparse's SystemExit (help, bad usage) passes through.
     """
 
     def decorate(main: Main) -> Main:
@@ -106,14 +159,22 @@ def command(prog: str) -> Callable[[Main], Main]:
         def entry(argv: Sequence[str] | None = None) -> int:
             if argv is None:  # run as a command, not called from Python
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+            set_stage(None)
             try:
                 return main(argv)
+            except KeyboardInterrupt as e:
+                return interrupted(prog, e)
             except _bad_input_types() as e:
                 return bad_input(prog, e)
             except Exception:
                 traceback.print_exc()
                 sys.stderr.flush()
                 return EXIT_FAILED
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous)
 
         entry.prog = prog  # type: ignore[attr-defined]
         return entry
