@@ -53,51 +53,59 @@ def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "model.keras") and _tmp_leftovers(tmp_path) == []
 
 
-class _StopAt(callbacks_lib.keras.callbacks.Callback):
-    """Stands for a kill: raises at the start of an epoch (after the previous epoch's backup)."""
+def test_a_corrupt_newest_backup_falls_back_to_the_previous_one(tmp_path):
+    import keras
+    import numpy as np
 
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        m.compile(optimizer="adam", loss="mse")
+        return m
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 2), "float32")
+    seen = {}
 
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch + 1] = [w.copy() for w in self.model.get_weights()]
+            if epoch == 1:
+                raise KeyboardInterrupt  # a kill after the backup of epoch 2 (the backup runs first)
 
-def test_a_corrupt_newest_backup_falls_back_to_the_previous_one(written, tmp_path, monkeypatch, capsys):
-    model_dir = str(tmp_path / "run")
-    argv = ["--data_dir", written, "--model_dir", model_dir, *SMALL, "--epochs", "3"]
-    argv += ["--steps_per_epoch", "2"]
-    make = callbacks_lib.make_callbacks
-    monkeypatch.setattr(callbacks_lib, "make_callbacks", lambda *a, **k: [*make(*a, **k), _StopAt(2)])
+    work = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        train.run(argv)
-    monkeypatch.setattr(callbacks_lib, "make_callbacks", make)
-    backup = os.path.join(model_dir, train.BACKUP_DIR)
-    names = sorted(os.listdir(backup))
-    assert names == [
+        model().fit(x, y, epochs=4, verbose=0, callbacks=[callbacks_lib.TwoSlotBackup(work), Stop()])
+    backup = os.path.join(work, train.BACKUP_DIR)
+    assert sorted(os.listdir(backup)) == [
         "epoch-0001.json",
         "epoch-0001.weights.h5",
         "epoch-0002.json",
         "epoch-0002.weights.h5",
         rundir.BACKUP_METADATA,
     ]
-    assert rundir.backup_epoch(model_dir) == 2
+    assert rundir.backup_epoch(work) == 2 and rundir.backup_notes(work) == []
     newest = os.path.join(backup, "epoch-0002.weights.h5")
-    with open(newest, "r+b") as f:  # a save cut short: the file truncated under its final name
+    with open(newest, "r+b") as f:  # cut short under its final name (a disk fault; renames prevent kills)
         f.truncate(os.path.getsize(newest) // 2)
-    assert rundir.backup_epoch(model_dir) == 1
+    assert rundir.backup_epoch(work) == 1
+    (note,) = rundir.backup_notes(work)
+    assert "after epoch 2 is unusable" in note and "resuming from the backup after epoch 1" in note
 
-    capsys.readouterr()
-    summary = train.run(argv)
-    out = capsys.readouterr().out
-    notes = [line for line in out.splitlines() if "unusable" in line]
-    assert len(notes) == 1 and "after epoch 2" in notes[0] and "after epoch 1" in notes[0], out
-    assert "resuming" in out and "Traceback" not in out
-    assert summary["epochs"] == 3 and [int(r["epoch"]) for r in summary["history"]] == [0, 1, 2]
-    assert not os.path.exists(backup) and os.path.exists(os.path.join(model_dir, train.MODEL_FILE))
-    assert _tmp_leftovers(model_dir) == []
+    restored = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            restored["weights"] = self.model.get_weights()
+
+    m = model()
+    history = m.fit(x, y, epochs=4, verbose=0, callbacks=[callbacks_lib.TwoSlotBackup(work), Probe()])
+    assert history.epoch == [1, 2, 3]  # epoch 2 (index 1) again, from epoch 1's backup
+    assert all(np.array_equal(a, b) for a, b in zip(restored["weights"], seen[1], strict=True))
+    assert sorted(n for n in os.listdir(backup) if n.endswith(".h5")) == [
+        "epoch-0003.weights.h5",
+        "epoch-0004.weights.h5",
+    ]  # two slots kept
+    assert _tmp_leftovers(backup) == []
 
 
 def test_no_whole_backup_starts_over_instead_of_failing_forever(tmp_path):
@@ -126,7 +134,7 @@ def _files(root) -> dict[str, bytes]:
                 data = f.read()
             if rel == schemas.MANIFEST_FILE:
                 manifest = json.loads(data)
-                manifest.pop("wall_time_s")
+                manifest.pop("wall_time_s", None)
                 data = json.dumps(manifest, sort_keys=True).encode()
             found[rel] = data
     return found
@@ -155,48 +163,80 @@ def _kill_if(condition: bool) -> None:
         raise _Killed()
 
 
+def _fake_dataset(root, tag: str, shards: int) -> dict:
+    """A published-dataset layout with `tag` in every file; returns its manifest."""
+    names = [f"fold0-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
+    for name in names:
+        fileio.write_text(os.path.join(root, schemas.TFRECORD_DIR, name), f"{tag} {name}")
+    fileio.write_text(os.path.join(root, schemas.TRANSFORM_DIR, "transform_fn", "saved_model.pb"), tag)
+    fileio.write_text(os.path.join(root, schemas.REJECTED_FILE), f"{tag} rejected")
+    fileio.write_text(os.path.join(root, schemas.DUPLICATES_FILE), f"{tag} duplicates")
+    return {"shards": names, "tag": tag}
+
+
 def test_publishing_killed_between_any_two_steps_leaves_a_whole_dataset_and_a_rerun_finishes(
     tmp_path, monkeypatch
 ):
+    import json
     import shutil
 
+    from pipelines import publish
+
+    staged = str(tmp_path / "staged")
+    old = _fake_dataset(staged, "A", 3)
+    fileio.write_text(os.path.join(staged, schemas.MANIFEST_FILE), json.dumps(old))
+    new = _fake_dataset(publish.work_dir(staged), "B", 2)  # other shard names and counts
+    extra = (schemas.DUPLICATES_FILE,)
+    reference = str(tmp_path / "reference")
+    shutil.copytree(staged, reference)
+    steps = []
+    monkeypatch.setattr(publish, "_after", steps.append)
+    publish.publish(reference, publish.work_dir(reference), new, extra)
+    want = _files(reference)
+    assert sorted(want) == sorted(
+        [
+            schemas.MANIFEST_FILE,
+            schemas.REJECTED_FILE,
+            schemas.DUPLICATES_FILE,
+            "transform_output/transform_fn/saved_model.pb",
+        ]
+        + [f"{schemas.TFRECORD_DIR}/{n}" for n in new["shards"]]
+    )
+    assert len(steps) == 12, steps
+    for k, step in enumerate(steps):
+        out = str(tmp_path / f"kill{k}")
+        shutil.copytree(staged, out)
+        monkeypatch.setattr(publish, "_after", lambda s, at=step: _kill_if(s == at))
+        with pytest.raises(_Killed):
+            publish.publish(out, publish.work_dir(out), new, extra)
+        _looks_complete_only_when_whole(out)
+        tags = {data.split(b" ")[0] for data in _files(out).values() if not data.startswith(b"{")}
+        assert b"B" in tags  # the new dataset is never lost (the old one is until the manifest is written)
+        monkeypatch.setattr(publish, "_after", lambda s: None)
+        assert publish.read_journal(publish.work_dir(out)) is not None
+        publish.finish_publication(out, publish.work_dir(out))  # what a rerun does first
+        assert _files(out) == want, step
+
+
+def test_preprocess_killed_while_publishing_then_the_same_command_finishes(tmp_path, monkeypatch):
     from pipelines import preprocess, publish
     from tests import fixtures
     from tests.test_preprocess import IN_PROCESS
 
-    csv_path, image_dir, _ = fixtures.make_dataset(str(tmp_path / "data"), num_samples=9, size=16)
-    base = ["--labels_csv", csv_path, "--input_dir", image_dir, "--num_folds", "3", *IN_PROCESS]
-    staged = str(tmp_path / "staged")
-    preprocess.run([*base, "--output_dir", staged, "--seed", "0"])  # the old dataset A
-    new = [*base, "--output_dir", staged, "--seed", "1", "--overwrite"]  # B replaces it
+    csv_path, image_dir, _ = fixtures.make_dataset(str(tmp_path / "data"), num_samples=6, size=16)
+    out = str(tmp_path / "out")
+    argv = ["--labels_csv", csv_path, "--input_dir", image_dir, "--num_folds", "2", *IN_PROCESS]
+    argv += ["--output_dir", out]
     with monkeypatch.context() as m:
-        m.setattr(publish, "finish_publication", lambda *a: _kill_if(True))
+        m.setattr(publish, "_after", lambda s: _kill_if(s == f"in:{schemas.TFRECORD_DIR}"))
         with pytest.raises(_Killed):
-            preprocess.run(new)  # B's job finished, its publication not begun
-
-    def rerun(out, **kill):
-        argv = [*base, "--output_dir", out, "--seed", "1", "--overwrite"]
-        with monkeypatch.context() as m:
-            m.setattr(preprocess.beam, "Pipeline", lambda *a, **k: pytest.fail("the job ran again"))
-            if kill:
-                m.setattr(
-                    publish, "_after", lambda step: step == kill["at"] and (_ for _ in ()).throw(_Killed())
-                )
             preprocess.run(argv)
-
-    steps = []
-    reference = str(tmp_path / "reference")
-    shutil.copytree(staged, reference)
+    assert not os.path.exists(os.path.join(out, schemas.MANIFEST_FILE))
+    relative = os.path.relpath(out)  # spelt another way: the same command
     with monkeypatch.context() as m:
-        m.setattr(publish, "_after", steps.append)
-        rerun(reference)
-    want = _files(reference)
-    assert len(steps) == 12 and not os.path.exists(os.path.join(reference, publish.PREVIOUS_DIR)), steps
-    for k, step in enumerate(steps):
-        out = str(tmp_path / f"kill{k}")
-        shutil.copytree(staged, out)
-        with pytest.raises(_Killed):
-            rerun(out, at=step)
-        _looks_complete_only_when_whole(out)
-        rerun(out)  # the same command, again: it finishes the publication
-        assert _files(out) == want, step
+        m.setattr(preprocess.beam, "Pipeline", lambda *a, **k: pytest.fail("the job ran again"))
+        assert preprocess.run([*argv[:-1], relative + "/"]) is None
+        assert schemas.read_manifest(out)["written"] == 6
+        assert preprocess.run([*argv[:-1], relative]) is None  # finished: nothing to do, exit 0
+    _looks_complete_only_when_whole(out)
+    assert not os.path.exists(publish.work_dir(out))
