@@ -26,6 +26,7 @@ from model.config import (
     TrainConfig,
 )
 from model.schedules import warmup_schedule, warmup_steps
+from schemas import cli
 
 MONITOR = "val_loss"
 LEARNING_RATE = "learning_rate"  # history.csv's column: the rate of the epoch's last step
@@ -109,6 +110,20 @@ class SwapEMAAtEpochEnd(keras.callbacks.SwapEMAWeights):
 
     def on_predict_end(self, logs=None):
         pass
+
+
+class InterruptStage(keras.callbacks.Callback):
+    """Keeps the command's interrupt line current: `interrupted during epoch 4 of 30` (schemas/cli.py)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        cli.set_stage(f"epoch {epoch + 1} of {self.epochs}")
+
+    def on_train_end(self, logs=None):
+        cli.set_stage(f"writing the outputs after {self.epochs} epochs")
 
 
 class AtomicBestCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -209,7 +224,7 @@ def make_callbacks(
       warn: prints a warning line.
     """
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
-    callbacks: list = [LogLearningRate(schedule)]
+    callbacks: list = [InterruptStage(cfg.epochs), LogLearningRate(schedule)]
     replayed: list = []
     if cfg.lr_schedule == LR_PLATEAU:
         reduce_lr = PlateauAfterWarmup(

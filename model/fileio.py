@@ -182,6 +182,12 @@ def replace_dir(path: str, write: Callable[[str], object]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_temporaries(directory: str) -> None:
+    """Deletes what killed writers left in a local directory (`schemas.atomic`); no-op for URLs."""
+    if not is_remote(directory):
+        atomic.remove_temporaries(directory)
+
+
 def write_text(path: str, text: str) -> None:
     """Writes a UTF-8 text file, creating its parent directory."""
     write_bytes(path, text.encode("utf-8"))

@@ -28,7 +28,7 @@ from model.config import (
     config_from_dict,
     config_to_dict,
 )
-from schemas import atomic
+from schemas import atomic, locks, paths
 
 BACKUP_METADATA = "training_metadata.json"  # Keras' BackupAndRestore's name; {"epoch": N}
 LEGACY_BACKUP_WEIGHTS = "latest.weights.h5"  # Keras' BackupAndRestore's one slot (runs before the two slots)
@@ -163,22 +163,106 @@ def config_json(cfg: TrainConfig, run: dict[str, Any] | None = None) -> str:
     return json.dumps(d, indent=2, sort_keys=True)
 
 
+DATASET_ID = "dataset_id"  # config.json's run section: the identity of the data the run trains on
+OVERWRITE_STARTED = "started_with_overwrite"  # config.json's run section: this run began by replacing one
+
+
+def dataset_id(manifest: dict) -> str:
+    """What the dataset is, whatever its path: a hash of the manifest's schema version, image size, folds,
+    counts per fold, shard names and stain statistics (the manifest is written once per preprocessing run)."""
+    import hashlib
+
+    import schemas
+
+    keys = (
+        schemas.MANIFEST_SCHEMA_VERSION,
+        schemas.MANIFEST_IMAGE_SIZE,
+        schemas.MANIFEST_NUM_FOLDS,
+        schemas.MANIFEST_WRITTEN,
+        schemas.MANIFEST_STAIN_STATS,
+        schemas.MANIFEST_CLASS_COUNTS,
+        "shards",
+        "input_rows",
+    )
+    chosen = {k: manifest.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_place(cfg: TrainConfig) -> TrainConfig:
+    """cfg with data_dir and model_dir in their canonical spelling (`schemas.paths`), for comparisons."""
+    return dataclasses.replace(
+        cfg, data_dir=paths.normalise(cfg.data_dir), model_dir=paths.normalise(cfg.model_dir)
+    )
+
+
+def config_difference(previous_dict: dict, cfg: TrainConfig, data_id: str | None) -> str | None:
+    """How a stored config.json differs from `cfg` (None when it is the same run).
+
+    Paths are compared by what they point to; a data_dir spelt or placed differently is the same when the
+    stored dataset id equals `data_id` (the data folder was moved or renamed).
+    """
+    previous = config_from_dict(previous_dict)
+    stored_id = previous_dict.get(RUN_SECTION, {}).get(DATASET_ID)
+    if stored_id and data_id and stored_id != data_id:
+        return f"the dataset: {stored_id} -> {data_id} (data_dir holds other data than the run trained on)"
+    if same_place(previous) == same_place(cfg):
+        return None
+    if data_id is not None and stored_id == data_id:
+        moved = dataclasses.replace(previous, data_dir=cfg.data_dir)
+        if same_place(moved) == same_place(cfg):
+            return None
+    return dict_diff(config_to_dict(same_place(previous)), config_to_dict(same_place(cfg)))
+
+
+def resumes_overwrite(cfg: TrainConfig, run: dict[str, Any] | None) -> bool:
+    """True when model_dir holds an unfinished run of this same config that --overwrite itself started.
+
+    The same command rerun after an interruption then resumes instead of replacing its own work.
+    """
+    config_path = fileio.join(cfg.model_dir, CONFIG_FILE)
+    if not fileio.exists(config_path) or find_backup(cfg.model_dir) is None:
+        return False
+    try:
+        stored = json.loads(fileio.read_text(config_path))
+        same = config_difference(stored, cfg, (run or {}).get(DATASET_ID)) is None
+    except (ValueError, ConfigError):
+        return False
+    return same and bool(stored.get(RUN_SECTION, {}).get(OVERWRITE_STARTED))
+
+
 def prepare_model_dir(cfg: TrainConfig, overwrite: bool, run: dict[str, Any] | None = None) -> int:
     """The chief's check of model_dir against the config; writes config.json; returns the epoch to start from.
 
-    With `overwrite` an existing run is removed (except other workers' dirs, which each worker clears).
+    Takes model_dir's lock first (`schemas.locks`: a second process stops at once naming this one). With
+    `overwrite` an existing run is removed (except other workers' dirs, which each worker clears), unless it
+    is this same command's own unfinished run (`resumes_overwrite`).
 
     Raises:
       ConfigError: model_dir holds another run's config, or a finished run (without --overwrite).
+      locks.Locked: another live process works in model_dir.
     """
+    locks.acquire(cfg.model_dir, "hpa-train")
     config_path = fileio.join(cfg.model_dir, CONFIG_FILE)
-    if overwrite and fileio.exists(cfg.model_dir):
-        for name in fileio.listdir(cfg.model_dir):
-            if name != WORKERS_DIR:
-                _remove(fileio.join(cfg.model_dir, name))
+    run = dict(run or {})
+    if overwrite and resumes_overwrite(cfg, run):
+        overwrite = False
+        run[OVERWRITE_STARTED] = True
+    elif overwrite:
+        run[OVERWRITE_STARTED] = True
+        if fileio.exists(cfg.model_dir):
+            for name in fileio.listdir(cfg.model_dir):
+                if name not in (WORKERS_DIR, locks.LOCK_FILE):
+                    _remove(fileio.join(cfg.model_dir, name))
+    elif fileio.exists(config_path):
+        try:
+            if json.loads(fileio.read_text(config_path)).get(RUN_SECTION, {}).get(OVERWRITE_STARTED):
+                run[OVERWRITE_STARTED] = True  # still the run an --overwrite began
+        except ValueError:
+            pass  # _check_same_config names the problem
+    fileio.remove_temporaries(cfg.model_dir)
     epoch = 0
     if fileio.exists(config_path):
-        _check_same_config(cfg, config_path)
+        _check_same_config(cfg, config_path, run.get(DATASET_ID))
         found = backup_epoch(cfg.model_dir)
         if found is None and fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)):
             raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
@@ -194,6 +278,7 @@ def prepare_worker_dir(cfg: TrainConfig, work_dir: str, overwrite: bool) -> int:
     Raises:
       ConfigError: the chief's outputs say the run is finished (visible when model_dir is shared).
     """
+    locks.acquire(work_dir, "hpa-train")
     if overwrite:
         fileio.rmtree(work_dir)
     finished = fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)) and not fileio.exists(
@@ -212,13 +297,12 @@ def _remove(path: str) -> None:
         fileio.remove(path)
 
 
-def _check_same_config(cfg: TrainConfig, config_path: str) -> None:
+def _check_same_config(cfg: TrainConfig, config_path: str, data_id: str | None = None) -> None:
     try:
-        previous = config_from_dict(json.loads(fileio.read_text(config_path)))
+        diff = config_difference(json.loads(fileio.read_text(config_path)), cfg, data_id)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"{config_path} is not a training config ({e}); use another --model_dir") from e
-    if previous != cfg:
-        diff = dict_diff(config_to_dict(previous), config_to_dict(cfg))
+    if diff is not None:
         raise ConfigError(
             f"{cfg.model_dir} holds another run (config differs: {diff}); "
             "use another --model_dir, or --overwrite to replace it"

@@ -60,7 +60,7 @@ from model.config import (
     tta_transforms,
 )
 from model.rundir import plot_history, read_history, truncate_history
-from schemas import cli
+from schemas import cli, locks
 
 PROG = "hpa-train"
 AUC_METRIC = "auc"
@@ -453,6 +453,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
 
     run_facts = {**dev.facts(), "tensorflow": tf.__version__, "keras": keras.__version__}
+    run_facts[rundir.DATASET_ID] = rundir.dataset_id(manifest)  # a moved data folder is the same data
     if dev.is_chief:
         work_dir = cfg.model_dir
         initial_epoch = rundir.prepare_model_dir(cfg, args.overwrite, run_facts)
@@ -539,6 +540,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     plot_history(rows, fileio.join(cfg.model_dir, PLOTS_FILE))
     fileio.rmtree(fileio.join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
+    locks.release(cfg.model_dir)
     _print(f"done: {len(rows)} epochs; outputs in {cfg.model_dir}")
     return summary
 

@@ -65,7 +65,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 import schemas
 from pipelines import beam_options, progress_files
-from schemas import cli
+from schemas import cli, locks
 from schemas import labels as labels_lib
 from schemas import stains as stains_lib
 
@@ -100,6 +100,7 @@ class DownloadConfig:
     limit: int | None = None
     concurrency: int = 16
     connect_timeout: float = 10.0
+    allow_failed: int = 0
     read_timeout: float = 60.0
     retries: int = 5
     backoff: float = 1.0
@@ -199,10 +200,16 @@ def check_present(data: bytes, stain: str, image_size: int | None) -> str | None
 def _describe_error(e: BaseException) -> str:
     reason = getattr(e, "reason", None) if isinstance(e, urllib3.exceptions.MaxRetryError) else None
     e = reason or e
-    if isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)):
-        kind = "timeout"
+    # urllib3's NewConnectionError is a ConnectTimeoutError (for compatibility): test it before timeouts.
+    if isinstance(e, ConnectionRefusedError) or (
+        isinstance(e, urllib3.exceptions.NewConnectionError)
+        and (isinstance(e.__cause__ or e.__context__, ConnectionRefusedError) or "refused" in str(e).lower())
+    ):
+        kind = "connection refused"
     elif isinstance(e, (urllib3.exceptions.NewConnectionError, ConnectionError)):
         kind = "connection error"
+    elif isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        kind = "timeout"
     elif isinstance(e, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
         kind = "broken response"
     else:
@@ -599,6 +606,14 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     parser.add_argument(
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
+    parser.add_argument(
+        "--allow_failed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit 0 although up to N stain files could not be fetched (any status but downloaded or "
+        "present); beyond N the job exits 1 after writing its report (a rerun fetches only those)",
+    )
     args, beam_args = parser.parse_known_args(argv)
     beam_options.reject_unknown_beam_flags(parser, beam_args)
     if not args.base_url.startswith(("http://", "https://")):
@@ -609,6 +624,8 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
             parser.error(f"--{name} must be at least {8 if name == 'image_size' else 1}")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.allow_failed < 0:
+        parser.error("--allow_failed must be >= 0")
     if args.retries < 0 or min(args.connect_timeout, args.read_timeout) <= 0 or args.backoff < 0:
         parser.error("--retries and --backoff must be >= 0 and the timeouts > 0")
     cfg = DownloadConfig(
@@ -624,6 +641,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         backoff=args.backoff,
         backoff_max=args.backoff_max,
         progress_seconds=args.progress_seconds,
+        allow_failed=args.allow_failed,
     )
     return cfg, beam_args
 
@@ -689,6 +707,7 @@ def run(argv: list[str] | None = None) -> dict:
     if "://" not in out:
         os.makedirs(out, exist_ok=True)
     partial_dir = posixpath.join(out, PARTIAL_DIR)
+    locks.acquire(out, PROG)  # before .partial/ is cleared: it may be another live run's
     cleared = _clear_partial(partial_dir)
     options, local = beam_options.beam_pipeline_options(beam_args)
     _log(
@@ -719,7 +738,22 @@ def run(argv: list[str] | None = None) -> dict:
     _clear_partial(partial_dir)
     summary = summarise(rows, len(ids), time.time() - t0)
     _log(summary_line(summary))
+    summary["allow_failed"] = cfg.allow_failed
+    summary["report"] = posixpath.join(out, schemas.DOWNLOAD_REPORT_FILE)
     return summary
+
+
+def not_fetched_error(summary: dict) -> str | None:
+    """The exit line when more stain files than --allow_failed could not be fetched (None otherwise)."""
+    missing = {s: n for s, n in summary["by_status"].items() if s not in _USABLE}
+    if sum(missing.values()) <= summary.get("allow_failed", 0):
+        return None
+    counts = ", ".join(f"{n} {s}" for s, n in missing.items())
+    return (
+        f"{sum(missing.values())} stain file(s) could not be fetched ({counts}; --allow_failed "
+        f"{summary.get('allow_failed', 0)}): see {summary['report']}; "
+        "rerun the same command to fetch only those"
+    )
 
 
 def _log(msg: str) -> None:
@@ -730,9 +764,13 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
     try:
-        run(argv)
+        summary = run(argv)
     except labels_lib.LabelFileError as e:
         return cli.bad_input(PROG, e)
+    error = not_fetched_error(summary)
+    if error:
+        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        return cli.EXIT_FAILED
     return 0
 
 

@@ -53,7 +53,7 @@ from pipelines.transforms.rows import CheckRows, DropDuplicateIds
 from pipelines.transforms.shards import WRITE_PHASE, PlanShards, WriteShards
 from pipelines.transforms.stats import StainStatistics, read_stain_stats
 from pipelines.transforms.summary import SUMMARY_FILE, Summarise
-from schemas import cli, paths
+from schemas import cli, locks, paths
 from schemas import labels as labels_lib
 
 INCOMPLETE_DIR = publish.INCOMPLETE_DIR
@@ -402,6 +402,7 @@ def run(argv: list[str] | None = None):
     out = cfg.output_dir
     work = publish.work_dir(out)
     if publish.read_journal(work) is not None:  # a publication was interrupted: finish it first
+        locks.acquire(out, PROG)
         _log(f"finishing the publication of the dataset in {work} (interrupted)")
         manifest = publish.finish_publication(out, work)
         if _identity_of(manifest.get("arguments", {})) == _identity(cfg):
@@ -415,6 +416,9 @@ def run(argv: list[str] | None = None):
             f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite"
         )
     rows_by_source = _read_inputs(cfg)
+    locks.acquire(
+        out, PROG
+    )  # before anything is written: a second process on out stops here, naming this one
     input_rows = sum(len(rows) for _, _, rows in rows_by_source)
     groups = _read_groups(cfg.groups_csv) if cfg.groups_csv else None
     previous = publish.read_job(work)

@@ -56,6 +56,8 @@ import threading
 import traceback
 from typing import Callable, Sequence, Union
 
+from schemas import locks
+
 Main = Callable[[Sequence[str] | None], int]
 
 # Bad input whatever the command: a user path that does not exist, an output that exists without --overwrite.
@@ -173,6 +175,7 @@ def command(prog: str) -> Callable[[Main], Main]:
                 sys.stderr.flush()
                 return EXIT_FAILED
             finally:
+                locks.release_all()
                 if main_thread:
                     signal.signal(signal.SIGTERM, previous)
 

@@ -240,3 +240,176 @@ def test_preprocess_killed_while_publishing_then_the_same_command_finishes(tmp_p
         assert preprocess.run([*argv[:-1], relative]) is None  # finished: nothing to do, exit 0
     _looks_complete_only_when_whole(out)
     assert not os.path.exists(publish.work_dir(out))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rerun identity: paths by what they point to, data by its manifest; --overwrite after an interruption.
+
+
+def _train_config(data_dir, model_dir):
+    from model.config import DataConfig, TrainConfig
+
+    return TrainConfig(data_dir=data_dir, model_dir=model_dir, data=DataConfig(image_size=16))
+
+
+def _fake_backup(model_dir, epoch: int) -> None:
+    slot, _ = rundir.backup_slot(epoch)
+    fileio.write_bytes(os.path.join(model_dir, train.BACKUP_DIR, slot), b"weights")
+    rundir.record_backup(model_dir, epoch)
+
+
+def test_a_run_is_found_again_by_resolved_paths_and_by_its_datas_manifest(tmp_path, monkeypatch):
+    from model.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    os.symlink("data", "link")
+    absolute = _train_config(str(tmp_path / "data"), str(tmp_path / "run"))
+    run = {rundir.DATASET_ID: "abc"}
+    assert rundir.prepare_model_dir(absolute, False, run) == 0
+    _fake_backup(absolute.model_dir, 1)
+    for data_dir, model_dir in (("data", "run"), ("./data/", "run/"), ("link", "./run")):
+        respelt = _train_config(data_dir, model_dir)
+        assert rundir.prepare_model_dir(respelt, False, run) == 1  # resumes, no "other settings"
+    moved = _train_config(str(tmp_path / "moved"), "run")  # the data folder moved: same manifest, same run
+    assert rundir.prepare_model_dir(moved, False, run) == 1
+    with pytest.raises(ConfigError, match="other data than the run trained on"):  # other data, same path
+        rundir.prepare_model_dir(moved, False, {rundir.DATASET_ID: "other"})
+
+
+def test_overwrite_rerun_after_an_interruption_resumes_its_own_run(tmp_path):
+    cfg = _train_config(str(tmp_path / "data"), str(tmp_path / "run"))
+    run = {rundir.DATASET_ID: "abc"}
+    rundir.prepare_model_dir(cfg, False, run)
+    _fake_backup(cfg.model_dir, 2)  # an old run, interrupted; not begun by --overwrite
+    assert rundir.prepare_model_dir(cfg, True, run) == 0  # --overwrite replaces it
+    assert not os.path.exists(os.path.join(cfg.model_dir, train.BACKUP_DIR))
+    _fake_backup(cfg.model_dir, 1)  # the --overwrite run, interrupted after epoch 1
+    assert rundir.prepare_model_dir(cfg, True, run) == 1  # the same command again: resumes
+    assert rundir.prepare_model_dir(cfg, False, run) == 1  # so does it without the flag
+
+
+def test_fold_driver_overwrite_rerun_keeps_the_folds_it_began(tmp_path, monkeypatch):
+    import argparse
+
+    from model import cv
+
+    monkeypatch.chdir(tmp_path)
+    plan = cv.Plan(["--epochs", "2"], [0, 1, 2], {}, None)
+
+    def args(data_dir, overwrite=True):
+        return argparse.Namespace(data_dir=data_dir, out="cv", ids_csv=None, overwrite=overwrite)
+
+    os.makedirs("data")
+    assert cv.folds_to_replace(args("data"), plan) == {0, 1, 2}  # nothing recorded: replace all
+    cv._write_driver_record("cv", args("data"), plan, {0, 1}, finished=False)  # killed during fold 1
+    assert cv.folds_to_replace(args(str(tmp_path / "data") + "/"), plan) == {2}  # same command, respelt
+    other = cv.Plan(["--epochs", "3"], [0, 1, 2], {}, None)
+    assert cv.folds_to_replace(args("data"), other) == {0, 1, 2}  # another command: replace all
+    cv._write_driver_record("cv", args("data"), plan, {0, 1, 2}, finished=True)
+    assert cv.folds_to_replace(args("data"), plan) == {0, 1, 2}  # finished before: replace all
+    assert cv.folds_to_replace(args("data", overwrite=False), plan) == set()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Locks and signals.
+
+
+def test_a_second_process_on_a_directory_stops_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from schemas import locks
+
+    target = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from schemas import locks; locks.acquire({target!r}, 'hpa-x'); print(1, flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        with pytest.raises(locks.Locked, match=rf"in use by hpa-x .*pid {holder.pid}, since "):
+            locks.acquire(target, "hpa-y")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert os.path.exists(os.path.join(target, locks.LOCK_FILE))  # a killed process leaves its lock ...
+    lines = []
+    locks.acquire(target, "hpa-y", lines.append)  # ... which the next one takes over
+    assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and "taking over" in lines[0]
+    locks.release(target)
+    assert not os.path.exists(os.path.join(target, locks.LOCK_FILE))
+
+
+def test_sigint_and_sigterm_end_a_command_with_one_line_and_130_or_143(capsys, monkeypatch):
+    import signal
+
+    from schemas import cli
+
+    @cli.command("hpa-x")
+    def main(argv=None):
+        cli.set_stage(lambda: "epoch 4 of fold 2 (folds 0, 1 finished)")
+        if argv == ["term"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    assert main(["int"]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        "hpa-x: interrupted during epoch 4 of fold 2 (folds 0, 1 finished); "
+        "rerun the same command to resume\n"
+    )
+    assert main(["term"]) == 143
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    assert main(["int"]) == 130
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv(cli.CHILD_ENV, "1")  # a child of the fold driver leaves the line to its parent
+    monkeypatch.delenv(cli.TRACEBACK_ENV)
+    assert main(["int"]) == 130 and capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hpa-download's exit status.
+
+
+def test_download_exits_1_when_a_stain_file_is_missing_unless_allowed_and_names_a_refused_connection(
+    tmp_path, capsys
+):
+    import socket
+
+    import urllib3
+
+    from pipelines import download
+    from tests import fixtures
+    from tests.image_server import ImageServer, status
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        urllib3.PoolManager(retries=False).request("GET", f"http://127.0.0.1:{port}/x", timeout=2)
+    except urllib3.exceptions.HTTPError as e:
+        assert download._describe_error(e).startswith("connection refused"), download._describe_error(e)
+
+    csv_path = str(tmp_path / "ids.csv")
+    fixtures.write_labels_csv(csv_path, [("60_A1_1", "0")])
+    out = str(tmp_path / "out")
+    with ImageServer() as server:
+        server.add_sample("60_A1_1", seed=0)
+        server.routes[server.path("60_A1_1", "blue")] = [status(404)]
+        argv = ["--labels_csv", csv_path, "--output_dir", out, "--base_url", server.base_url]
+        argv += ["--direct_num_workers", "1", "--retries", "0", "--progress_seconds", "30"]
+        assert download.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("hpa-download: error: 1 stain file(s) could not be fetched (1 not_found")
+    summary = {"by_status": {download.DOWNLOADED: 3, download.NOT_FOUND: 1}, "report": "r"}
+    assert download.not_fetched_error({**summary, "allow_failed": 1}) is None  # --allow_failed 1: exit 0
+    assert "1 not_found" in download.not_fetched_error({**summary, "allow_failed": 0})
