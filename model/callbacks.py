@@ -138,13 +138,26 @@ class AtomicBestCheckpoint(keras.callbacks.ModelCheckpoint):
             )
 
 
+RNG_STATES = "rng_states"  # a backup record's states of the model's random generators, in variable order
+
+
+def _rng_variables(model) -> list:
+    """The states of the model's `keras.random.SeedGenerator`s (augmentation, dropout).
+
+    Keras' weight files leave them out, so a resumed run would draw its first epoch's transforms again;
+    the backup keeps them so that a resumed `--deterministic` run equals the uninterrupted one.
+    """
+    return [v for v in model.variables if "seed_generator_state" in v.path]
+
+
 class TwoSlotBackup(keras.callbacks.BackupAndRestore):
     """BackupAndRestore whose backup survives a kill at any instant of its save (docs/interrupts.md).
 
     Each epoch's weights and optimizer state go to their own slot (`epoch-N.weights.h5`, written beside and
     renamed in), then its record (size, SHA-256) and Keras' `training_metadata.json`; the slot before it is
     kept until the next one is whole. On resume the newest whole slot is loaded (`rundir.find_backup`): one
-    cut short or corrupt falls back to the previous one, which the job reports in one line.
+    cut short or corrupt falls back to the previous one, which the job reports in one line. The record also
+    holds the random generators' states, which Keras' weight files leave out.
     """
 
     def __init__(self, work_dir: str):
@@ -161,6 +174,11 @@ class TwoSlotBackup(keras.callbacks.BackupAndRestore):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self.model.load_weights(fileio.local_copy(found.weights))
+        states = rundir.read_backup_record(found.weights).get(RNG_STATES)
+        variables = _rng_variables(self.model)
+        if states is not None and len(states) == len(variables):
+            for variable, state in zip(variables, states, strict=True):
+                variable.assign(keras.ops.convert_to_tensor(state, dtype=variable.dtype))
         self.model._initial_epoch = found.epoch  # what Keras' own BackupAndRestore sets  # noqa: SLF001
 
     def _save_model(self):
@@ -171,7 +189,8 @@ class TwoSlotBackup(keras.callbacks.BackupAndRestore):
         fileio.save_file(
             weights, lambda tmp: self.model.save_weights(tmp, overwrite=True), suffix=".weights.h5"
         )
-        rundir.record_backup(self.work_dir, self._current_epoch)
+        states = [keras.ops.convert_to_numpy(v).tolist() for v in _rng_variables(self.model)]
+        rundir.record_backup(self.work_dir, self._current_epoch, {RNG_STATES: states})
 
 
 def average_into_optimizer(model) -> None:

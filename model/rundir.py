@@ -97,6 +97,12 @@ def find_backup(work_dir: str) -> Backup | None:
     return Backup(0, None, tuple(damaged))
 
 
+def read_backup_record(weights: str) -> dict:
+    """The record written beside a slot's weights file (empty for a legacy backup)."""
+    record = weights[: -len(".weights.h5")] + ".json"
+    return json.loads(fileio.read_text(record)) if fileio.exists(record) else {}
+
+
 def _slot_problem(weights: str, record: str) -> str | None:
     if not fileio.exists(record):
         return "its save was cut short" if fileio.exists(weights) else "no weights file"
@@ -122,12 +128,15 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def record_backup(work_dir: str, epoch: int) -> None:
-    """After the weights of `epoch` were written: their record, the epoch marker, and old slots removed."""
+def record_backup(work_dir: str, epoch: int, extra: dict | None = None) -> None:
+    """After the weights of `epoch` were written: their record, the epoch marker, and old slots removed.
+
+    `extra`: more state to keep with the slot (the random generators' states).
+    """
     directory = fileio.join(work_dir, BACKUP_DIR)
     weights_name, record_name = backup_slot(epoch)
     weights = fileio.join(directory, weights_name)
-    record = {"epoch": epoch, "bytes": _size(weights), "sha256": fileio.sha256(weights)}
+    record = {"epoch": epoch, "bytes": _size(weights), "sha256": fileio.sha256(weights), **(extra or {})}
     fileio.write_text(fileio.join(directory, record_name), json.dumps(record))
     fileio.write_text(fileio.join(directory, BACKUP_METADATA), json.dumps({"epoch": epoch, "batch": 0}))
     keep = {n for e in (epoch - k for k in range(BACKUP_SLOTS_KEPT)) for n in backup_slot(e)}

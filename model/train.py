@@ -487,6 +487,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
+    if cfg.data.deterministic and initial_epoch:
+        # The training stream is one seeded sequence of batches: a resumed reproducible run takes up where
+        # the epoch it resumes begins (its data order), at the cost of reading the finished epochs' batches.
+        train_ds = train_ds.skip(initial_epoch * steps_per_epoch)
 
     stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():

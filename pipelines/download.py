@@ -701,6 +701,13 @@ def read_report(output_dir: str) -> list[tuple]:
 def run(argv: list[str] | None = None) -> dict:
     """Runs the job. Returns the summary (see `summarise`); raises on bad input or a broken invariant."""
     cfg, beam_args = parse_args(argv)
+    try:
+        return _run(cfg, beam_args)
+    finally:
+        locks.release(cfg.output_dir)  # a killed run leaves it, for the next one to take over
+
+
+def _run(cfg: DownloadConfig, beam_args: list[str]) -> dict:
     t0 = time.time()
     ids, repeats = read_ids(cfg.labels_csv, cfg.limit)
     out = cfg.output_dir

@@ -398,6 +398,13 @@ def run(argv: list[str] | None = None):
     Returns the PipelineResult (None when it only published); raises on bad input or a broken invariant.
     """
     cfg, beam_args = parse_args(argv)
+    try:
+        return _run(cfg, beam_args)
+    finally:
+        locks.release(cfg.output_dir)  # a killed run leaves it, for the next one to take over
+
+
+def _run(cfg: JobConfig, beam_args: list[str]):
     t0 = time.time()
     out = cfg.output_dir
     work = publish.work_dir(out)

@@ -94,6 +94,11 @@ def acquire(directory: str, prog: str, log=None) -> None:
                 time.sleep(0.2)
                 with contextlib.suppress(OSError, ValueError), open(path) as f:
                     holder = json.load(f)
+            mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+            if mine:  # this process' own lock (a copied directory, an earlier call): keep it
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
             if holder and _alive(holder):
                 raise Locked(
                     f"{directory} is in use by {describe(holder)}: wait for it to end or stop it"

@@ -204,7 +204,7 @@ def test_whole_run_problems_stop_with_one_line(world, tmp_path):
     only_bad = _write_ids(str(tmp_path / "bad.csv"), ["three", "ghost"])
     with pytest.raises(predict.PredictError, match="none of the 2 listed Id"):
         run(ids_csv=only_bad)
-    assert {r[0] for r in _read(tmp_path / "submission.rejected.csv")[1:]} == {"three", "ghost"}
+    assert {r[0] for r in _read(tmp_path / "s.rejected.csv")[1:]} == {"three", "ghost"}
     assert not os.path.exists(tmp_path / "s.csv")  # no submission on error
     with pytest.raises(predict.PredictError, match="either --data_dir"):
         predict.PredictConfig(data_dir="d", input_dir="i", model_dirs=("m",), out="o")
