@@ -22,8 +22,12 @@ def temp_name(path: str) -> str:
     return os.path.join(head, f".{tail}{TMP_MARK}{os.getpid()}")
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes a local file all or nothing, creating its parent directory."""
+def write_bytes(path: str, data: bytes, sync: bool = True) -> None:
+    """Writes a local file all or nothing, creating its parent directory.
+
+    `sync=False` skips the flush to disk: still never a half-written file after a kill of the process, only
+    not after a power loss (for many small regenerable files).
+    """
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
@@ -31,8 +35,9 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

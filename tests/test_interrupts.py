@@ -413,3 +413,20 @@ def test_download_exits_1_when_a_stain_file_is_missing_unless_allowed_and_names_
     summary = {"by_status": {download.DOWNLOADED: 3, download.NOT_FOUND: 1}, "report": "r"}
     assert download.not_fetched_error({**summary, "allow_failed": 1}) is None  # --allow_failed 1: exit 0
     assert "1 not_found" in download.not_fetched_error({**summary, "allow_failed": 0})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A slice of the campaign (bench/chaos.py): the download job killed twice (SIGKILL, SIGINT) and rerun.
+
+
+@pytest.mark.slow
+def test_chaos_slice_download_killed_and_rerun_ends_identical(tmp_path, capsys):
+    from bench import chaos
+
+    code = chaos.main(["--jobs", "download", "--kills", "2", "--seed", "3", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| download |")]
+    assert code == 0, out
+    cells = [c.strip() for c in row[0].split("|")[1:-1]]
+    # kills, recovered, identical, looks complete but is not, stuck, lost
+    assert cells[2:8] == ["2", "2", "2", "0", "0", "0"], out
