@@ -105,7 +105,8 @@ def _anchors(text: str) -> set[str]:
     return out
 
 
-def test_every_relative_link_resolves(pages):
+def _broken_links(pages: dict[str, str]) -> list[str]:
+    """`page:line: target (why)` for every relative link of `pages` without its file or heading."""
     broken = []
     for path, text in pages.items():
         for i, line in _outside_fences(text):
@@ -120,6 +121,11 @@ def test_every_relative_link_resolves(pages):
                 elif anchor and dest.endswith(".md"):
                     if anchor not in _anchors(open(dest, encoding="utf-8").read()):
                         broken.append(f"{where} (no such heading)")
+    return broken
+
+
+def test_every_relative_link_resolves(pages):
+    broken = _broken_links(pages)
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
@@ -192,3 +198,13 @@ def test_the_figure_check_sees_figures_and_sources():
         "benchscalepy",
         "a-page-1",
     }
+
+
+def test_the_link_check_finds_missing_files_and_headings(tmp_path):
+    page = tmp_path / "a.md"
+    text = "# Top\n[ok](a.md#top) [web](https://x.org/y) `[code](nowhere.md)`\n[gone](b.md) [bad](#nothing)\n"
+    page.write_text(text)
+    assert [b.split(": ", 1)[1] for b in _broken_links({str(page): text})] == [
+        "b.md (no such file)",
+        "#nothing (no such heading)",
+    ]
