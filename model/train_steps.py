@@ -312,7 +312,9 @@ def build_and_compile(plan: Plan, dev: devices_lib.Devices, train_ds):
             steps_per_epoch=plan.steps_per_epoch,
         )
     if dev.kind != "default":
-        devices_lib.build_before_fit(model, train_ds, dev.strategy)
+        from model import keras_compat
+
+        keras_compat.build_before_fit(model, train_ds, dev.strategy)
     return model
 
 
@@ -322,6 +324,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
     Every worker loads its best checkpoint (the same weights everywhere: validation loss is global).
     """
     from model import callbacks as callbacks_lib
+    from model import keras_compat
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
@@ -333,7 +336,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
         _schedule(cfg, plan.steps_per_epoch),
         warn=_print,
     )
-    with devices_lib.scalar_mean_across_workers(dev.cluster is not None):
+    with keras_compat.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
             train_ds,
             epochs=cfg.epochs,
@@ -446,9 +449,9 @@ def _copy_state(source, target) -> None:
         d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
     if getattr(target.optimizer, "inner_optimizer", target.optimizer).use_ema:  # loss scaling wraps it
         # The weights came from the best checkpoint, which holds the average as the weights.
-        from model.callbacks import average_into_optimizer
+        from model import keras_compat
 
-        average_into_optimizer(target)
+        keras_compat.average_into_optimizer(target)
 
 
 def _schedule(cfg: TrainConfig, steps_per_epoch: int):
