@@ -117,6 +117,31 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _startup_interrupt(signum, frame):  # pragma: no cover - runs in a command's own process
+    name = os.path.basename(sys.argv[0]) if os.path.basename(sys.argv[0]).startswith("hpa-") else "hpa"
+    print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED[signum])
+
+
+def handle_startup_interrupts() -> None:
+    """In a command's own process, SIGINT / SIGTERM while its modules load end it with one line too.
+
+    Called by the `model` and `pipelines` packages when they are imported; acts only when the process runs
+    an `hpa-*` command or `python -m` (not when a library user or pytest imports them). `command` puts the
+    usual handling in place once `main` runs.
+    """
+    launcher = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if not (launcher.startswith("hpa-") or launcher == "-m") or os.environ.get(TRACEBACK_ENV, "") not in (
+        "",
+        "0",
+    ):
+        return
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+                signal.signal(signum, _startup_interrupt)
+
+
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     """BAD_INPUT, plus TensorFlow's NotFoundError (a missing gs:// path) when TensorFlow is loaded."""
     tf = sys.modules.get("tensorflow")
@@ -163,6 +188,10 @@ def command(prog: str) -> Callable[[Main], Main]:
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+            if main_thread and signal.getsignal(signal.SIGINT) is _startup_interrupt:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            if previous is _startup_interrupt:
+                previous = signal.SIG_DFL
             set_stage(None)
             try:
                 return main(argv)
