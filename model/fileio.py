@@ -126,14 +126,6 @@ def write_bytes(path: str, data: bytes) -> None:
     atomic.write_bytes(path, data)
 
 
-def rename(src: str, dst: str) -> None:
-    """Moves a file onto dst (replacing it): atomic locally, a copy then a delete on an object store."""
-    if is_remote(src) or is_remote(dst):
-        _gfile().rename(src, dst, overwrite=True)
-    else:
-        os.replace(src, dst)
-
-
 def save_file(path: str, save: Callable[[str], object], suffix: str | None = None) -> None:
     """Writes a file with a library's `save(local_path)` (Keras' `model.save`), all or nothing.
 

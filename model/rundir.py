@@ -28,7 +28,7 @@ from model.config import (
     config_from_dict,
     config_to_dict,
 )
-from schemas import atomic, locks, paths
+from schemas import locks, paths
 
 BACKUP_METADATA = "training_metadata.json"  # Keras' BackupAndRestore's name; {"epoch": N}
 LEGACY_BACKUP_WEIGHTS = "latest.weights.h5"  # Keras' BackupAndRestore's one slot (runs before the two slots)
@@ -143,8 +143,7 @@ def record_backup(work_dir: str, epoch: int, extra: dict | None = None) -> None:
     for name in fileio.listdir(directory):
         if name.startswith("epoch-") and name not in keep or name == LEGACY_BACKUP_WEIGHTS:
             fileio.remove(fileio.join(directory, name))
-    if not fileio.is_remote(directory):
-        atomic.remove_temporaries(directory)
+    fileio.remove_temporaries(directory)
 
 
 def backup_notes(work_dir: str) -> list[str]:

@@ -22,7 +22,3 @@ def normalise(path: str) -> str:
         return f"{scheme.lower()}://{bucket}" + (f"/{key}" if key else "")
     return os.path.realpath(os.path.expanduser(path))
 
-
-def same(a: str, b: str) -> bool:
-    """True when two spellings name the same place."""
-    return normalise(a) == normalise(b)
