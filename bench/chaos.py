@@ -313,10 +313,15 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
         return -999, str(e.stdout or "") + str(e.stderr or ""), time.time() - t0
 
 
-def _run_and_kill(argv: list[str], after: float, signum: int) -> tuple[int, str]:
+def _run_and_kill(argv: list[str], after: float, signum: int) -> tuple[int, str, float]:
+    """Runs argv, sends `signum` after `after` s; returns (status, output, seconds it ran when it finished
+    before the signal, else -1)."""
+    t0 = time.time()
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finished = -1.0
     try:
         proc.wait(timeout=after)
+        finished = time.time() - t0
     except subprocess.TimeoutExpired:
         proc.send_signal(signum)
     try:
@@ -324,7 +329,7 @@ def _run_and_kill(argv: list[str], after: float, signum: int) -> tuple[int, str]
     except subprocess.TimeoutExpired:
         proc.kill()  # a process that ignored the signal: counted by the caller (not recovered cleanly)
         out, _ = proc.communicate()
-    return proc.returncode, out.decode(errors="replace")
+    return proc.returncode, out.decode(errors="replace"), finished
 
 
 def campaign(
@@ -339,13 +344,23 @@ def campaign(
     reference = job.outputs(ref_dir)
     log(f"{job.name}: reference in {ref_seconds:.1f} s, {len(reference)} outputs")
     tally = Tally()
+    duration = ref_seconds
     for k in range(kills):
         d = os.path.join(work, f"{job.name}-kill{k}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         signum = signals[k % len(signals)]
-        after = rng.uniform(0, ref_seconds)
-        rc, out = _run_and_kill(job.argv(d), after, signum)
+        for _ in range(4):  # the machine's load varies: a run that ended before its instant is not a kill
+            after = rng.uniform(0, duration)
+            rc, out, finished_in = _run_and_kill(job.argv(d), after, signum)
+            if finished_in < 0:
+                break
+            duration = finished_in  # draw the next instant over this run's wall time
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+        if finished_in >= 0:
+            tally.notes.append(f"kill {k}: every run ended before its instant (no kill)")
+            continue
         tally.kills += 1
         interrupted = rc != 0
         if signum == signal.SIGINT and rc == 130 and "Traceback" in out:
