@@ -97,6 +97,9 @@ def _manifest_digest(path: str) -> str:
         manifest = json.load(f)
     for key in ("wall_time_s", "arguments", "beam_args"):  # the run's own time and spelling
         manifest.pop(key, None)
+    # tf.Transform's mean and std sum in the order its workers combine: equal to float32 rounding only.
+    stats = manifest.get("stain_stats", {})
+    manifest["stain_stats"] = {k: [round(float(v), 4) for v in vals] for k, vals in stats.items()}
     return _digest(json.dumps(manifest, sort_keys=True).encode())
 
 
@@ -148,7 +151,9 @@ def make_jobs(work: str, server_url: str | None) -> dict[str, Job]:
 
     def pre_outputs(d):
         out = os.path.join(d, "out")
-        found = _tree(out, skip=lambda rel: rel == "manifest.json")
+        # transform_output/ holds tf.Transform's SavedModel, whose bytes change from run to run (its
+        # statistics are compared in the manifest).
+        found = _tree(out, skip=lambda rel: rel == "manifest.json" or rel.startswith("transform_output"))
         found["manifest.json"] = _manifest_digest(os.path.join(out, "manifest.json"))
         return found
 
@@ -293,7 +298,7 @@ def _env() -> dict:
 
 
 def _check(argv: list[str], env: dict) -> None:
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, preexec_fn=_default_signals)
     if done.returncode != 0:
         raise SystemExit(
             f"chaos: setup step failed: {' '.join(argv)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
@@ -304,10 +309,18 @@ def _check(argv: list[str], env: dict) -> None:
 # The campaign.
 
 
+def _default_signals() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """A job started from a background shell inherits SIGINT ignored; a person's Ctrl-C is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run(argv: list[str], timeout: float) -> tuple[int, str, float]:
     t0 = time.time()
     try:
-        done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            argv, env=_env(), capture_output=True, text=True, timeout=timeout, preexec_fn=_default_signals
+        )
         return done.returncode, done.stdout + done.stderr, time.time() - t0
     except subprocess.TimeoutExpired as e:
         return -999, str(e.stdout or "") + str(e.stderr or ""), time.time() - t0
@@ -317,7 +330,9 @@ def _run_and_kill(argv: list[str], after: float, signum: int) -> tuple[int, str,
     """Runs argv, sends `signum` after `after` s; returns (status, output, seconds it ran when it finished
     before the signal, else -1)."""
     t0 = time.time()
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_signals
+    )
     finished = -1.0
     try:
         proc.wait(timeout=after)
