@@ -113,8 +113,48 @@ def interrupted(prog: str, error: KeyboardInterrupt) -> int:
     return EXIT_INTERRUPTED[signum]
 
 
+def _descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_children() -> None:
+    """SIGTERMs every process this one started (Beam's SDK workers, a fold's training), so that the
+    cleanup that waits for them ends: children stop with their parent."""
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
 def _raise_terminated(signum, frame):
+    stop_children()
     raise Terminated()
+
+
+def _raise_interrupt(signum, frame):
+    stop_children()
+    raise KeyboardInterrupt()
 
 
 def _startup_interrupt(signum, frame):  # pragma: no cover - runs in a command's own process
@@ -188,8 +228,9 @@ def command(prog: str) -> Callable[[Main], Main]:
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-            if main_thread and signal.getsignal(signal.SIGINT) is _startup_interrupt:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+            previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
+            if previous_int in (signal.default_int_handler, _startup_interrupt):
+                signal.signal(signal.SIGINT, _raise_interrupt)
             if previous is _startup_interrupt:
                 previous = signal.SIG_DFL
             set_stage(None)
@@ -207,6 +248,8 @@ def command(prog: str) -> Callable[[Main], Main]:
                 locks.release_all()
                 if main_thread:
                     signal.signal(signal.SIGTERM, previous)
+                    if previous_int in (signal.default_int_handler, _startup_interrupt):
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         entry.prog = prog  # type: ignore[attr-defined]
         return entry

@@ -21,4 +21,3 @@ def normalise(path: str) -> str:
         key = posixpath.normpath("/" + key).lstrip("/") if key.strip("/") else ""
         return f"{scheme.lower()}://{bucket}" + (f"/{key}" if key else "")
     return os.path.realpath(os.path.expanduser(path))
-
