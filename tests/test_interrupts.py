@@ -353,6 +353,9 @@ def test_sigint_and_sigterm_end_a_command_with_one_line_and_130_or_143(capsys, m
 
     from schemas import cli
 
+    stopped = []
+    monkeypatch.setattr(cli, "stop_children", lambda: stopped.append(1))  # not pytest's own children
+
     @cli.command("hpa-x")
     def main(argv=None):
         cli.set_stage(lambda: "epoch 4 of fold 2 (folds 0, 1 finished)")
@@ -368,6 +371,7 @@ def test_sigint_and_sigterm_end_a_command_with_one_line_and_130_or_143(capsys, m
     )
     assert main(["term"]) == 143
     assert capsys.readouterr().err.count("\n") == 1
+    assert stopped == [1]  # the handler stopped the command's child processes first
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     assert main(["int"]) == 130
     assert "Traceback" in capsys.readouterr().err
@@ -430,3 +434,23 @@ def test_chaos_slice_download_killed_and_rerun_ends_identical(tmp_path, capsys):
     cells = [c.strip() for c in row[0].split("|")[1:-1]]
     # kills, recovered, identical, looks complete but is not, stuck, lost
     assert cells[2:8] == ["2", "2", "2", "0", "0", "0"], out
+
+
+def test_the_processes_a_command_started_are_found_to_be_stopped_with_it():
+    import subprocess
+    import time
+
+    from schemas import cli
+
+    shell = subprocess.Popen(["sh", "-c", "sleep 30; echo done"])  # sh, and sleep below it
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and len(cli._descendants(shell.pid)) < 1:
+            time.sleep(0.05)
+        (sleeper,) = cli._descendants(shell.pid)
+        assert {shell.pid, sleeper} <= set(cli._descendants(os.getpid()))
+    finally:
+        for pid in cli._descendants(shell.pid):
+            os.kill(pid, 9)
+        shell.kill()
+        shell.wait()
