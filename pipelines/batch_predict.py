@@ -50,32 +50,15 @@ _FOLDER_SOURCE = "input_dir"  # the source name of an image folder's samples (no
 
 
 @dataclasses.dataclass(frozen=True)
-class JobConfig:
-    """Flags of the job (everything else goes to Beam's PipelineOptions).
+class JobConfig(PredictConfig):
+    """Flags of the job (everything else goes to Beam's PipelineOptions): model.predict's, checked by its
+    PredictConfig (exactly one of data_dir and input_dir), and:
 
     Attributes:
-      data_dir: the preprocessing job's output for the unlabeled set (test shards), or ...
-      input_dir: ... a folder of `{Id}_{stain}.{png,jpg,tif}` files (exactly one of the two; local or gs://).
-      model_dirs, out, ids_csv, tta, thresholds, empty, probabilities, batch_size: as in model.predict
-        (checked by its PredictConfig).
       progress_seconds: progress print interval of local runs.
     """
 
-    data_dir: str | None
-    input_dir: str | None
-    model_dirs: tuple[str, ...]
-    out: str
-    ids_csv: str | None = None
-    tta: int = 8
-    thresholds: str | None = None
-    empty: str = "top1"
-    probabilities: str | None = None
-    batch_size: int = 32
     progress_seconds: float = 10.0
-
-    def __post_init__(self) -> None:
-        # model.predict's checks of the shared flags, with its messages.
-        PredictConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PredictConfig)})
 
     @property
     def source(self) -> str:
