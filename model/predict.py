@@ -324,6 +324,17 @@ def count_test_records(data_dir: str, image_size: int) -> int:
     return int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0))
 
 
+def warn_if_tta_differs(dirs: Sequence, cfg: PredictConfig, log: Callable[[str], None]) -> None:
+    """Warns when the model dirs' thresholds were tuned on predictions of another TTA than --tta."""
+    tuned_tta = sorted({d.val_tta for d in dirs})
+    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
+        log(
+            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
+            f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
+            f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
+        )
+
+
 def _shard_input(cfg: PredictConfig, image_size: int):
     """The test shards of --data_dir: (dataset, number of records)."""
     from model import data as data_lib
@@ -397,13 +408,7 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         dataset, num_records = _shard_input(cfg, image_size)
         listed = wanted
     transforms = tta_transforms(cfg.tta)
-    tuned_tta = sorted({d.val_tta for d in dirs})
-    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
-        log(
-            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
-            f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
-            f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
-        )
+    warn_if_tta_differs(dirs, cfg, log)
     ids, scores, seconds = np.array([], dtype=str), np.zeros((0, schemas.NUM_CLASSES)), 0.0
     if num_records or cfg.input_dir is None:
         log(f"loading {len(dirs)} model(s): {', '.join(cfg.model_dirs)}")

@@ -143,13 +143,7 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
             )
         exports.append(export)
     transforms = predict.tta_transforms(cfg.tta)
-    tuned_tta = sorted({d.val_tta for d in dirs})
-    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
-        log(
-            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
-            f"averages {cfg.tta} transform(s) (train with --val_tta {cfg.tta}, or predict with "
-            f"--tta {tuned_tta[0]})"
-        )
+    predict.warn_if_tta_differs(dirs, cfg, log)
     return Inputs(
         image_size=image_size,
         num_records=num_records,
