@@ -770,15 +770,13 @@ def _log(msg: str) -> None:
 @cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
-    try:
-        summary = run(argv)
-    except labels_lib.LabelFileError as e:
-        return cli.bad_input(PROG, e)
-    error = not_fetched_error(summary)
-    if error:
+    summary: dict = {}
+    status = cli.run_or_bad_input(PROG, labels_lib.LabelFileError, lambda: summary.update(run(argv)))
+    error = not_fetched_error(summary) if status == cli.EXIT_OK else None
+    if error:  # more stain files than --allow_failed could not be fetched: a script must see it
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         return cli.EXIT_FAILED
-    return 0
+    return status
 
 
 if __name__ == "__main__":
