@@ -58,12 +58,13 @@ class Backup:
     damaged: tuple[str, ...] = ()
 
 
-def find_backup(work_dir: str) -> Backup | None:
+def find_backup(work_dir: str, verify: bool = True) -> Backup | None:
     """The newest whole backup of work_dir (None when there is no backup at all).
 
     A slot is whole when its record (`epoch-N.json`, written after the weights) exists and the weights'
     size and SHA-256 match it. A damaged newest slot falls back to the one before it; when no slot is whole
-    the run starts from epoch 0 (Backup(0, None, ...)), never a loop of failing resumes.
+    the run starts from epoch 0 (Backup(0, None, ...)), never a loop of failing resumes. `verify=False`
+    skips the checksum (sizes only): cheap enough for status queries in a loop.
     """
     directory = fileio.join(work_dir, BACKUP_DIR)
     if not fileio.exists(directory):
@@ -81,7 +82,7 @@ def find_backup(work_dir: str) -> Backup | None:
     damaged = []
     for epoch in epochs:
         weights, record = (fileio.join(directory, n) for n in backup_slot(epoch))
-        problem = _slot_problem(weights, record)
+        problem = _slot_problem(weights, record, verify)
         if problem is None:
             return Backup(epoch, weights, tuple(damaged))
         damaged.append(f"the backup after epoch {epoch} is unusable ({problem})")
@@ -103,7 +104,7 @@ def read_backup_record(weights: str) -> dict:
     return json.loads(fileio.read_text(record)) if fileio.exists(record) else {}
 
 
-def _slot_problem(weights: str, record: str) -> str | None:
+def _slot_problem(weights: str, record: str, verify: bool = True) -> str | None:
     if not fileio.exists(record):
         return "its save was cut short" if fileio.exists(weights) else "no weights file"
     try:
@@ -115,7 +116,7 @@ def _slot_problem(weights: str, record: str) -> str | None:
         return "no weights file"
     if _size(weights) != size:
         return f"{fileio.basename(weights)} has {_size(weights)} bytes, {size} were written"
-    if fileio.sha256(weights) != digest:
+    if verify and fileio.sha256(weights) != digest:
         return f"{fileio.basename(weights)} does not match its checksum"
     return None
 
@@ -157,9 +158,13 @@ def backup_notes(work_dir: str) -> list[str]:
     return [f"warning: {'; '.join(found.damaged)}: {start}"]
 
 
-def backup_epoch(work_dir: str) -> int | None:
-    """Epochs finished according to the newest whole backup in work_dir, or None without a backup."""
-    found = find_backup(work_dir)
+def backup_epoch(work_dir: str, verify: bool = False) -> int | None:
+    """Epochs finished according to the newest whole backup in work_dir, or None without a backup.
+
+    Without `verify` a slot counts when its record is there and its size matches (no checksum): the
+    training job itself resumes with `verify=True`.
+    """
+    found = find_backup(work_dir, verify)
     return None if found is None else found.epoch
 
 
@@ -271,7 +276,7 @@ def prepare_model_dir(cfg: TrainConfig, overwrite: bool, run: dict[str, Any] | N
     epoch = 0
     if fileio.exists(config_path):
         _check_same_config(cfg, config_path, run.get(DATASET_ID))
-        found = backup_epoch(cfg.model_dir)
+        found = backup_epoch(cfg.model_dir, verify=True)
         if found is None and fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)):
             raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
         epoch = found or 0
@@ -295,7 +300,7 @@ def prepare_worker_dir(cfg: TrainConfig, work_dir: str, overwrite: bool) -> int:
     if finished and not overwrite:
         raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
     fileio.makedirs(work_dir)
-    return backup_epoch(work_dir) or 0
+    return backup_epoch(work_dir, verify=True) or 0
 
 
 def _remove(path: str) -> None:
