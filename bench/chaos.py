@@ -115,6 +115,8 @@ def _model_digest(model_dir: str) -> dict[str, str]:
     import keras
     import numpy as np
 
+    from model import model as _registers_the_layers  # noqa: F401 - the model's own layers, for loading
+
     model = keras.saving.load_model(os.path.join(model_dir, "model.keras"), compile=False)
     weights = _digest(b"".join(np.asarray(w).tobytes() for w in model.get_weights()))
     return {

@@ -32,6 +32,8 @@ PREVIOUS_DIR = ".previous"
 JOB_FILE = "job.json"
 JOURNAL_FILE = "publish.json"
 PHASE_ASIDE, PHASE_IN = "aside", "in"
+# The files of tf.Transform's output that are written last (its SavedModel, and the metadata's schema).
+TRANSFORM_PARTS = ("transform_fn/saved_model.pb", "transformed_metadata/schema.pbtxt")
 
 
 class PublishError(RuntimeError):
@@ -67,8 +69,12 @@ def missing_parts(work: str) -> list[str]:
         return [f"{SUMMARY_FILE} (the job did not finish)"]
     summary = read_summary(work)
     missing = []
-    if not storage.list_files(posixpath.join(work, schemas.TRANSFORM_DIR)):
-        missing.append(f"{schemas.TRANSFORM_DIR}/")
+    transform = posixpath.join(work, schemas.TRANSFORM_DIR)
+    # tf.Transform writes its output in its own branch of the pipeline, which may end after summary.json:
+    # a kill in between leaves a transform_fn without its SavedModel (found by bench/chaos.py).
+    for part in TRANSFORM_PARTS:
+        if not storage.exists(posixpath.join(transform, part)):
+            missing.append(f"{schemas.TRANSFORM_DIR}/{part}")
     if not storage.exists(posixpath.join(work, schemas.REJECTED_FILE)):
         missing.append(schemas.REJECTED_FILE)
     present = {posixpath.basename(p) for p in storage.list_files(posixpath.join(work, schemas.TFRECORD_DIR))}

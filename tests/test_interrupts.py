@@ -454,3 +454,18 @@ def test_the_processes_a_command_started_are_found_to_be_stopped_with_it():
             os.kill(pid, 9)
         shell.kill()
         shell.wait()
+
+
+def test_a_transform_output_cut_short_is_not_published(tmp_path):
+    import json
+
+    from pipelines import publish
+    from pipelines.transforms.summary import SUMMARY_FILE
+
+    work = str(tmp_path / publish.INCOMPLETE_DIR)
+    manifest = _fake_dataset(work, "B", 2)
+    fileio.write_text(os.path.join(work, SUMMARY_FILE), json.dumps({"shards": manifest["shards"]}))
+    fileio.write_text(os.path.join(work, schemas.TRANSFORM_DIR, "transformed_metadata", "schema.pbtxt"), "")
+    assert publish.missing_parts(work) == []
+    os.remove(os.path.join(work, schemas.TRANSFORM_DIR, "transform_fn", "saved_model.pb"))  # killed there
+    assert publish.missing_parts(work) == [f"{schemas.TRANSFORM_DIR}/transform_fn/saved_model.pb"]
