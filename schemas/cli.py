@@ -143,12 +143,17 @@ def stop_children() -> None:
             pass
 
 
+_received: list[int] = []  # the signals this command's handlers got (a library may wrap their exception)
+
+
 def _raise_terminated(signum, frame):
+    _received.append(signum)
     stop_children()
     raise Terminated()
 
 
 def _raise_interrupt(signum, frame):
+    _received.append(signum)
     stop_children()
     raise KeyboardInterrupt()
 
@@ -245,13 +250,18 @@ def command(prog: str) -> Callable[[Main], Main]:
             if previous is _startup_interrupt:
                 previous = signal.SIG_DFL
             set_stage(None)
+            _received.clear()
             try:
                 return main(argv)
             except KeyboardInterrupt as e:
                 return interrupted(prog, e)
             except _bad_input_types() as e:
                 return bad_input(prog, e)
-            except Exception:
+            except Exception as e:
+                if _received:  # TensorFlow turned the interrupt into its own error (inside a tf.data step)
+                    error = Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+                    error.__cause__ = e
+                    return interrupted(prog, error)
                 traceback.print_exc()
                 sys.stderr.flush()
                 return EXIT_FAILED
