@@ -361,6 +361,9 @@ def test_sigint_and_sigterm_end_a_command_with_one_line_and_130_or_143(capsys, m
         cli.set_stage(lambda: "epoch 4 of fold 2 (folds 0, 1 finished)")
         if argv == ["term"]:
             os.kill(os.getpid(), signal.SIGTERM)
+        if argv == ["wrapped"]:  # TensorFlow turns an interrupt inside a tf.data step into its own error
+            cli._received.append(signal.SIGINT)
+            raise RuntimeError("a library's error around the KeyboardInterrupt")
         raise KeyboardInterrupt
 
     assert main(["int"]) == 130
@@ -372,6 +375,7 @@ def test_sigint_and_sigterm_end_a_command_with_one_line_and_130_or_143(capsys, m
     assert main(["term"]) == 143
     assert capsys.readouterr().err.count("\n") == 1
     assert stopped == [1]  # the handler stopped the command's child processes first
+    assert main(["wrapped"]) == 130 and "interrupted during" in capsys.readouterr().err
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     assert main(["int"]) == 130
     assert "Traceback" in capsys.readouterr().err
