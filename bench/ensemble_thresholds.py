@@ -9,8 +9,8 @@ pooled out-of-fold predictions; the bench then scores the test part with each mo
 held-out macro F1 (against the hidden answers, top class kept for rows with none, as `hpa-predict` does) of:
   as tuned      the 5 models' average, thresholds as tuned on the single models' out-of-fold scores (before)
   rate matched  the average, thresholds from `model.thresholds.ensemble_thresholds` (each class keeps the
-                share of positive decisions the single models make on the same test samples: the fold
-                driver's default, `hpa-folds` / `make folds`; `hpa-predict --ensemble_thresholds rate`)
+                share of positive decisions the single models make on the same test samples:
+                `hpa-folds` / `hpa-predict --ensemble_thresholds rate`)
   one model     each model alone with the tuned thresholds (the mean of the 5, and fold 0's)
 and how much less spread the average is (mean over classes of the standard deviation of the scores).
 Runs resume: data and finished folds in WORK are reused. Prints the load average before and after.

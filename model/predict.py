@@ -26,12 +26,12 @@ on pooled predictions: the job stops and asks for `model.evaluate` over all dirs
 
 Thresholds for an ensemble (`--ensemble_thresholds`, several model dirs): the thresholds were tuned on single
 models' out-of-fold scores, but the job applies them to the average of the models, whose scores are less
-spread out. `rate` (the fold driver's default, `hpa-folds`) keeps each class's decision rate: per class, the
+spread out. `rate` keeps each class's decision rate: per class, the
 share of (model, sample) pairs whose single-model score passes the tuned threshold on the samples being
 predicted, and the ensemble's threshold keeps that share of the averaged scores
 (`model.thresholds.ensemble_thresholds`; no labels are used). It needs at least MIN_RATE_SAMPLES records
-(with fewer the tuned values are applied, with a warning). `as_tuned` (this job's default, as in the Beam
-batch prediction, which has no rate matching) applies the tuned values to the average unchanged.
+(with fewer the tuned values are applied, with a warning). `as_tuned` (the default here and in the fold
+driver; the Beam batch prediction has no rate matching) applies the tuned values to the average unchanged.
 
 When no class passes its threshold, `--empty top1` (default; every sample of the competition has at least
 one label) predicts the class with the largest score - threshold margin, `--empty none` leaves the row empty.
