@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain every fold from scratch (else finished folds are skipped, interrupted ones resume)",
     )
+    p.add_argument(
+        "--ensemble_thresholds",
+        choices=("rate", "as_tuned"),
+        default="as_tuned",  # rate: no consistent gain in bench/ensemble_thresholds.py (docs/quality.md)
+        help="the test prediction: rate = the pooled thresholds matched to the ensemble's average (each "
+        "class keeps the single models' decision rate), as_tuned = applied unchanged (hpa-predict --help)",
+    )
     return p
 
 
@@ -469,6 +476,7 @@ def _predict(args: argparse.Namespace, p: Plan, dirs: list[str], tta: int) -> di
                 ids_csv=args.ids_csv,
                 tta=tta,
                 probabilities=probabilities,
+                ensemble_thresholds=args.ensemble_thresholds,
             )
         )
     except predict.PredictError as e:
