@@ -126,7 +126,7 @@ fi
 
 TRAIN_FLAGS=(--backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory
   --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA"
-  --seed "$SEED" --verbose 2)
+  --seed "$SEED")
 if [ "${#FOLD_LIST[@]}" -gt 1 ]; then
   # Several folds: the fold driver trains one model per fold, tunes the thresholds on their pooled
   # out-of-fold predictions (-> $EVAL) and predicts the test part with their ensemble (-> $SUBMISSION).

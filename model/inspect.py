@@ -723,7 +723,7 @@ def _validation_fold(model_dirs: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = InspectConfig(model_dirs=("x",), data_dir="", out="")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Write image galleries: per class, the top true positives, worst false positives and worst "

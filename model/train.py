@@ -69,7 +69,7 @@ AUC_METRIC = "auc"
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags (defaults from the config dataclasses)."""
     d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
         formatter_class=_HelpFormatter,
@@ -233,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
     )
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
     return p
 
 
@@ -404,7 +403,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     import tensorflow as tf
 
     import schemas
-    from model import losses
+    from model import losses, progress
     from model import schedules as schedules_lib
     from model.callbacks import make_callbacks
 
@@ -501,8 +500,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
             validation_steps=validation_steps,
             callbacks=make_callbacks(
                 cfg, work_dir, history_rows, steps_per_epoch, _schedule(cfg, steps_per_epoch), warn=_print
-            ),
-            verbose=args.verbose,
+            )
+            + progress.progress_callbacks(),
+            verbose=progress.fit_verbosity(),
         )
 
     # Every worker loads its best checkpoint (the same weights everywhere: validation loss is global), then

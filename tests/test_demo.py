@@ -18,6 +18,7 @@ import schemas
 from model import config, evaluate, inspect, predict
 from model import thresholds as thr
 from pipelines import synthetic
+from schemas import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -39,6 +40,8 @@ def _run(script: str, env: dict[str, str], timeout: int = 600) -> str:
         timeout=timeout,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if console.NOISE.search(line)]
+    assert not noise, f"{script}: library start-up lines reached the console:\n" + "\n".join(noise[:20])
     return proc.stdout
 
 
