@@ -40,7 +40,7 @@ NOISE_PATTERNS: tuple[str, ...] = (
     r"^[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.\-/]+:\d+\] ",  # absl C++ info / warning lines
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] ",  # the older TensorFlow C++ format
     r"^E\d{4} [^\]]*\] failed call to cuInit: .*\(303\)",  # no CUDA driver: a CPU machine
-    r"^E\d{4} [^\]]*\] oneDNN supports DT_INT32 only on platforms with AVX-512",
+    r"^E\d{4} [^\]]*\] oneDNN supports DT_\w+ only on platforms with AVX-512",
     r"^E\d{4} [^\]]*\] Unable to register cu(DNN|FFT|BLAS) factory",
     r"^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags",
     r"^WARNING:(root|absl|tensorflow|apache_beam)[\w.]*:",  # Python logging of child processes
