@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 import schemas
+from model import fileio
+from model.config import CONFIG_FILE
 
 REPORT_FILE = "report.html"
 UNDEFINED = "–"  # an en dash: a ratio with a zero denominator
@@ -206,6 +208,101 @@ def history_svg(rows: Sequence[Mapping[str, str]], size: tuple[int, int] = (520,
             parts.append(_polyline(xs, ys, colour, dash="" if name.startswith("val_") else "4 2"))
     parts.append("</svg>")
     return "".join(parts)
+
+
+# --- what hpa-inspect shows ---
+
+
+def notes(cfg, summary: dict, labeled: bool) -> list[str]:
+    """What the figures are, in plain words (index.html and report.html); cfg: an InspectConfig."""
+    notes = [
+        f"Data: {cfg.data_dir}, {summary['subset']}, {summary['records']} samples.",
+        f"Models ({len(cfg.model_dirs)}, their probabilities averaged): {', '.join(cfg.model_dirs)}.",
+        (
+            f"Scores from {cfg.probabilities}. "
+            if cfg.probabilities
+            else f"Scores averaged over {cfg.tta} test-time transform(s). "
+        )
+        + f"Grad-CAM of the untransformed image from {cfg.model_dirs[0]}"
+        + (" (the first model only)." if len(cfg.model_dirs) > 1 else "."),
+        f"Thresholds: {summary['thresholds']}.",
+    ]
+    if labeled and cfg.answers:
+        notes.append(
+            f"Macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} on held-out samples "
+            f"(their labels from {cfg.answers}; the thresholds were tuned on validation data). Here a class "
+            "counts as predicted when its score reaches its threshold. The submission (hpa-predict) also "
+            "gives each sample with no class above its threshold its single most likely class, so "
+            "hpa-score's figures for the submission can differ slightly."
+        )
+    elif labeled:
+        notes.append(
+            f"Macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds, on "
+            "the fold they were tuned on: an optimistic figure; hpa-evaluate's report.md has the honest, "
+            "cross-fitted one."
+        )
+    return notes
+
+
+def settings_rows(cfg, summary: dict, score_note: str) -> list[tuple[str, str]]:
+    """The run's settings and data, as (name, value) rows of report.html."""
+    import json
+
+    rows = [
+        ("data", f"{cfg.data_dir} ({summary['subset']}, {summary['records']} samples)"),
+        ("labels", cfg.answers or ("from the records" if not cfg.test else "none (unlabeled test samples)")),
+        ("scores", score_note),
+        ("thresholds", str(summary["thresholds"])),
+    ]
+    for d in cfg.model_dirs:
+        path = fileio.join(d, CONFIG_FILE)
+        try:
+            conf = json.loads(fileio.read_text(path)) if fileio.exists(path) else {}
+        except ValueError:
+            conf = {}
+        model, train = conf.get("model", {}), conf
+        data = conf.get("data", {})
+        parts = [
+            f"backbone {model.get('backbone', '?')} (weights {model.get('weights', '?')})",
+            f"{data.get('image_size', '?')} px",
+            f"{train.get('epochs', '?')} epochs max, batch {data.get('batch_size', '?')}",
+            f"loss {train.get('loss', '?')}, learning rate {train.get('learning_rate', '?')} "
+            f"({train.get('lr_schedule', '?')})",
+            f"validation fold {train.get('val_fold', '?')}, TTA {train.get('val_tta', '?')}",
+        ]
+        rows.append((f"model {d}", "; ".join(parts)))
+    return rows
+
+
+def index_html(cfg, summary: dict, table: Sequence[dict], labeled: bool) -> str:
+    """A plain index of the sheets (report.html beside it is the page to read)."""
+    esc = html.escape
+    head = ["#", "class", "sheet", "threshold"]
+    head += ["support", "predicted", "precision", "recall", "F1"] if labeled else ["predicted"]
+    rows = []
+    for r in table:
+        sheet = f'<a href="{esc(r["sheet"])}">{esc(r["sheet"])}</a>' if r["sheet"] else UNDEFINED
+        cells = [str(r["index"]), esc(r["name"]), sheet, f"{r['threshold']:.3f}"]
+        if labeled:
+            cells += [str(r["support"]), str(r["predicted"])]
+            cells += [fmt(r[k]) for k in ("precision", "recall", "f1")]
+        else:
+            cells.append(str(r["predicted"]))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    lines = notes(cfg, summary, labeled)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>HPA gallery</title>\n"
+        "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:right} "
+        "td:nth-child(2),th:nth-child(2),td:nth-child(3),th:nth-child(3){text-align:left}</style></head>"
+        f'<body>\n<h1>Gallery</h1>\n<p>The run\'s report: <a href="{REPORT_FILE}">'
+        f"{REPORT_FILE}</a></p>\n<ul>"
+        + "".join(f"<li>{esc(n)}</li>" for n in lines)
+        + "</ul>\n<table>\n<tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>\n"
+        + "\n".join(rows)
+        + "\n</table>\n</body></html>\n"
+    )
 
 
 # --- images ----------------------------------------------------------------------------------------------
