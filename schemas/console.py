@@ -13,8 +13,7 @@ and warning filters, in child processes too (through PYTHONWARNINGS and the inhe
 print it. A real problem still shows: an error that is not on the list, an exception, and the project's own
 messages (a large backbone without a GPU...).
 
-`Progress` prints one line per step of a long job at most every few seconds, the same in a terminal and in a
-log file. This module imports only the standard library.
+This module imports only the standard library.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import os
 import re
 import sys
 import threading
-import time
 import warnings
 from typing import Sequence
 
@@ -193,38 +191,3 @@ def _write_all(fd: int, data: bytes) -> None:
             data = data[os.write(fd, data) :]
         except OSError:
             return
-
-
-class Progress:
-    """One line `prog: what done/total (pct), rate, elapsed` at most every `interval` seconds, and at the end.
-
-    The same output in a terminal and in a file (no carriage returns); `update` is cheap between lines.
-    """
-
-    def __init__(self, prog: str, what: str, total: int, unit: str = "samples", interval: float = 5.0):
-        self.prog, self.what, self.total, self.unit, self.interval = prog, what, total, unit, interval
-        self.done = 0
-        self._start = self._last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= self.interval and self.done < self.total:
-            self._last = now
-            self._print(now)
-
-    def finish(self) -> None:
-        """The last line, when the job took long enough to have printed progress at all."""
-        now = time.monotonic()
-        if now - self._start >= self.interval:
-            self._print(now)
-
-    def _print(self, now: float) -> None:
-        elapsed = now - self._start
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        rate = self.done / max(elapsed, 1e-9)
-        print(
-            f"{self.prog}: {self.what} {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
-            f"{rate:.1f} {self.unit}/s, {elapsed:.0f} s",
-            flush=True,
-        )
