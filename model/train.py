@@ -328,11 +328,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
-    try:
-        run(argv)
-    except ConfigError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
 
 
 if __name__ == "__main__":
