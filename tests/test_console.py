@@ -189,6 +189,10 @@ def _mistakes(tmp_path) -> dict[str, tuple[list[str], str]]:
             ["hpa-predict", "--data_dir", images, *model],
             f"--input_dir {images}",
         ),
+        "image folder as --data_dir of hpa-batch-predict": (
+            ["hpa-batch-predict", "--data-dir", images, *model],
+            f"--input_dir {images}",
+        ),
         "shards as --input_dir of hpa-predict": (
             ["hpa-predict", "--input_dir", shards, *model],
             f"--data_dir {shards}",
