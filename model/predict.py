@@ -199,7 +199,7 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
     for name in (MODEL_FILE, CONFIG_FILE):
         if not fileio.exists(fileio.join(model_dir, name)):
             raise PredictError(
-                f"{model_dir} has no {name}: not the model dir of a finished training run (./run_train.sh)"
+                f"{model_dir} has no {name}: not the model dir of a finished training run (hpa-train)"
             )
     config_path = fileio.join(model_dir, CONFIG_FILE)
     try:
@@ -248,7 +248,7 @@ def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None)
         if not fileio.exists(path):
             raise PredictError(
                 f"{d} has no {THRESHOLDS_FILE}: tune them first with "
-                f"`python -m model.evaluate --model_dir {' '.join(model_dirs)}`, or give --thresholds PATH"
+                f"`hpa-evaluate --model_dir {' '.join(model_dirs)}`, or give --thresholds PATH"
             )
         files.append(path)
     values = [load(p) for p in files]
@@ -257,7 +257,7 @@ def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None)
             raise PredictError(
                 f"{files[0]} and {path} hold different thresholds (tuned separately per fold?): thresholds "
                 "for an ensemble must be tuned on the folds' pooled predictions, "
-                f"`python -m model.evaluate --model_dir {' '.join(model_dirs)} --out DIR`, "
+                f"`hpa-evaluate --model_dir {' '.join(model_dirs)} --out DIR`, "
                 "or give one file with --thresholds PATH"
             )
     return values[0], files[0]
@@ -339,7 +339,7 @@ def count_test_records(data_dir: str, image_size: int) -> int:
       PredictError: no readable manifest, or images of another size.
     """
     try:
-        manifest = schemas.read_manifest(data_dir)
+        manifest = schemas.read_manifest(data_dir, command=PROG)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
     height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
@@ -412,12 +412,27 @@ def _same_path(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def check_source_folder(data_dir: str | None, input_dir: str | None, command: str) -> None:
+    """Stops at once when --data_dir is an image folder or --input_dir a preprocessing output (local paths).
+
+    Raises:
+      PredictError: the folder is of the other flag's kind; the message names that flag.
+    """
+    from schemas import folders
+
+    if data_dir is not None and folders.kind_of(data_dir) == folders.IMAGES:
+        raise PredictError(f"--data_dir {folders.hint_for_data_dir(data_dir, command)}")
+    if input_dir is not None and folders.kind_of(input_dir) in (folders.SHARDS, folders.RAW, folders.MODEL):
+        raise PredictError(f"--input_dir {folders.hint_for_input_dir(input_dir)}")
+
+
 def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     """Runs the prediction job; returns a summary (paths, counts, predicted labels per row).
 
     Raises:
       PredictError: bad inputs (the message says what to do).
     """
+    check_source_folder(cfg.data_dir, cfg.input_dir, PROG)
     wanted = read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
     thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
@@ -591,7 +606,7 @@ def prediction_flags(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "

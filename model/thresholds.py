@@ -515,7 +515,7 @@ def load_thresholds(path: str) -> ThresholdFit:
         text = fileio.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} not found: tune thresholds first (python -m model.evaluate)"
+            f"{path} not found: tune thresholds first (hpa-evaluate)"
         ) from None
     try:
         data = json.loads(text)

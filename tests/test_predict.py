@@ -318,7 +318,7 @@ def test_format_submission_pure():
 def test_model_dir_without_thresholds(setup, tmp_path):
     bare = str(tmp_path / "bare")
     write_model_dir(bare, seed=3)
-    with pytest.raises(predict.PredictError, match=f"no {THRESHOLDS_FILE}.*model.evaluate"):
+    with pytest.raises(predict.PredictError, match=f"no {THRESHOLDS_FILE}.*hpa-evaluate"):
         _run(setup, tmp_path, model_dirs=(bare,))
     # An explicit file is enough.
     explicit = str(tmp_path / "t.json")

@@ -254,7 +254,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_other_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.evaluate"):
+    with pytest.raises(FileNotFoundError, match="hpa-evaluate"):
         thr.load_thresholds(str(tmp_path / "missing.json"))
     data = thr.thresholds_to_dict(_full_fit())
     bad = tmp_path / "bad.json"
