@@ -33,6 +33,7 @@ from model.config import (
     BACKBONES,
     BACKUP_DIR,
     BEST_WEIGHTS,
+    CACHE_MEMORY,
     CACHE_NONE,
     EXPORT_DIR,
     F1_METRIC,
@@ -222,13 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache",
         default=d.cache,
         metavar="none|memory|DIR",
-        help="keep the decoded stains of the training and validation folds after one pass, so later epochs "
-        "skip the PNG decoding (the cost that limits training on few cores); they take samples x H x W x 4 "
-        "bytes (1 MiB per 512 px sample, 32 GiB for 31,072 samples). memory: filled during the first epoch, "
-        "when that fits in free memory. DIR: a directory on a local disk, filled before the first epoch and "
-        "reused by later runs on the same data (keyed by the manifest and shards; a cache of other data or "
-        "a half-written one is rebuilt). none: decode every epoch (enough when the accelerator is slower "
-        "than the cores' decoding)",
+        help="decode every labelled record of the dataset once (all folds) and train from the decoded stains "
+        "in a new uniformly random order every epoch, skipping the PNG decoding (the cost that limits "
+        "training on few cores); they take samples x H x W x 4 bytes (1 MiB per 512 px sample, 30 GiB for "
+        "31,072 samples). DIR: a directory on a local disk, filled before the first epoch, shared by every "
+        "fold and every process on the host (one fills, the others wait, all read one copy through the page "
+        "cache), reused by later runs on the same data (see docs/cache.md). memory: the same in this "
+        "process's memory, one copy per process. none: decode every epoch (enough when the accelerator is "
+        "slower than the cores' decoding)",
+    )
+    p.add_argument(
+        "--cache_keep",
+        type=int,
+        default=d.cache_keep,
+        metavar="N",
+        help="caches --cache DIR keeps, this dataset's included: caches of other data beyond N - 1 are "
+        "removed (least recently used first), one line each",
+    )
+    p.add_argument(
+        "--cache_info",
+        action="store_true",
+        help="list what the --cache DIR folder holds (each cache: data, samples, folds, size, last use) and "
+        "exit; needs no other flag",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
@@ -273,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tf_data_service=args.tf_data_service,
         seed=args.seed,
         cache=args.cache,
+        cache_keep=args.cache_keep,
         deterministic=args.deterministic,
     )
     model = ModelConfig(
@@ -398,7 +415,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
 
-    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
+    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest)
 
     import keras
     import tensorflow as tf
@@ -471,17 +488,24 @@ def run(argv: Sequence[str] | None = None) -> dict:
         _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
 
+    split = data_lib.worker_split(dev.cluster, dev.strategy.num_replicas_in_sync)
     train_ds = data_lib.make_dataset(
-        cfg.data_dir, train_folds, cfg.data, training=True, manifest=manifest, counts=counts
+        cfg.data_dir,
+        train_folds,
+        cfg.data,
+        training=True,
+        manifest=manifest,
+        counts=counts,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch,
+        split=split,
     )
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=manifest
     )
-    if dev.cluster is not None:
+    if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, train_folds))
-        # A cache serves decoded elements, not files: split those.
-        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
+        train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
 
@@ -605,10 +629,28 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int):
     return None if isinstance(rate, float) else rate
 
 
+def _cache_info(argv: list[str]) -> int:
+    """`--cache DIR --cache_info`: prints what the cache folder holds (no other flag needed)."""
+    p = argparse.ArgumentParser(prog=PROG)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--cache_info", action="store_true")
+    args, _ = p.parse_known_args(argv)
+    if args.cache in (CACHE_NONE, CACHE_MEMORY):
+        raise ConfigError("--cache_info needs --cache DIR (a cache directory)")
+    from model import cache as cache_lib
+
+    for line in cache_lib.cache_info(args.cache):
+        _print(line)
+    return 0
+
+
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if "--cache_info" in argv:
+            return _cache_info(argv)
         run(argv)
     except ConfigError as e:
         return cli.bad_input(PROG, e)
