@@ -267,3 +267,64 @@ def test_cache_info_lists_the_folder_and_room_is_checked_for_the_whole_dataset(t
     assert "complete  11 samples of 16px  records per fold 0:6 1:5" in out and "1 folder(s)" in out
     assert train.main(["--cache", "memory", "--cache_info"]) == 2
     assert cache_lib.cache_bytes(31072, 512) == 31072 * 2**20
+
+
+_WORKER = """
+import hashlib, json, sys
+from model import devices as devices_lib
+dev = devices_lib.setup("multiworker", "off", "float32", None, "small", False)
+from model import data as data_lib
+from model.config import DataConfig
+data_dir, cache, out = sys.argv[1:4]
+cfg = DataConfig(batch_size=4, cache=cache, seed=1)
+split = data_lib.worker_split(dev.cluster, dev.strategy.num_replicas_in_sync)
+train = data_lib.make_dataset(data_dir, [1, 2], cfg, training=True, steps_per_epoch=4, split=split)
+train = devices_lib.shard_by(train, data_lib.training_shard_policy(cfg, 4, split))
+val = devices_lib.shard_by(data_lib.make_eval_dataset(data_dir, [0], cfg, cached=True), "DATA")
+def served(ds, steps):  # what each step hands this worker's replicas, as the trainer's loop gets it
+    it = iter(dev.strategy.experimental_distribute_dataset(ds))
+    rows = []
+    for _ in range(steps):
+        parts = dev.strategy.experimental_local_results(next(it)[0])
+        rows.append([hashlib.md5(x.tobytes()).hexdigest() for t in parts for x in t.numpy()])
+    return rows
+with open(out, "w") as f:
+    json.dump({"train": served(train, 8), "val": served(val, 2)}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_loopback_workers_split_each_epoch_and_the_validation_fold_exactly(tmp_path):
+    import hashlib
+
+    from tests.test_strategies import _cluster, _env, _finish, _free_ports, _start
+
+    data_dir, cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
+    samples = write_dataset(data_dir, per_fold=(7, 8, 8))  # validation: 7 records = batches of 4 and 3
+    digest = {sid: hashlib.md5(v["image"].tobytes()).hexdigest() for sid, v in samples.items()}
+    train_set = sorted(digest[s] for s, v in samples.items() if v["fold"] != 0)
+    val_set = sorted(digest[s] for s, v in samples.items() if v["fold"] == 0)
+    outs = [str(tmp_path / f"w{i}.json") for i in range(2)]
+    procs = [
+        _start(
+            [sys.executable, "-c", _WORKER, data_dir, cache_dir, outs[i]],
+            _env(conf),
+            str(tmp_path / f"w{i}.log"),
+        )
+        for i, conf in enumerate(_cluster(_free_ports(2)))
+    ]
+    logs = _finish(procs, 240)
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert sum("decoding 23 samples" in log for log in logs) == 1  # one host, one fill
+    got = []
+    for out in outs:
+        with open(out) as f:
+            got.append(json.load(f))
+    for epoch in range(2):  # 4 global steps of 4 records: the 16 training records, each exactly once
+        steps = range(4 * epoch, 4 * epoch + 4)
+        served = [h for w in got for s in steps for h in w["train"][s]]
+        assert sorted(served) == train_set
+        assert all(len(w["train"][s]) == 2 for w in got for s in steps)  # 2 per worker and step
+    val_served = [h for w in got for step in w["val"] for h in step]
+    assert sorted(val_served) == val_set  # every validation record scored once over both workers
