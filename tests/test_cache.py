@@ -328,3 +328,23 @@ def test_two_loopback_workers_split_each_epoch_and_the_validation_fold_exactly(t
         assert all(len(w["train"][s]) == 2 for w in got for s in steps)  # 2 per worker and step
     val_served = [h for w in got for step in w["val"] for h in step]
     assert sorted(val_served) == val_set  # every validation record scored once over both workers
+
+
+def test_hpa_folds_checks_room_for_the_whole_dataset_once_before_the_first_fold(
+    tmp_path, monkeypatch, capsys
+):
+    from model import cv
+
+    data_dir, out, cache_dir = str(tmp_path / "data"), str(tmp_path / "cv"), str(tmp_path / "cache")
+    write_dataset(data_dir, per_fold=(6, 5, 5))
+    checked = []
+    monkeypatch.setattr(cache_lib, "free_disk", lambda path: checked.append(path) or 1000)
+    argv = ["--data_dir", data_dir, "--out", out, "--backbone", "small", "--weights", "none"]
+    assert cv.main([*argv, "--cache", cache_dir]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hpa-folds: error: --cache ") and "\n" not in err
+    assert (
+        "the cache of the whole dataset (every fold) needs 16 samples" in err
+        and "the disk has 0.0 GiB" in err
+    )
+    assert checked == [cache_dir] and not os.path.exists(out)  # once, before any fold
