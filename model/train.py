@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=m.input_norm,
         help="auto: imagenet for a keras.applications backbone with pretrained weights (ImageNet or a file), "
         "else zscore; imagenet: the red, green, blue stains as the weights were trained (channel order and "
-        "range, see README), yellow in the same units; zscore: the dataset's per-stain mean and std",
+        "range, see docs/train.md), yellow in the same units; zscore: the dataset's per-stain mean and std",
     )
     p.add_argument("--dropout", type=float, default=m.dropout)
     p.add_argument("--small_filters", type=int, default=m.small_filters, help="width of the small backbone")
