@@ -185,7 +185,10 @@ def open_store(path: str) -> Store:
     images = np.load(os.path.join(path, _IMAGES), mmap_mode="r")
     with np.load(os.path.join(path, _INDEX)) as index:
         labels, folds, ids = index["labels"], index["folds"], index["ids"]
-    os.utime(os.path.join(path, _META))  # the last use, for eviction
+    try:
+        os.utime(os.path.join(path, _META))  # the last use, for eviction
+    except OSError:
+        pass  # a read-only cache folder
     return Store(images=images, labels=labels, folds=folds, ids=ids, path=path)
 
 
@@ -202,7 +205,8 @@ def fill_arrays(
     """Writes every batch of `source` into `images` (in order); returns labels, folds, ids.
 
     Raises:
-      ValueError: the source does not hold exactly `num_samples` records (the data changed).
+      ConfigError: the source does not hold exactly `num_samples` records (the shards and the manifest
+        disagree).
     """
     labels, folds, ids = [], [], []
     n = 0
@@ -211,7 +215,7 @@ def fill_arrays(
     for batch_images, batch_labels, batch_folds, batch_ids in source:
         b = len(batch_images)
         if n + b > num_samples:
-            raise ValueError(f"the shards hold more than the manifest's {num_samples} records")
+            raise ConfigError(f"the shards hold more than the manifest's {num_samples} labelled records")
         images[n : n + b] = batch_images
         labels.append(np.asarray(batch_labels, np.uint8))
         folds.append(np.asarray(batch_folds, np.int16))
@@ -221,7 +225,7 @@ def fill_arrays(
             log(f"cache: {n + b} / {num_samples} samples decoded ({rate:.0f}/s)")
         n += b
     if n != num_samples:
-        raise ValueError(f"the shards hold {n} records, the manifest says {num_samples}")
+        raise ConfigError(f"the shards hold {n} labelled records, the manifest says {num_samples}")
     return np.concatenate(labels), np.concatenate(folds), np.concatenate(ids)
 
 
