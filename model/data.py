@@ -248,13 +248,13 @@ def open_cache(data_dir: str, cfg: DataConfig, manifest: dict | None = None) -> 
 
 
 def _gather(store: cache_lib.Store):
-    images, labels = store.images, store.labels
+    labels = store.labels
 
     def gather(idx: np.ndarray):
-        # A batch's records in ascending position: reads go forward through the file, and one copy is
-        # made. Which records share a batch is the epoch order's; their order within it changes nothing.
+        # A batch's records in ascending position: reads go forward through the file. Which records share
+        # a batch is the epoch order's; their order within it changes nothing.
         idx = np.sort(idx)
-        return images[idx], labels[idx].astype(np.float32)
+        return store.read(idx), labels[idx].astype(np.float32)
 
     return gather
 
