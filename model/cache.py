@@ -4,10 +4,10 @@
   images.npy   [N, H, W, 4] uint8, fixed-size records (a .npy file: a small header, then the raw bytes)
   index.npz    labels [N, 28] uint8, folds [N] int16, ids [N] bytes, in the order of the records
   meta.json    format version, the dataset's identity, N, image size, records per fold; written last
-Training reads records by index through `np.memmap` (`np.load(mmap_mode="r")`): N processes on one host
-share the kernel's page cache instead of holding N copies, any order costs the same, and a fold is chosen
-at read time from `index.npz`, so `hpa-folds` and every `hpa-train --val_fold K` of the same data decode it
-once and store it once.
+Training reads records by index, one `os.preadv` per record straight into the batch (`Store.read`): N
+processes on one host share the kernel's page cache instead of holding N copies, any order costs the same,
+and a fold is chosen at read time from `index.npz`, so `hpa-folds` and every `hpa-train --val_fold K` of
+the same data decode it once and store it once.
 
 The key (`hash`) is the dataset's identity: its manifest (schema version, image size, counts, stain
 statistics, shard list and whatever checksums it records), the shard files' names and sizes, and the
@@ -459,8 +459,7 @@ def evict(cache_dir: str, key: str, keep: int, log: Log = print) -> list[str]:
             size = _size_on_disk(full)
             why = "of other data" if current else "written by another version of the cache format"
             log(f"cache: removing {name} ({_gib(size)}), a cache {why} (--cache_keep {keep})")
-            shutil.rmtree(full, ignore_errors=True)
-            os.remove(full + _LOCK)
+            shutil.rmtree(full, ignore_errors=True)  # its .lock stays: a process may be opening it now
             removed.append(name)
         finally:
             lock.release()

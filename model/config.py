@@ -103,7 +103,8 @@ class DataConfig:
     Attributes:
       image_size: side of the stored images; None takes it from the dataset's manifest.
       batch_size: global batch size (split across replicas).
-      shuffle_buffer: records held by the training shuffle (serialized records, before decoding).
+      shuffle_buffer: records held by the training shuffle (serialized records, before decoding); unused
+        with a cache, which serves a new uniform permutation every epoch.
       augment: the 8 flips / right-angle rotations while training.
       crop_size: random crop side while training (None: no crop); evaluation keeps the whole image.
       intensity_jitter: max relative per-stain brightness change while training (0: off).

@@ -1,14 +1,16 @@
 """The input pipeline: fold-tagged TFRecord shards -> batches of uint8 four-stain images and multi-hot labels.
 
-Training (`make_dataset`): shard files -> interleave -> parse -> decode -> [cache] -> oversample -> shuffle ->
-batch -> prefetch. The host does no random image work: the flips / right-angle rotations, crop and intensity
-jitter are the model's first layer (`model.augment`), on the device. Without a cache the shuffle holds
-parsed records (PNG bytes) and decoding comes after it; with `cache` the decoded stains of one pass are
-kept (`model.cache`) and every later epoch only shuffles and batches them. Rare-class oversampling repeats a
-record before the shuffle buffer, so its copies land in different batches; its class counts come from the
-manifest. Images stay uint8: the model normalises on the device (shipping uint8 was 1.31x faster than
-float32, ../shared/FACTS.md). With `deterministic` every tf.data stage keeps its order and every draw is
-seeded, so a run can be repeated bit for bit; otherwise stages hand on whatever is ready first (faster).
+Training (`make_dataset`), without a cache: shard files -> interleave -> parse -> oversample -> shuffle ->
+decode -> batch -> prefetch; the shuffle holds parsed records (PNG bytes) and decoding comes after it.
+Rare-class oversampling repeats a record before the shuffle buffer, so its copies land in different
+batches; its class counts come from the manifest. With a cache (`model.cache`, `open_cache`): every
+labelled record decoded once into one store for every fold, then per epoch a new uniform permutation of
+the training folds' records (`model.epoch_order`, oversampled copies included) -> batches of indices ->
+records read by index -> prefetch. The host does no random image work: the flips / right-angle rotations,
+crop and intensity jitter are the model's first layer (`model.augment`), on the device. Images stay
+uint8: the model normalises on the device (shipping uint8 was 1.31x faster than float32,
+../shared/FACTS.md). With `deterministic` every tf.data stage keeps its order and every draw is seeded, so
+a run can be repeated bit for bit; otherwise stages hand on whatever is ready first (faster).
 
 Evaluation / prediction (`make_eval_dataset`): the same decode without randomness, in a deterministic
 order, optionally with the sample ids and one fixed dihedral transform (test-time augmentation).

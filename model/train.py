@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "thresholds tuned on it fit the prediction's scores",
     )
     p.add_argument(
-        "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
+        "--shuffle_buffer",
+        type=int,
+        default=d.shuffle_buffer,
+        help="records in the shuffle buffer (without --cache; a cache serves a new permutation every epoch)",
     )
     p.add_argument("--no_augment", action="store_true", help="no flips / right-angle rotations")
     p.add_argument(
