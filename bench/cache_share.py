@@ -197,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work_dir", default=None)
     p.add_argument("--processes", default="2,3", help="comma-separated process counts")
     p.add_argument("--skip_kfold", action="store_true")
+    p.add_argument("--skip_memory", action="store_true")
     args = p.parse_args(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-cache-share-")
     data_dir = args.data_dir or build_real_shards(work, args.samples, smoke_dir=args.source)
     print(f"/proc/loadavg {open('/proc/loadavg').read().strip()}")
     if not args.skip_kfold:
         kfold(data_dir, work)
-    memory(data_dir, work, [int(x) for x in args.processes.split(",")])
+    if not args.skip_memory:
+        memory(data_dir, work, [int(x) for x in args.processes.split(",")])
     print(json.dumps({"work_dir": work}))
     return 0
 

@@ -11,11 +11,11 @@ measures in one run, on all cores, samples/s of:
   (c) the original project's pipeline shape: sequential map, float32 cast, shuffle 1000, batch, prefetch 1,
       with current tf.data's automatic map parallelisation and prefetch injection turned off (as it ran);
   (d) the training pipeline with a cache, in steady state (after the fill, which is timed on its own):
-      `--cache memory` and `--cache DIR` (model.cache: one np.memmap'ed record file for every fold, a new
-      uniform permutation every epoch), the DIR cache both warm (its pages in the page cache) and with its
-      pages evicted first (madvise + posix_fadvise DONTNEED after the warm-up; fincore shows the share
-      left), beside today's (d) before issue 18 (bench/_old_cache.py: a tf.data snapshot in 16 files, read
-      back through the 1,024-record shuffle buffer), warm and evicted alike;
+      `--cache memory` and `--cache DIR` (model.cache: one record file for every fold, a new uniform
+      permutation every epoch), the DIR cache warm (its files read once after the warm-up) and with its
+      pages evicted first (posix_fadvise DONTNEED after the warm-up), fincore's share of its bytes in the
+      page cache printed for both, beside today's (d) before issue 18 (bench/_old_cache.py: a tf.data
+      snapshot in 16 files, read back through the 1,024-record shuffle buffer), warm and evicted alike;
   (e) the original project's shape on current tf.data with its default optimisations on.
 Each repeat runs every pipeline in turn over the same number of samples, timed after a warm-up that fills
 buffers and starts threads (steady state, as over a long epoch); the table shows medians over repeats,
@@ -44,7 +44,7 @@ import tensorflow as tf  # noqa: E402
 
 import schemas  # noqa: E402
 from bench import _old_cache  # noqa: E402
-from bench._common import REAL_SMOKE, build_real_shards, cached_share, evict  # noqa: E402
+from bench._common import REAL_SMOKE, build_real_shards, cached_share, evict, warm  # noqa: E402
 from model import cache as cache_lib  # noqa: E402
 from model import data as data_lib  # noqa: E402
 from model.config import DataConfig  # noqa: E402
@@ -134,8 +134,8 @@ def evict_cache(path: str, store=None) -> None:
 
 def new_cached(data_dir: str, folds: list[int], cfg: DataConfig) -> tuple[tf.data.Dataset, float]:
     """(d) `make_dataset` with `cfg.cache`; returns the dataset and the seconds to build it (the fill, when
-    the cache is not there yet). Each call opens the cache afresh, as a new process would."""
-    data_lib._STORES.clear()
+    the cache is not there yet). A directory cache is opened afresh, as a new process would; a memory
+    cache is filled once per run."""
     start = time.perf_counter()
     ds = data_lib.make_dataset(data_dir, folds, cfg, training=True)
     return ds, time.perf_counter() - start
@@ -222,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     memory_cfg = dataclasses.replace(shipped_cfg, cache="memory")
     fills["--cache DIR"] = new_cached(data_dir, folds, disk_cfg)[1]
     fills["--cache memory"] = new_cached(data_dir, folds, memory_cfg)[1]
-    data_lib._STORES.clear()
     (new_path,) = [os.path.join(new_dir, n) for n in os.listdir(new_dir) if "." not in n]
     evicted_share: dict[str, list] = {"today's": [], "new": []}
+    warm_share: dict[str, list] = {"today's": [], "new": []}
+
+    def warm_old():
+        warm(cache_files(old_dir))
+        warm_share["today's"].append(cached_share(cache_files(old_dir)))
+
+    def warm_new():
+        warm(cache_files(new_path))
+        warm_share["new"].append(cached_share(cache_files(new_path)))
 
     def evict_old():
         evict(cache_files(old_dir))
@@ -253,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             True,
             None,
         ),
-        "(d) today's --cache DIR (16 files + shuffle 1024), warm": (old_training, True, None),
+        "(d) today's --cache DIR (16 files + shuffle 1024), warm": (old_training, True, warm_old),
         "(d) today's --cache DIR, pages evicted": (old_training, True, evict_old),
         "(d) --cache memory, per-epoch permutation": (new_training(memory_cfg), True, None),
-        "(d) --cache DIR, per-epoch permutation, warm": (new_training(disk_cfg), True, None),
+        "(d) --cache DIR, per-epoch permutation, warm": (new_training(disk_cfg), True, warm_new),
         "(d) --cache DIR, per-epoch permutation, pages evicted": (new_training(disk_cfg), True, evict_new),
         "(e) original project's shape, tf.data defaults": (
             lambda r: original_shape(files, image_size, args.batch_size, optimised=True),
@@ -273,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             ds = make(r)
             rate = samples_per_second(ds, n, batched, args.warmup, after_warmup)
             del ds
-            data_lib._STORES.clear()
+            for key in [k for k in data_lib._STORES if k[0] != "memory"]:  # memory: filled once per run
+                del data_lib._STORES[key]
             rates[name].append(rate)
             print(f"  repeat {r + 1}/{args.repeats} {name}: {rate:.1f} samples/s", flush=True)
     aug = {} if args.cached_only else augmentation_cost(image_size, args.batch_size, args.repeats)
@@ -291,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, secs in fills.items():
         print(f"cache fill ({kind}): {secs:.1f} s for {total} samples ({total / secs:.0f} samples/s)")
     print(f"cache size: {cache_lib.cache_bytes(total, image_size) / 2**20:.0f} MiB (samples x H x W x 4)")
-    for kind, shares in evicted_share.items():
-        shown = ", ".join("n/a" if x is None else f"{x:.0%}" for x in shares)
-        print(f"share of {kind} cache's bytes in the page cache right after eviction (fincore): {shown}")
+    for label, table in (("warming", warm_share), ("eviction", evicted_share)):
+        for kind, shares in table.items():
+            shown = ", ".join("n/a" if x is None else f"{x:.0%}" for x in shares)
+            print(f"share of {kind} cache's bytes in the page cache right after {label} (fincore): {shown}")
     print()
     print(
         f"(d) per-epoch permutation: memory {dm:.0f}, DIR warm {dd:.0f}, DIR evicted {dd_cold:.0f} samples/s "

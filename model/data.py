@@ -214,6 +214,7 @@ def _cache_source(data_dir: str, manifest: dict, image_size: int):
         ds = _read_records(list_shards(data_dir, [fold]), True)
         ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=True)
 
+        @tf.autograph.experimental.do_not_convert
         def record(features):
             return (
                 schemas.decode_stains(features, image_size),
@@ -266,6 +267,7 @@ def _read_batches(indices: tf.data.Dataset, store: cache_lib.Store, batch_size: 
     gather = _gather(store)
     shape = store.images.shape[1:]
 
+    @tf.autograph.experimental.do_not_convert
     def read(idx):
         images, labels = tf.numpy_function(gather, [idx], [tf.uint8, tf.float32], stateful=False)
         images.set_shape([batch_size if full else None, *shape])
@@ -353,6 +355,7 @@ def _cached_training(
         order = epoch_order_lib.epoch_order(pool, seed, int(epoch), length, record_factors)
         return epoch_order_lib.worker_part(order, split.index, split.count) if own else order
 
+    @tf.autograph.experimental.do_not_convert
     def indices_of(epoch):
         idx = tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False)
         idx.set_shape([None])
