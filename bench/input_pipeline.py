@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         evicted_share["today's"].append(cached_share(cache_files(old_dir)))
 
     def evict_new():
-        (store,) = data_lib._STORES.values()
+        (store,) = [v for k, v in data_lib._STORES.items() if k[0] != "memory"]
         evict_cache(new_path, store)
         evicted_share["new"].append(cached_share(cache_files(new_path)))
 
