@@ -366,13 +366,9 @@ def _cache_info(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if "--cache_info" in argv:
-            return _cache_info(argv)
-        run(argv)
-    except ConfigError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    if "--cache_info" in argv:
+        return cli.run_or_bad_input(PROG, ConfigError, lambda: _cache_info(argv))
+    return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
 
 
 if __name__ == "__main__":
