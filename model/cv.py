@@ -277,6 +277,10 @@ def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> Plan:
         configs[k] = cfg
         if not args.overwrite and fold_status(fold_dir(args.out, k)) != NEW:
             check_same_run(fold_dir(args.out, k), cfg)
+    from model import data as data_lib
+
+    # One cache serves every fold: room for the whole dataset, checked once before the first fold.
+    data_lib.check_cache_room(configs[folds[0]].data, args.data_dir, manifest)
     test_dir = args.test_data_dir or (args.data_dir if args.ids_csv else None)
     if test_dir is not None:
         test_manifest = manifest if test_dir == args.data_dir else _manifest(test_dir)

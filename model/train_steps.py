@@ -22,7 +22,6 @@ from model import fileio, rundir
 from model.config import (
     BACKUP_DIR,
     BEST_WEIGHTS,
-    CACHE_NONE,
     EXPORT_DIR,
     F1_METRIC,
     HISTORY_FILE,
@@ -170,7 +169,7 @@ def resolve_settings(cfg: TrainConfig, dev: devices_lib.Devices) -> Plan:
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
 
-    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
+    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest)
     _fetch_weights_and_seed(cfg)
 
     n_train = sum(written[f] for f in train_folds)
@@ -280,22 +279,33 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
     return WorkDir(path=path, initial_epoch=initial_epoch, history_rows=history_rows)
 
 
-def make_data(plan: Plan, dev: devices_lib.Devices):
-    """(training, validation) tf.data datasets, split between the workers of a multi-worker run."""
+def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
+    """(training, validation) tf.data datasets, split between the workers of a multi-worker run.
+
+    With a cache the training order of epoch e is a function of (seed, e): a run resumed after
+    `initial_epoch` epochs reads the orders the uninterrupted run would have.
+    """
     from model import data as data_lib
 
     cfg = plan.cfg
+    split = data_lib.worker_split(dev.cluster, dev.strategy.num_replicas_in_sync)
     train_ds = data_lib.make_dataset(
-        cfg.data_dir, plan.train_folds, cfg.data, training=True, manifest=plan.manifest, counts=plan.counts
+        cfg.data_dir,
+        plan.train_folds,
+        cfg.data,
+        training=True,
+        manifest=plan.manifest,
+        counts=plan.counts,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=plan.steps_per_epoch,
+        split=split,
     )
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=plan.manifest
     )
-    if dev.cluster is not None:
+    if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, plan.train_folds))
-        # A cache serves decoded elements, not files: split those.
-        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
+        train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
     return train_ds, val_ds
