@@ -35,8 +35,9 @@ def ok(body: bytes, content_type: str = "image/jpeg"):
     return ("ok", body, content_type)
 
 
-def status(code: int):
-    return ("status", code)
+def status(code: int, retry_after: float | None = None):
+    """An error status; with `retry_after`, a Retry-After header (seconds)."""
+    return ("status", code, retry_after)
 
 
 def slow(seconds: float, body: bytes):
@@ -95,6 +96,8 @@ class ImageServer:
                 if kind == "status":
                     body = b"error"
                     self.send_response(args[0])
+                    if len(args) > 1 and args[1] is not None:
+                        self.send_header("Retry-After", f"{args[1]:g}")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
