@@ -64,6 +64,8 @@ class ImageServer:
         self.log: list[str] = []
         self.times: list[tuple[float, float]] = []
         self.latency = latency
+        self.first = None  # a response for the very first request, whatever its path (then the routes)
+        self.first_answered = None  # when the answer to it began
         self._lock = threading.Lock()
         server = self
 
@@ -85,14 +87,17 @@ class ImageServer:
             def _answer(self):
                 with server._lock:
                     n = server.log.count(self.path)
+                    first = server.first if not server.log else None
                     server.log.append(self.path)
                 responses = server.routes.get(self.path, [status(404)])
-                kind, *args = responses[min(n, len(responses) - 1)]
+                kind, *args = first or responses[min(n, len(responses) - 1)]
                 if server.latency:
                     time.sleep(server.latency)
                 if kind == "slow":
                     time.sleep(args[0])
                     kind, args = "ok", [args[1], "image/jpeg"]
+                if first:
+                    server.first_answered = time.perf_counter()  # just before it is sent
                 if kind == "status":
                     body = b"error"
                     self.send_response(args[0])
