@@ -65,7 +65,7 @@ PROG = "hpa-train"
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags (defaults from the config dataclasses)."""
     d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
         formatter_class=_HelpFormatter,
@@ -229,7 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
     )
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
     return p
 
 
@@ -322,7 +321,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     work = prepare_work_dir(plan, dev, args.overwrite)
     train_ds, val_ds = make_data(plan, dev)
     model = build_and_compile(plan, dev, train_ds)
-    rows = fit(model, plan, dev, work, train_ds, val_ds, args.verbose)
+    rows = fit(model, plan, dev, work, train_ds, val_ds)
     return write_outputs(model, plan, dev, work, rows)
 
 

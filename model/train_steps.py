@@ -318,13 +318,15 @@ def build_and_compile(plan: Plan, dev: devices_lib.Devices, train_ds):
     return model
 
 
-def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds, verbose: int):
+def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds):
     """Trains with the run's callbacks, then loads the best checkpoint; returns history.csv's rows.
+
+    Progress: Keras' bar on a terminal, else a line per epoch (model/progress.py).
 
     Every worker loads its best checkpoint (the same weights everywhere: validation loss is global).
     """
     from model import callbacks as callbacks_lib
-    from model import keras_compat
+    from model import keras_compat, progress
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
@@ -335,7 +337,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
         plan.steps_per_epoch,
         _schedule(cfg, plan.steps_per_epoch),
         warn=_print,
-    )
+    ) + progress.progress_callbacks()
     with keras_compat.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
             train_ds,
@@ -344,7 +346,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
             validation_data=val_ds,
             validation_steps=plan.validation_steps,
             callbacks=callbacks,
-            verbose=verbose,
+            verbose=progress.fit_verbosity(),
         )
     best = fileio.join(work.path, BEST_WEIGHTS)
     if fileio.exists(best):

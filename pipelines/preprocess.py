@@ -30,7 +30,6 @@ Shards are byte-identical for the same inputs and seed, whatever the order of th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import posixpath
@@ -161,7 +160,7 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, work_dir: str, stats_dir: s
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig; unknown flags are returned for Beam's PipelineOptions."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description="Merge the four stain images of every sample into fold-tagged, sharded TFRecords. "
         "Any Beam option (--runner DataflowRunner --project P --region R --temp_location gs://...) passes "
