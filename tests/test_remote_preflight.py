@@ -107,6 +107,7 @@ def test_each_job_stops_with_one_line_before_anything_is_staged(main, argv, tmp_
     with pytest.raises(SystemExit) as e:
         main([*argv, *GOOD_REMOTE])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[0].startswith("usage:"), err
-    assert ": error: with --runner DataflowRunner" in err[-1] and out in err[-1], err
+    errors = [line for line in err if ": error: " in line]
+    assert e.value.code == 2 and len(errors) == 1, err  # one line (beside the usage or the --help hint)
+    assert ": error: with --runner DataflowRunner" in errors[0] and out in errors[0], err
     assert not os.path.exists(out)  # nothing created, staged or written
