@@ -19,11 +19,27 @@ What is measured (one run, one report):
 4. Several hashes (dHash, aHash, pHash: 64 bits per stain; the signs of the 6 x 6 lowest DCT frequencies:
    35 bits per stain, the one pipelines.near_duplicates uses) over several stain sets, so the choice is backed
    by the same run: max planted distance vs min distinct distance, and the closest distinct pairs.
-5. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
+5. The bound, chosen on one set and checked on another: the originals (real samples, synthetic fields) are
+   split at random into two halves, each original with its copies and its rotations/quadrants. On the
+   tuning half the bound is the smallest one (smaller bounds search faster) whose recall reaches
+   --target_recall with no false match (failing that, the one with most planted pairs found minus false
+   matches); recall and false matches are then reported on the held-out half at that bound and at the
+   shipped DEFAULT_MAX_DISTANCE. Distinct pairs are those within one half.
+6. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
    random, and clustered (a third of the rows are copies of other rows with 0..bound bits flipped).
+6. Chains (--chain_n; `--chain_only` runs just this): random walks of hashes in 8-bit steps (each hash near
+   the one before, the ends far apart), alone and next to stars (an original with 12 copies, each `bound`
+   bits from it in bits of its own, so copies are up to 2 x bound apart). Grouped two ways in one run:
+   connected components of the near pairs (the grouping before chains were split) and duplicate_groups
+   (components wider than 2 x bound split around centres). Link recall = near pairs (<= bound) left in one
+   group; far pairs = pairs further apart than 2 x bound put in one group (false matches); star recall =
+   copy pairs of one original in one group. The planted set of 2. is grouped both ways too.
+
+The defaults are the settings of the README's figures (800 synthetic fields, 7 timing passes).
 
 Usage:
-  python bench/duplicates.py [--smoke_dir ../shared/data/hpa-real-smoke] [--synthetic 600] [--repeats 5]
+  python bench/duplicates.py [--smoke_dir ../shared/data/hpa-real-smoke] [--synthetic 800] [--repeats 7]
+      [--target_recall 0.999]
 """
 
 from __future__ import annotations
@@ -312,20 +328,128 @@ def _scale(n: int, max_distance: int, seed: int) -> list[list]:
     return rows
 
 
+def _grouping_figures(hashes: np.ndarray, labels: np.ndarray, bound: int, same: np.ndarray | None) -> list:
+    """groups, largest, widest pair in a group, link recall, far pairs in one group, star recall."""
+    n = len(hashes)
+    iu = np.triu_indices(n, 1)
+    dist = np.concatenate(
+        [nd.hamming(hashes[i : i + 256, None, :], hashes[None, :, :])[:, :].ravel() for i in range(0, n, 256)]
+    ).reshape(n, n)[iu]
+    together = labels[iu[0]] == labels[iu[1]]
+    near = dist <= bound
+    widest = max(int(dist[together].max()) if together.any() else 0, 0)
+    star = f"{together[same].mean():.4f}" if same is not None and same.any() else "-"
+    return [
+        len(np.unique(labels)),
+        int(np.bincount(labels).max()),
+        widest,
+        f"{together[near].mean():.4f}",
+        int((together & (dist > 2 * bound)).sum()),
+        star,
+    ]
+
+
+def chain_case(chain_n: int, bound: int, seed: int) -> list[list]:
+    """Section 6: chains and stars grouped by connected components (before) and duplicate_groups (now)."""
+    from tests.fixtures import random_walk_hashes
+
+    rows = []
+    rng = np.random.default_rng(seed)
+    chain = random_walk_hashes(chain_n, step=8, seed=seed)
+    stars, star_of = [], []
+    for k in range(20):
+        original = rng.integers(0, 2**64, size=nd.HASH_WORDS, dtype=np.uint64)
+        original[-1] &= np.uint64((1 << (nd.HASH_BITS - 64 * (nd.HASH_WORDS - 1))) - 1)
+        stars.append(original)
+        star_of.append(k)
+        for _ in range(12):
+            copy = original.copy()
+            for bit in rng.choice(nd.HASH_BITS, size=bound, replace=False):
+                copy[bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+            stars.append(copy)
+            star_of.append(k)
+    cases = {
+        f"chain of {chain_n}, 8-bit steps": (chain, None),
+        "the chain + 20 stars of 13": (
+            np.concatenate([chain, np.stack(stars)]),
+            np.array([-1] * chain_n + star_of),
+        ),
+    }
+    for name, (hashes, origin) in cases.items():
+        same = None
+        if origin is not None:
+            iu = np.triu_indices(len(hashes), 1)
+            same = (origin[iu[0]] == origin[iu[1]]) & (origin[iu[0]] >= 0)
+        components = nd.group_labels(len(hashes), nd.near_pairs(hashes, bound))
+        t0 = time.perf_counter()
+        split = nd.duplicate_groups(hashes, bound)
+        secs = time.perf_counter() - t0
+        rows.append([name, "components (before)", *_grouping_figures(hashes, components, bound, same), "-"])
+        rows.append(
+            [name, "duplicate_groups (now)", *_grouping_figures(hashes, split, bound, same), f"{secs:.2f}"]
+        )
+    return rows
+
+
+def _print_chain_case(args) -> None:
+    if not args.chain_n:
+        return
+    bound = nd.DEFAULT_MAX_DISTANCE
+    load = open("/proc/loadavg").read().split()[:3]
+    print_table(
+        CHAIN_HEADER,
+        chain_case(args.chain_n, bound, args.seed),
+        title=f"6. Chains, bound {bound} of {nd.HASH_BITS} bits, before and now (load {' '.join(load)})",
+    )
+
+
+CHAIN_HEADER = [
+    "case",
+    "grouping",
+    "groups",
+    "largest",
+    "widest pair",
+    "link recall",
+    "far pairs",
+    "star recall",
+    "s",
+]
+
+
+def choose_bound(planted: np.ndarray, distinct: np.ndarray, target_recall: float) -> int:
+    """The smallest bound whose recall on `planted` distances reaches `target_recall` with no `distinct`
+    distance within it; failing that, the bound with the most planted pairs found minus false matches."""
+    top = int(max(planted.max(), 1)) + 1
+    for b in range(top):
+        if np.mean(planted <= b) >= target_recall and not (distinct <= b).any():
+            return b
+    scores = [int((planted <= b).sum()) - int((distinct <= b).sum()) for b in range(top)]
+    return int(np.argmax(scores))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke_dir", default=REAL_SMOKE, help="folder with train/ of real four-stain PNGs")
-    p.add_argument("--synthetic", type=int, default=600, help="distinct synthetic 512 px fields")
+    p.add_argument("--synthetic", type=int, default=800, help="distinct synthetic 512 px fields")
     p.add_argument("--synthetic_planted", type=int, default=100, help="synthetic fields that get copies")
     p.add_argument("--label_sets", type=int, default=8, help="label sets the synthetic fields cycle through")
     p.add_argument("--crop_draws", type=int, default=3, help="random crop placements per crop transform")
-    p.add_argument("--repeats", type=int, default=5, help="timing passes (median shown)")
+    p.add_argument("--repeats", type=int, default=7, help="timing passes (median shown)")
+    p.add_argument(
+        "--target_recall", type=float, default=0.999, help="recall the bound must reach on the tuning half"
+    )
     p.add_argument("--scale_n", type=int, default=105_678, help="hashes for the near_pairs timing (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chain_n", type=int, default=3000, help="hashes in the chain case (0: skip)")
+    p.add_argument("--chain_only", action="store_true", help="run only the chain case (section 6)")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.chain_only:
+        _print_chain_case(args)
+        return 0
 
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"# bench/duplicates.py  load: {uptime}")
@@ -494,6 +618,34 @@ def main(argv=None) -> int:
     low = {d: int(c) for d, c in enumerate(hist_d) if c and d < 3 * bound}
     print(f"distinct distance histogram below {3 * bound}:", low, f"median {np.median(dd):.0f}")
 
+    # The bound chosen on one half of the originals, its recall and false matches checked on the other.
+    half_of_distinct = np.empty(n_d, dtype=np.int64)
+    syn_half = rng.permutation(np.arange(len(syn)) % 2)
+    real_half = rng.permutation(np.arange(len(real)) % 2)
+    half_of_distinct[: len(syn)] = syn_half
+    half_of_distinct[len(syn) :] = np.repeat(real_half, 12)  # each real sample: itself, 7 D4, 4 quadrants
+    half_of_planted = np.array(
+        [real_half[o] if o < len(real) else syn_half[o - len(real)] for o, _, _ in planted]
+    )
+    pair_half = np.where(half_of_distinct[iu[0]] == half_of_distinct[iu[1]], half_of_distinct[iu[0]], -1)[
+        keep
+    ]
+    halves = {h: (all_pd[half_of_planted == h], dd[pair_half == h]) for h in (0, 1)}
+    chosen = choose_bound(*halves[0], args.target_recall)
+    split_rows = []
+    for name, h in (("tuning", 0), ("held-out", 1)):
+        pd_h, dd_h = halves[h]
+        for b in dict.fromkeys((chosen, bound)):
+            which = " = ".join(w for w, v in (("chosen", chosen), ("shipped default", bound)) if v == b)
+            recall, false = f"{np.mean(pd_h <= b):.4f}", int((dd_h <= b).sum())
+            split_rows.append([name, len(pd_h), len(dd_h), f"{b} ({which})", recall, false])
+    print_table(
+        ["half", "planted pairs", "distinct pairs", "bound", "recall", "false matches"],
+        split_rows,
+        title=f"The bound chosen on the tuning half (smallest with recall >= {args.target_recall} and no "
+        "false match), checked on the held-out half",
+    )
+
     # End to end on the chosen hash: the distinct pool (which holds every original once) plus all copies,
     # grouped by duplicate_groups; each group should be one pool image with its copies.
     pool_index = [len(syn) + 12 * k for k in range(len(real))] + list(range(len(originals) - len(real)))
@@ -506,7 +658,12 @@ def main(argv=None) -> int:
         f"duplicate_groups on {len(hashes)} images (distinct pool + copies): groups mixing two pool images "
         f"{mixed}, pool images whose copies are split over groups {split}"
     )
+    components = nd.group_labels(len(hashes), nd.near_pairs(hashes, bound))
+    mixed_c = sum(len(np.unique(origin[components == g])) > 1 for g in np.unique(components))
+    split_c = sum(len(np.unique(components[origin == o])) > 1 for o in np.unique(origin))
+    print(f"the same as connected components (before chains were split): mixing {mixed_c}, split {split_c}")
 
+    _print_chain_case(args)
     if args.scale_n:
         log(f"near_pairs at {args.scale_n} hashes ...")
         print_table(

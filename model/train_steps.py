@@ -171,7 +171,7 @@ def resolve_settings(cfg: TrainConfig, dev: devices_lib.Devices) -> Plan:
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
 
-    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
+    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest)
     _fetch_weights_and_seed(cfg)
 
     n_train = sum(written[f] for f in train_folds)
@@ -287,27 +287,36 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
 def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
     """(training, validation) tf.data datasets, split between the workers of a multi-worker run.
 
-    A resumed `--deterministic` run (initial_epoch > 0) starts the training stream where that epoch begins.
+    With a cache the training order of epoch e is a function of (seed, e): a run resumed after
+    `initial_epoch` epochs reads the orders the uninterrupted run would have. Without a cache, a resumed
+    `--deterministic` run skips the batches of the finished epochs in the one seeded stream.
     """
     from model import data as data_lib
 
     cfg = plan.cfg
+    split = data_lib.worker_split(dev.cluster, dev.strategy.num_replicas_in_sync)
     train_ds = data_lib.make_dataset(
-        cfg.data_dir, plan.train_folds, cfg.data, training=True, manifest=plan.manifest, counts=plan.counts
+        cfg.data_dir,
+        plan.train_folds,
+        cfg.data,
+        training=True,
+        manifest=plan.manifest,
+        counts=plan.counts,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=plan.steps_per_epoch,
+        split=split,
     )
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=plan.manifest
     )
-    if dev.cluster is not None:
+    if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, plan.train_folds))
-        # A cache serves decoded elements, not files: split those.
-        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
+        train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
-    if cfg.data.deterministic and initial_epoch:
-        # The training stream is one seeded sequence of batches: a resumed reproducible run takes up where
-        # the epoch it resumes begins (its data order), at the cost of reading the finished epochs' batches.
+    if cfg.data.deterministic and initial_epoch and cfg.data.cache == CACHE_NONE:
+        # Without a cache the training stream is one seeded sequence of batches: a resumed reproducible
+        # run takes up where its epoch begins, at the cost of reading the finished epochs' batches.
         train_ds = train_ds.skip(initial_epoch * plan.steps_per_epoch)
     return train_ds, val_ds
 
@@ -329,23 +338,28 @@ def build_and_compile(plan: Plan, dev: devices_lib.Devices, train_ds):
     return model
 
 
-def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds, verbose: int):
+def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds):
     """Trains with the run's callbacks, then loads the best checkpoint; returns history.csv's rows.
+
+    Progress: Keras' bar on a terminal, else a line per epoch (model/progress.py).
 
     Every worker loads its best checkpoint (the same weights everywhere: validation loss is global).
     """
     from model import callbacks as callbacks_lib
-    from model import keras_compat
+    from model import keras_compat, progress
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    callbacks = callbacks_lib.make_callbacks(
-        cfg,
-        work.path,
-        work.history_rows,
-        plan.steps_per_epoch,
-        _schedule(cfg, plan.steps_per_epoch),
-        warn=_print,
+    callbacks = (
+        callbacks_lib.make_callbacks(
+            cfg,
+            work.path,
+            work.history_rows,
+            plan.steps_per_epoch,
+            _schedule(cfg, plan.steps_per_epoch),
+            warn=_print,
+        )
+        + progress.progress_callbacks()
     )
     with keras_compat.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
@@ -355,7 +369,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
             validation_data=val_ds,
             validation_steps=plan.validation_steps,
             callbacks=callbacks,
-            verbose=verbose,
+            verbose=progress.fit_verbosity(),
         )
     best = fileio.join(work.path, BEST_WEIGHTS)
     if fileio.exists(best):

@@ -118,6 +118,7 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
             f"--out {cfg.out} lies in {cfg.source}, where its {schemas.REJECTED_FILE} would replace the "
             "preprocessing job's or an input: write the submission elsewhere"
         )
+    predict.check_source_folder(cfg.data_dir, cfg.input_dir, PROG)
     wanted = predict.read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [predict._inspect_model_dir(d) for d in cfg.model_dirs]  # noqa: SLF001 - model.predict's check
     thresholds, source = predict.resolve_thresholds(cfg.model_dirs, cfg.thresholds)
@@ -142,7 +143,7 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
         if not _has_images_signature(export):
             raise PredictError(
                 f"{export} has no images signature (exported by an older version of the training job): "
-                "predict with `python -m model.predict`, or train again"
+                "predict with hpa-predict, or train again"
             )
         exports.append(export)
     transforms = predict.tta_transforms(cfg.tta)
@@ -179,10 +180,27 @@ def _same_file(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def _id_rows(path: str, source: str, input_dir: str):
+    from schemas import labels as labels_lib
+
+    for k, sid in enumerate(predict.read_id_list(path)):
+        yield labels_lib.LabelRow(source, input_dir, k + 2, sid, None)
+
+
+@beam.ptransform_fn
+def ReadIdRows(pbegin, ids_csv: str, source: str, input_dir: str):  # noqa: N802
+    """The --ids_csv Id list, read by one worker (the launcher has checked it) -> unlabeled LabelRows."""
+    return (
+        pbegin
+        | "Path" >> beam.Create([ids_csv])
+        | "Parse" >> beam.FlatMap(_id_rows, source, input_dir)
+        | "Spread" >> beam.Reshuffle()
+    )
+
+
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: str, progress_dir=None):
     """Wires the job's transforms into `p`; the outputs land in work_dir."""
     from pipelines.transforms import predictions as pred
-    from schemas import labels as labels_lib
 
     if cfg.data_dir is not None:
         records = p | "ReadRecords" >> pred.ReadRecords(
@@ -192,11 +210,8 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: s
         unlisted = p | "NoUnlisted" >> beam.Create([])
     else:
         rows = None
-        if inputs.wanted is not None:
-            rows = [
-                labels_lib.LabelRow(_FOLDER_SOURCE, cfg.input_dir, k + 2, sid, None)
-                for k, sid in enumerate(inputs.wanted)
-            ]
+        if cfg.ids_csv is not None:  # read by a worker: the graph holds the path, not the Ids
+            rows = p | "ReadIdList" >> ReadIdRows(cfg.ids_csv, _FOLDER_SOURCE, cfg.input_dir)
         folder = p | "ReadImageFolder" >> pred.ReadImageFolder(
             cfg.input_dir, _FOLDER_SOURCE, inputs.image_size, rows, progress_dir
         )
@@ -227,7 +242,7 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: s
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags (model.predict's, with --data_dir | --input_dir); unknown flags go to Beam."""
     d = JobConfig(data_dir="x", input_dir=None, model_dirs=("x",), out="x")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set, or a "
@@ -251,6 +266,12 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     beam_options.reject_unknown_beam_flags(parser, beam_args)
+    beam_options.check_remote(
+        parser,
+        beam_args,
+        inputs=[args.data_dir, args.input_dir, *args.model_dir, args.ids_csv, args.thresholds],
+        outputs=[args.out, args.probabilities],
+    )
     cfg = JobConfig(
         **predict.prediction_flags(args), batch_size=args.batch_size, progress_seconds=args.progress_seconds
     )

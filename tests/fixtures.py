@@ -7,9 +7,34 @@ import io
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import schemas
+
+# The project's shared data (real competition labels and sample images), beside the repository: present on
+# the developers' machines and in CI, absent in a bare clone.
+SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+
+
+def in_ci() -> bool:
+    """True when the environment says it is a CI run (`CI=true`, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def shared_path(*parts: str) -> str:
+    """The path of `../shared/<parts>`, for a test that needs it.
+
+    Skips the calling test when the file is missing, except in CI (`CI=true`), where a missing file means
+    the run lacks data it should have: the test then fails and says so, instead of passing by skipping.
+    """
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        message = f"{path} not found (the project's shared data, ../shared)"
+        if in_ci():
+            pytest.fail(f"{message}; CI=true, so this test fails instead of skipping", pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 def stain_array(seed: int, size: int = 16) -> np.ndarray:
@@ -133,3 +158,26 @@ def write_model_dir(
         f.write(config_to_json(cfg))
     if thresholds is not None:
         save_thresholds(os.path.join(path, THRESHOLDS_FILE), thresholds)
+
+
+def random_walk_hashes(n: int, step: int, seed: int = 0, bits: int = 140, words: int = 3) -> np.ndarray:
+    """(n, words) uint64 hashes, each `step` distinct random bits (of the first `bits`) from the one before.
+
+    A chain whose neighbours are near and whose ends drift far apart: the near-duplicate groups' worst case.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, words), dtype=np.uint64)
+    current = rng.integers(0, 2, size=bits).astype(bool)
+    for i in range(n):
+        if i:
+            current = current.copy()
+            current[rng.choice(bits, size=step, replace=False)] ^= True
+        padded = np.zeros(64 * words, dtype=bool)
+        padded[:bits] = current
+        out[i] = (
+            np.packbits(padded.reshape(words, 64), axis=1, bitorder="big")
+            .view(">u8")
+            .astype(np.uint64)
+            .ravel()
+        )
+    return out
