@@ -36,6 +36,10 @@ BACKUP_SLOTS_KEPT = 2
 WORKERS_DIR = "workers"
 
 
+class AlreadyFinished(ConfigError):
+    """model_dir holds the finished run of this same config: the command has nothing left to do (exit 0)."""
+
+
 def worker_dir(model_dir: str, task_name: str) -> str:
     """The stable directory of a non-chief worker's checkpoints, backup and history."""
     return fileio.join(model_dir, WORKERS_DIR, task_name)
@@ -278,7 +282,10 @@ def prepare_model_dir(cfg: TrainConfig, overwrite: bool, run: dict[str, Any] | N
         _check_same_config(cfg, config_path, run.get(DATASET_ID))
         found = backup_epoch(cfg.model_dir, verify=True)
         if found is None and fileio.exists(fileio.join(cfg.model_dir, MODEL_FILE)):
-            raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
+            raise AlreadyFinished(
+                f"{cfg.model_dir} holds this command's finished run: nothing to do "
+                "(another --model_dir, or --overwrite to train it again)"
+            )
         epoch = found or 0
     fileio.makedirs(cfg.model_dir)
     fileio.write_text(config_path, config_json(cfg, run))

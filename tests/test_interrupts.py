@@ -473,3 +473,11 @@ def test_a_transform_output_cut_short_is_not_published(tmp_path):
     assert publish.missing_parts(work) == []
     os.remove(os.path.join(work, schemas.TRANSFORM_DIR, "transform_fn", "saved_model.pb"))  # killed there
     assert publish.missing_parts(work) == [f"{schemas.TRANSFORM_DIR}/transform_fn/saved_model.pb"]
+
+
+def test_the_same_command_on_its_finished_run_has_nothing_to_do(tmp_path):
+    cfg = _train_config(str(tmp_path / "data"), str(tmp_path / "run"))
+    rundir.prepare_model_dir(cfg, False, {rundir.DATASET_ID: "abc"})
+    fileio.write_bytes(os.path.join(cfg.model_dir, train.MODEL_FILE), b"model")  # finished: no backup left
+    with pytest.raises(rundir.AlreadyFinished, match="nothing to do"):  # hpa-train exits 0 with that line
+        rundir.prepare_model_dir(cfg, False, {rundir.DATASET_ID: "abc"})
