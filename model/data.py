@@ -329,3 +329,38 @@ def make_eval_dataset(
 
     ds = ds.map(to_tuple, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size or cfg.batch_size).prefetch(AUTOTUNE)
+
+
+def pad_for_replicas(
+    ds: tf.data.Dataset, num_records: int, replicas: int, batch_size: int
+) -> tf.data.Dataset:
+    """An evaluation dataset whose every batch splits into equal, non-empty parts over `replicas`.
+
+    A tf.distribute strategy splits each batch between its replicas; a last batch of fewer records than
+    replicas leaves a replica an empty batch, which breaks layers such as BatchNormalization. The records are
+    padded with `-num_records % replicas` blank ones (all-zero image and labels) and a third element, the
+    sample weight, is added: 0 for a pad, `(num_records + pads) / num_records` for a record. Keras weighs each
+    replica's validation loss by its rows, pads included; this constant makes the epoch's mean loss the mean
+    over the real records, and leaves F1 and AUC (ratios of weighted counts) as without weights. Every record
+    is scored once; nothing is dropped.
+
+    Args:
+      ds: batches of (uint8 images, float labels) from `make_eval_dataset`, `num_records` records in all.
+      num_records: records in `ds` (> 0).
+      replicas: replicas in sync; `batch_size` must be a multiple of it.
+      batch_size: the batch size of the result.
+    """
+    if num_records < 1 or batch_size % replicas:
+        raise ValueError(f"need records >= 1 and a batch ({batch_size}) that is a multiple of {replicas}")
+    pads = -num_records % replicas
+    weight = (num_records + pads) / num_records
+    records = ds.unbatch().map(lambda image, labels: (image, labels, tf.constant(weight, tf.float32)))
+    if pads:
+        image_spec, label_spec, _ = records.element_spec
+        blank = (
+            tf.zeros(image_spec.shape, image_spec.dtype),
+            tf.zeros(label_spec.shape, label_spec.dtype),
+            tf.constant(0.0, tf.float32),
+        )
+        records = records.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pads))
+    return records.batch(batch_size).prefetch(AUTOTUNE)

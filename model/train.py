@@ -40,6 +40,7 @@ from model.config import (
     INPUT_NORM_CHOICES,
     LOGS_DIR,  # noqa: F401 - one of this module's names (callers use train.LOGS_DIR)
     LOSSES,
+    LR_SCALINGS,
     LR_SCHEDULES,
     MODEL_FILE,
     PLOTS_FILE,
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
     p.add_argument(
         "--weights",
-        default=m.weights,
+        default=None,
         help="imagenet (from the Keras cache $KERAS_HOME/models, else downloaded there), none, or a saved "
-        "3/4-channel backbone file",
+        "3/4-channel backbone file (default: imagenet for a keras.applications backbone, none for small)",
     )
     p.add_argument(
         "--input_norm",
@@ -175,7 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
         "for validation, the best checkpoint, model.keras, export/ and val_predictions.npz",
     )
     p.add_argument(
+        "--no_ema", action="store_true", help="no weight averaging, even when --preset turns --ema on"
+    )
+    p.add_argument(
         "--ema_momentum", type=float, default=t.ema_momentum, help="weight of the old average at each step"
+    )
+    p.add_argument(
+        "--ema_epochs",
+        type=float,
+        default=t.ema_epochs,
+        metavar="E",
+        help="the average's horizon in epochs: momentum = 1 - 1 / (E x steps per epoch), in place of "
+        "--ema_momentum",
+    )
+    p.add_argument(
+        "--lr_scaling",
+        choices=LR_SCALINGS,
+        default=t.lr_scaling,
+        help="linear: --learning_rate is the rate at --reference_batch; the run uses it x batch / "
+        "reference_batch (and --min_lr stays as given)",
+    )
+    p.add_argument("--reference_batch", type=int, default=t.reference_batch, help="see --lr_scaling")
+    p.add_argument(
+        "--batch_per_replica",
+        type=int,
+        default=None,
+        metavar="N",
+        help="global batch = N x replicas (instead of --batch_size; a preset's per-GPU batch)",
+    )
+    p.add_argument(
+        "--preflight",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="one training step on blank images at the configured batch before reading data; on "
+        "out-of-memory, say which batch fits (auto: with a GPU)",
     )
     p.add_argument("--early_stopping_patience", type=int, default=t.early_stopping_patience)
     p.add_argument(
@@ -259,7 +293,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Flags -> TrainConfig (raises ConfigError on bad values)."""
+    """Flags -> TrainConfig (raises ConfigError on bad values, naming the values a preset set)."""
+    try:
+        return _config_from_args(args)
+    except ConfigError as e:
+        raise ConfigError(presets.name_preset_flags(args.preset, str(e))) from e
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     data = DataConfig(
         image_size=args.image_size,
         batch_size=args.batch_size,
@@ -277,7 +318,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     model = ModelConfig(
         backbone=args.backbone,
-        weights=args.weights,
+        weights=args.weights,  # None: what the backbone has (config.default_weights)
         dropout=args.dropout,
         small_filters=args.small_filters,
         input_norm=args.input_norm,
@@ -300,8 +341,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
         early_stopping_patience=args.early_stopping_patience,
-        ema=args.ema,
+        ema=args.ema and not args.no_ema,
         ema_momentum=args.ema_momentum,
+        ema_epochs=args.ema_epochs,
+        lr_scaling=args.lr_scaling,
+        reference_batch=args.reference_batch,
         val_tta=args.val_tta,
         preset=args.preset,
         data=data,
@@ -349,6 +393,13 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
     height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
     if height != width:
         raise ConfigError(f"{cfg.data_dir} holds {height}x{width} images; training needs square images")
+    preset = presets.PRESETS.get(cfg.preset or "")
+    preset_size = preset.settings.get("image_size") if preset else None
+    if preset_size is not None and cfg.data.image_size == preset_size.value != height:
+        raise ConfigError(
+            f"the preset {cfg.preset} sets --image_size {preset_size.value}; {cfg.data_dir} holds {height} "
+            f"px images: pass --image_size {height} to override (or preprocess at {preset_size.value} px)"
+        )
     if cfg.data.image_size is not None and cfg.data.image_size != height:
         raise ConfigError(
             f"--image_size {cfg.data.image_size} does not match the records of {cfg.data_dir} "
@@ -363,6 +414,72 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
     data = dataclasses.replace(cfg.data, image_size=height)
     model = dataclasses.replace(cfg.model, input_norm=resolve_input_norm(cfg.model))
     return dataclasses.replace(cfg, data=data, model=model), train_folds, written
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flag checks that need neither TensorFlow nor data (hpa-folds runs them for every fold first).
+
+    Raises:
+      ConfigError: a bad device flag or TF_CONFIG, a bad combination of batch flags.
+    """
+    import os
+
+    devices_lib.check_flags(args.strategy, args.jit_compile, args.cpu_replicas, os.environ.get("TF_CONFIG"))
+    if args.batch_per_replica is not None and args.batch_per_replica < 1:
+        raise ConfigError(f"--batch_per_replica must be >= 1, got {args.batch_per_replica}")
+
+
+def _global_batch(cfg: TrainConfig, args: argparse.Namespace, argv, replicas: int) -> TrainConfig:
+    """The config with --batch_per_replica x replicas as its global batch (a --batch_size given on the command
+    line wins over a preset's --batch_per_replica)."""
+    import dataclasses
+
+    if args.batch_per_replica is None:
+        return cfg
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = presets.given_flags(build_parser, argv, ["batch_size", "batch_per_replica"])
+    if "batch_size" in given:
+        if "batch_per_replica" in given:
+            raise ConfigError("give --batch_size (global) or --batch_per_replica, not both")
+        return cfg
+    data = dataclasses.replace(cfg.data, batch_size=args.batch_per_replica * replicas)
+    return dataclasses.replace(cfg, data=data)
+
+
+def _preflight(cfg: TrainConfig, stats: dict, dev, steps_per_epoch: int) -> None:
+    """One step of a throwaway model at the configured batch (model/preflight.py); ConfigError on OOM."""
+    import gc
+
+    import schemas
+    from model import preflight
+
+    _print(f"preflight: one training step at batch {cfg.data.batch_size} on blank images ...")
+    step = preflight.model_step(
+        lambda: compiled_model(
+            cfg, stats, None, dev.jit_compile, weights=False, steps_per_epoch=steps_per_epoch
+        ),
+        cfg.data.image_size,
+        schemas.NUM_CLASSES,
+        dev.strategy,
+    )
+    preflight.check_batch_fits(step, cfg.data.batch_size, dev.replicas, ", ".join(dev.devices))
+    del step
+    gc.collect()
+
+
+def check_batch(batch_size: int, replicas: int) -> None:
+    """The global batch must split into equal per-replica batches (training drops the last partial one).
+
+    Raises:
+      ConfigError: a batch that is not a multiple of the replicas (some replica would get a smaller or an
+        empty batch).
+    """
+    if batch_size % replicas:
+        fit = max(replicas, batch_size // replicas * replicas)
+        raise ConfigError(
+            f"--batch_size {batch_size} does not split evenly over {replicas} replicas: the global batch is "
+            f"per-replica batch x replicas; use --batch_size {fit}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,10 +507,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
       ConfigError: bad flags or inputs (the message says what to change).
     """
     args = parse_args(argv)
+    check_flags(args)
     cfg = config_from_args(args)
     dev = devices_lib.setup(
-        args.strategy, args.jit_compile, cfg.precision, args.cpu_replicas, cfg.model.backbone, args.allow_cpu
+        args.strategy,
+        args.jit_compile,
+        cfg.precision,
+        args.cpu_replicas,
+        cfg.model.backbone,
+        args.allow_cpu,
+        deterministic=cfg.data.deterministic,
     )
+    cfg = _global_batch(cfg, args, argv, dev.replicas)
+    check_batch(cfg.data.batch_size, dev.replicas)
     manifest = _read_manifest(cfg.data_dir)
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
@@ -443,7 +569,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         )
     )
     _print(
-        f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size}; "
+        f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size} "
+        f"({steps_per_epoch * cfg.data.batch_size} samples per epoch; the stream runs on across epochs, so "
+        f"a remainder is seen in the next); "
         f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
         f"loss {cfg.loss}" + (f"; preset {cfg.preset}" if cfg.preset else "")
     )
@@ -471,12 +599,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
 
+    stats = manifest[schemas.MANIFEST_STAIN_STATS]
+    if args.preflight == "on" or (args.preflight == "auto" and any("GPU" in d for d in dev.devices)):
+        _preflight(cfg, stats, dev, steps_per_epoch)
     train_ds = data_lib.make_dataset(
         cfg.data_dir, train_folds, cfg.data, training=True, manifest=manifest, counts=counts
     )
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=manifest
     )
+    if dev.replicas > 1:  # no replica may get an empty last batch: pads of weight 0
+        val_ds = data_lib.pad_for_replicas(val_ds, n_val, dev.replicas, cfg.data.batch_size)
     if dev.cluster is not None:
         files = len(data_lib.list_shards(cfg.data_dir, train_folds))
         # A cache serves decoded elements, not files: split those.
@@ -485,7 +618,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
 
-    stats = manifest[schemas.MANIFEST_STAIN_STATS]
     with dev.strategy.scope():
         model = compiled_model(cfg, stats, positive_weights, dev.jit_compile, steps_per_epoch=steps_per_epoch)
     if dev.kind != "default":
@@ -568,10 +700,13 @@ def compiled_model(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(
-            schedules_lib.learning_rate(cfg, steps_per_epoch), use_ema=cfg.ema, ema_momentum=cfg.ema_momentum
+            schedules_lib.learning_rate(cfg, steps_per_epoch),
+            use_ema=cfg.ema,
+            ema_momentum=cfg.ema_momentum_for(steps_per_epoch or 1),
         ),
         loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
-        metrics=[
+        # Weighted: the pads that keep a replica's last validation batch non-empty have weight 0.
+        weighted_metrics=[
             keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
             keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
         ],
