@@ -26,6 +26,8 @@ memory-bound element-wise ops next to a backbone's convolutions.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -144,10 +146,26 @@ def _replica_seeds(generator: keras.random.SeedGenerator, n: int) -> tf.Tensor:
     return tf.random.experimental.stateless_split(key, num=n)
 
 
+_GPU_WORD = tf.float32
+_forced_word: list[tf.DType] = []  # set by `traced_as_on_a_gpu`
+
+
 def word_dtype() -> tf.DType:
     """The 4-byte word a pixel is moved as: float32 when TensorFlow sees a GPU (device-memory kernels), else
     int32 (faster on a CPU)."""
-    return tf.float32 if tf.config.list_logical_devices("GPU") else tf.int32
+    if _forced_word:
+        return _forced_word[-1]
+    return _GPU_WORD if tf.config.list_logical_devices("GPU") else tf.int32
+
+
+@contextlib.contextmanager
+def traced_as_on_a_gpu():
+    """Within it, the layer traces the graph a GPU host runs (hpa-doctor checks that graph on any host)."""
+    _forced_word.append(_GPU_WORD)
+    try:
+        yield
+    finally:
+        _forced_word.pop()
 
 
 def _pack(x, word: tf.DType):
