@@ -7,7 +7,8 @@ done only once every other callback has handled it and the backup holds the raw 
 
 With `--ema` the optimizer keeps an exponential moving average of the weights (`use_ema`);
 `keras.callbacks.SwapEMAWeights` puts it in the model for each validation, and `SwapEMAAtEpochEnd` around
-ModelCheckpoint, so validation loss, early stopping, the plateau and the best checkpoint all see the average.
+ModelCheckpoint, so validation loss, early stopping, the plateau and the best checkpoint all see the average
+(`model/keras_compat.py`'s `ema_around_checkpoint`: that order, and why).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 
 import keras
 
-from model import fileio
+from model import fileio, keras_compat
 from model.config import (
     BACKUP_DIR,
     BEST_WEIGHTS,
@@ -83,39 +84,6 @@ class LogLearningRate(keras.callbacks.Callback):
         else:
             rate = self.schedule(keras.ops.convert_to_numpy(optimizer.iterations) - 1)
         logs[LEARNING_RATE] = float(keras.ops.convert_to_numpy(rate))
-
-
-class SwapEMAAtEpochEnd(keras.callbacks.SwapEMAWeights):
-    """Swaps the model's weights with the optimizer's average at each epoch's end (a pair brackets others).
-
-    Keras' SwapEMAWeights(swap_on_epoch=True) leaves the average in the model until the next epoch begins,
-    so BackupAndRestore would save the two swapped; two of these keep the swap around ModelCheckpoint only.
-    """
-
-    def on_epoch_begin(self, epoch, logs=None):
-        pass
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._swap_variables()
-
-    def on_test_begin(self, logs=None):
-        pass
-
-    def on_test_end(self, logs=None):
-        pass
-
-    def on_predict_begin(self, logs=None):
-        pass
-
-    def on_predict_end(self, logs=None):
-        pass
-
-
-def average_into_optimizer(model) -> None:
-    """Sets the optimizer's weight average to the model's weights (after loading averaged weights)."""
-    swap = keras.callbacks.SwapEMAWeights()
-    swap.set_model(model)
-    swap._finalize_ema_values()
 
 
 def _replay_callback(rows: list[dict[str, str]], keep_lr: bool):
@@ -188,7 +156,7 @@ def make_callbacks(
         initial_value_threshold=best_so_far,
     )
     if cfg.ema:
-        callbacks += [keras.callbacks.SwapEMAWeights(), SwapEMAAtEpochEnd(), checkpoint, SwapEMAAtEpochEnd()]
+        callbacks += keras_compat.ema_around_checkpoint(checkpoint)  # the order the average needs
     else:
         callbacks.append(checkpoint)
     callbacks.append(keras.callbacks.CSVLogger(fileio.join(work_dir, HISTORY_FILE), append=True))

@@ -98,6 +98,14 @@ class ConfigError(ValueError):
     """Bad flags or a dataset / model directory that does not fit them; the message says what to change."""
 
 
+def _check_at_least(config, low: int, *names: str) -> None:
+    """Raises ConfigError for the first of the fields `names` of `config` set (not None) below `low`."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The input pipeline.
@@ -135,14 +143,7 @@ class DataConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.shuffle_buffer < 1:
-            raise ConfigError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
-        if self.crop_size is not None and self.crop_size < 1:
-            raise ConfigError(f"crop_size must be >= 1, got {self.crop_size}")
+        _check_at_least(self, 1, "batch_size", "shuffle_buffer", "image_size", "crop_size")
         if self.crop_size is not None and self.image_size is not None and self.crop_size > self.image_size:
             raise ConfigError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
         if not 0.0 <= self.intensity_jitter < 1.0:
@@ -310,12 +311,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.validation_steps is not None and self.validation_steps < 1:
-            raise ConfigError(f"validation_steps must be >= 1, got {self.validation_steps}")
+        _check_at_least(self, 1, "epochs", "steps_per_epoch", "validation_steps")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.loss not in LOSSES:

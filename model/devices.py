@@ -14,11 +14,10 @@ TF_CONFIG names several machines, mirrored with several GPUs or --cpu_replicas >
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from model.config import ConfigError
 
@@ -400,49 +399,6 @@ def check_same_epoch(dev: Devices, epoch: int) -> None:
             f"the workers' backups reached different epochs (this task: {epoch}, mean {total / n:g}); "
             "restart with --overwrite, or restore the workers' backup dirs of one epoch"
         )
-
-
-def build_before_fit(model, dataset, strategy) -> None:
-    """Builds the model's metrics, loss and optimizer state from the dataset's element spec.
-
-    Keras 3.15's fit and evaluate under a tf.distribute strategy build them from a first batch pulled from
-    the iterator: under MultiWorkerMirroredStrategy its `strategy.reduce` fails across workers ("Attempt to
-    convert a value (PerReplica...)"); under MirroredStrategy the second epoch's validation pulls from the
-    cached, exhausted validation iterator and fit stops with StopIteration. The element spec gives the same
-    shapes without a collective op and without touching the iterators.
-    """
-    with strategy.scope():
-        model._symbolic_build(data_batch=dataset.element_spec)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-
-
-@contextlib.contextmanager
-def scalar_mean_across_workers(active: bool) -> Iterator[None]:
-    """Keras 3.15's step results under MultiWorkerMirroredStrategy: the mean over all replicas.
-
-    Keras averages each step's per-replica logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
-    scalar losses and metrics ("Invalid reduction dimension 0 for input with 0 dimensions",
-    tensorflow/tensorflow#72388); `axis=None` is the mean over replicas. Epoch logs, which the callbacks
-    act on, come from the metrics' variables summed over every worker, not from these values.
-    """
-    if not active:
-        yield
-        return
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = tf_trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean"):
-            return original(values, strategy, reduction)
-        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    try:
-        yield
-    finally:
-        tf_trainer.reduce_per_replica = original
 
 
 def shard_by(dataset, policy: str):

@@ -303,11 +303,8 @@ def run(argv: Sequence[str] | None = None) -> list[Check]:
 
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(argv)
-    except ConfigError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    """Entry point: runs the checks, turning ConfigError into a one-line error and exit status 2."""
+    return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
 
 
 if __name__ == "__main__":

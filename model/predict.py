@@ -40,7 +40,6 @@ for every input and output.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
@@ -53,6 +52,7 @@ import numpy as np
 
 import schemas
 from model import fileio
+from model import prediction_outputs as outputs
 from model.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -60,6 +60,7 @@ from model.config import (
     TTA_CHOICES,
 )
 from model.config import tta_transforms as _tta_transforms
+from model.prediction_outputs import EMPTY_RULES, NO_RECORD  # noqa: F401 - predict.NO_RECORD
 from model.submission import (
     PROB_CLASS_NAMES,
     PROB_IDS,
@@ -68,7 +69,6 @@ from model.submission import (
     format_submission,
     order_by_ids,
     preprocessing_reasons,
-    probabilities_bytes,
     read_id_list,
     rejected_csv,
     submission_rows,
@@ -98,9 +98,6 @@ __all__ = [
 ]
 
 PROG = "hpa-predict"
-EMPTY_RULES = ("top1", "none")
-# Reason code in rejected.csv of a listed Id that the test shards lack (and preprocessing did not reject).
-NO_RECORD = "no_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,24 +304,32 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _shard_input(cfg: PredictConfig, image_size: int):
-    """The test shards of --data_dir: (dataset, number of records)."""
-    from model import data as data_lib
-    from model.config import ConfigError, DataConfig
+def count_test_records(data_dir: str, image_size: int) -> int:
+    """The number of test records the manifest of `data_dir` counts, once its image size is the models'.
 
+    Raises:
+      PredictError: no readable manifest, or images of another size.
+    """
     try:
-        manifest = schemas.read_manifest(cfg.data_dir)
+        manifest = schemas.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
     height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
     if (height, width) != (image_size, image_size):
         raise PredictError(
-            f"{cfg.data_dir} holds {height}x{width} images but the models were trained on "
+            f"{data_dir} holds {height}x{width} images but the models were trained on "
             f"{image_size}x{image_size}: preprocess the set with --image_size {image_size}"
         )
-    num_records = int(
-        manifest.get(schemas.MANIFEST_WRITTEN, {}).get(schemas.written_key(schemas.UNLABELED_FOLD), 0)
-    )
+    written = manifest.get(schemas.MANIFEST_WRITTEN, {})
+    return int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0))
+
+
+def _shard_input(cfg: PredictConfig, image_size: int):
+    """The test shards of --data_dir: (dataset, number of records)."""
+    from model import data as data_lib
+    from model.config import ConfigError, DataConfig
+
+    num_records = count_test_records(cfg.data_dir, image_size)
     try:
         data_lib.list_shards(cfg.data_dir, [schemas.UNLABELED_FOLD])
     except ConfigError:
@@ -359,13 +364,6 @@ def _folder_input(cfg: PredictConfig, wanted, image_size: int, rejected: list, l
     listed = list(wanted) if wanted is not None else sorted(files)
     dataset = image_folder.make_dataset(plan.samples, image_size, cfg.batch_size, rejected)
     return dataset, len(plan.samples), listed
-
-
-def _missing_records(wanted: Sequence[str], ids: np.ndarray, data_dir: str) -> list[tuple[str, str, str]]:
-    """(Id, reason, detail) of the listed Ids without a record, with the preprocessing job's reason if any."""
-    have, before = set(ids.tolist()), preprocessing_reasons(data_dir)
-    absent = (NO_RECORD, f"no record in the test shards of {data_dir}")
-    return [(sid, *before.get(sid, absent)) for sid in wanted if sid not in have]
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -422,67 +420,57 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         raise PredictError(f"the test shards of {cfg.data_dir} hold no records")
 
     if listed is None:
-        listed = sorted(ids.tolist())
-    elif cfg.input_dir is None:
-        rejected.extend(_missing_records(listed, ids, cfg.data_dir))
-    position = {sid: k for k, sid in enumerate(listed)}
-    rejected.sort(key=lambda r: position.get(r[0], len(position)))
-    gone = {r[0] for r in rejected}
-    out_ids = [sid for sid in listed if sid not in gone]
+        listed = outputs.listed_ids(None, ids, rejected)
+    shards_listed = cfg.input_dir is None and wanted is not None
+    accounting = outputs.account(
+        listed,
+        ids,
+        rejected,
+        absent_detail=f"no record in the test shards of {cfg.data_dir}" if cfg.input_dir is None else None,
+        absent_reasons=preprocessing_reasons(cfg.data_dir) if shards_listed else None,
+    )
+    rejected = accounting.rejected
     fileio.write_bytes(rejected_path, rejected_csv(rejected, source))
-    if not out_ids:
+    if not accounting.predicted:
         raise PredictError(f"none of the {len(listed)} listed Id(s) could be predicted: see {rejected_path}")
-    out_scores = order_by_ids(ids, scores, out_ids)
-    extra = sorted(set(ids.tolist()) - set(listed))
+    extra = accounting.extra
     if extra:
         log(
             f"warning: {len(extra)} record(s) of {cfg.data_dir} are not in {cfg.ids_csv} and are left "
             f"out of the submission, e.g. {extra[:3]}"
             + (" (their probabilities are in --probabilities)" if cfg.probabilities else "")
         )
-    predictions = _apply(out_scores, thresholds, cfg.empty)
-    fileio.write_bytes(cfg.out, format_submission(out_ids, predictions).encode("utf-8"))
-    empty_rows = int((predictions.sum(axis=1) == 0).sum())
-    filled = int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if cfg.empty == "top1" else 0
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(r[1] for r in rejected).items()))
+    labelled = outputs.label(accounting, ids, scores, thresholds, cfg.empty)
+    fileio.write_bytes(cfg.out, labelled.submission_bytes())
+    reasons = ", ".join(f"{k} {v}" for k, v in accounting.reasons().items())
     log(
-        f"wrote {cfg.out}: {len(out_ids)} of {len(listed)} listed Ids predicted, {len(rejected)} rejected"
+        f"wrote {cfg.out}: {len(labelled.ids)} of {len(listed)} listed Ids predicted, "
+        f"{len(rejected)} rejected"
         + (f" ({reasons}; see {rejected_path})" if rejected else "")
-        + f", {predictions.sum(axis=1).mean():.2f} labels per row (thresholds from {thresholds_source}; "
+        + f", {labelled.labels_per_row:.2f} labels per row (thresholds from {thresholds_source}; "
         + (
-            f"{filled} row(s) without a passing class got their top class)"
+            f"{labelled.filled_rows} row(s) without a passing class got their top class)"
             if cfg.empty == "top1"
-            else f"{empty_rows} empty row(s))"
+            else f"{labelled.empty_rows} empty row(s))"
         )
     )
     if cfg.probabilities:
-        prob_ids = np.asarray(out_ids + extra, dtype=str)
-        prob_scores = out_scores
-        if extra:
-            index = {sid: i for i, sid in enumerate(ids.tolist())}
-            prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
-        fileio.write_bytes(cfg.probabilities, probabilities_bytes(cfg.probabilities, prob_ids, prob_scores))
-        log(f"wrote {cfg.probabilities}: probabilities of {len(prob_ids)} records")
+        fileio.write_bytes(cfg.probabilities, labelled.probabilities_bytes(cfg.probabilities))
+        log(f"wrote {cfg.probabilities}: probabilities of {len(labelled.prob_ids)} records")
     return {
         "submission": cfg.out,
         "probabilities": cfg.probabilities,
-        "rows": len(out_ids),
+        "rows": len(labelled.ids),
         "records": len(ids),
         "rejected": len(rejected),
         "rejected_file": rejected_path,
         "not_in_id_list": len(extra),
-        "empty_rows": empty_rows,
+        "empty_rows": labelled.empty_rows,
         "tta": list(transforms),
         "models": list(cfg.model_dirs),
         "thresholds": thresholds_source,
         "seconds": seconds,
     }
-
-
-def _apply(scores: np.ndarray, thresholds: np.ndarray, empty: str) -> np.ndarray:
-    from model import thresholds as thr
-
-    return thr.apply_thresholds(scores, thresholds, at_least_one=empty == "top1")
 
 
 def add_prediction_flags(p: argparse.ArgumentParser, *, tta: int, empty: str) -> None:
@@ -527,6 +515,21 @@ def add_prediction_flags(p: argparse.ArgumentParser, *, tta: int, empty: str) ->
     )
 
 
+def prediction_flags(args: argparse.Namespace) -> dict:
+    """The values of `add_prediction_flags`' flags as config fields (PredictConfig, JobConfig)."""
+    return dict(
+        data_dir=args.data_dir and args.data_dir.rstrip("/"),
+        input_dir=args.input_dir and args.input_dir.rstrip("/"),
+        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
+        out=args.out,
+        ids_csv=args.ids_csv,
+        tta=args.tta,
+        thresholds=args.thresholds,
+        empty=args.empty,
+        probabilities=args.probabilities,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
@@ -549,23 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = PredictConfig(
-            data_dir=args.data_dir and args.data_dir.rstrip("/"),
-            input_dir=args.input_dir and args.input_dir.rstrip("/"),
-            model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-            out=args.out,
-            ids_csv=args.ids_csv,
-            tta=args.tta,
-            thresholds=args.thresholds,
-            empty=args.empty,
-            probabilities=args.probabilities,
-            batch_size=args.batch_size,
-        )
-        run(cfg)
-    except PredictError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    return cli.run_or_bad_input(
+        PROG, PredictError, lambda: run(PredictConfig(**prediction_flags(args), batch_size=args.batch_size))
+    )
 
 
 if __name__ == "__main__":

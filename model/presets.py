@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from model.config import ConfigError
 
-# Where settings come from (see README, "Presets").
+# Where settings come from (see docs/train.md, "Presets").
 ORIGINAL = "the original project (ResNet50, 3 stains, one split: macro F1 0.471)"
 FIRST = "1st place of the competition (CNN alone 0.565)"
 THIRD = "3rd place (weight averaging, SWA; here its exponential-average form)"

@@ -19,26 +19,18 @@ outside the strategy.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
-import warnings
 from typing import Sequence
 
-import numpy as np
-
 from model import devices as devices_lib
-from model import fileio, presets, rundir
-from model.config import (
+from model import presets
+from model.config import (  # noqa: F401 - the output names are also this module's (train.MODEL_FILE, ...)
     BACKBONES,
     BACKUP_DIR,
-    BEST_WEIGHTS,
-    CACHE_NONE,
     EXPORT_DIR,
-    F1_METRIC,
     HISTORY_FILE,
     INPUT_NORM_CHOICES,
-    LOGS_DIR,  # noqa: F401 - one of this module's names (callers use train.LOGS_DIR)
+    LOGS_DIR,
     LOSSES,
     LR_SCALINGS,
     LR_SCHEDULES,
@@ -48,23 +40,28 @@ from model.config import (
     RARE_CLASS_MODES,
     RUN_INFO_FILE,
     TTA_CHOICES,
-    VAL_IDS,
-    VAL_LABELS,
     VAL_PREDICTIONS_FILE,
-    VAL_SCORES,
-    WEIGHTS_IMAGENET,
     ConfigError,
     DataConfig,
     ModelConfig,
     TrainConfig,
-    resolve_input_norm,
-    tta_transforms,
 )
-from model.rundir import plot_history, read_history, truncate_history
+from model.rundir import plot_history  # noqa: F401 - callers use train.plot_history
+from model.train_steps import (  # noqa: F401 - compiled_model, resolve_config: callers use train.<name>
+    build_and_compile,
+    compiled_model,
+    fit,
+    make_data,
+    preflight,
+    prepare_devices,
+    prepare_work_dir,
+    resolve_config,
+    resolve_settings,
+    write_outputs,
+)
 from schemas import cli
 
 PROG = "hpa-train"
-AUC_METRIC = "auc"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=m.input_norm,
         help="auto: imagenet for a keras.applications backbone with pretrained weights (ImageNet or a file), "
         "else zscore; imagenet: the red, green, blue stains as the weights were trained (channel order and "
-        "range, see README), yellow in the same units; zscore: the dataset's per-stain mean and std",
+        "range, see docs/train.md), yellow in the same units; zscore: the dataset's per-stain mean and std",
     )
     p.add_argument("--dropout", type=float, default=m.dropout)
     p.add_argument("--small_filters", type=int, default=m.small_filters, help="width of the small backbone")
@@ -354,66 +351,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inputs and the model directory.
-
-
-def _read_manifest(data_dir: str) -> dict:
-    import schemas
-
-    try:
-        return schemas.read_manifest(data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from e
-
-
-def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[int], dict[int, int]]:
-    """Checks the config against the dataset; fills the image size from the manifest, the input_norm.
-
-    Returns:
-      (resolved config, training folds, {fold: records written}).
-
-    Raises:
-      ConfigError: missing validation fold, image size mismatch, empty training set.
-    """
-    import dataclasses
-
-    import schemas
-
-    num_folds = int(manifest[schemas.MANIFEST_NUM_FOLDS])
-    written = {
-        f: int(manifest[schemas.MANIFEST_WRITTEN].get(schemas.written_key(f), 0)) for f in range(num_folds)
-    }
-    if not 0 <= cfg.val_fold < num_folds:
-        raise ConfigError(
-            f"--val_fold {cfg.val_fold} does not exist: "
-            f"{cfg.data_dir} has {num_folds} folds (0..{num_folds - 1})"
-        )
-    if written[cfg.val_fold] == 0:
-        raise ConfigError(f"validation fold {cfg.val_fold} of {cfg.data_dir} holds no records")
-    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
-    if height != width:
-        raise ConfigError(f"{cfg.data_dir} holds {height}x{width} images; training needs square images")
-    preset = presets.PRESETS.get(cfg.preset or "")
-    preset_size = preset.settings.get("image_size") if preset else None
-    if preset_size is not None and cfg.data.image_size == preset_size.value != height:
-        raise ConfigError(
-            f"the preset {cfg.preset} sets --image_size {preset_size.value}; {cfg.data_dir} holds {height} "
-            f"px images: pass --image_size {height} to override (or preprocess at {preset_size.value} px)"
-        )
-    if cfg.data.image_size is not None and cfg.data.image_size != height:
-        raise ConfigError(
-            f"--image_size {cfg.data.image_size} does not match the records of {cfg.data_dir} "
-            f"({height}x{width}); "
-            f"rerun preprocessing with --image_size {cfg.data.image_size} or drop the flag"
-        )
-    if cfg.data.crop_size is not None and cfg.data.crop_size > height:
-        raise ConfigError(f"--crop_size {cfg.data.crop_size} is larger than the images ({height})")
-    train_folds = [f for f in range(num_folds) if f != cfg.val_fold]
-    if sum(written[f] for f in train_folds) == 0:
-        raise ConfigError(f"empty training set: folds {train_folds} of {cfg.data_dir} hold no records")
-    data = dataclasses.replace(cfg.data, image_size=height)
-    model = dataclasses.replace(cfg.model, input_norm=resolve_input_norm(cfg.model))
-    return dataclasses.replace(cfg, data=data, model=model), train_folds, written
+# Checks of the flags that need no data.
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -446,27 +384,6 @@ def _global_batch(cfg: TrainConfig, args: argparse.Namespace, argv, replicas: in
     return dataclasses.replace(cfg, data=data)
 
 
-def _preflight(cfg: TrainConfig, stats: dict, dev, steps_per_epoch: int) -> None:
-    """One step of a throwaway model at the configured batch (model/preflight.py); ConfigError on OOM."""
-    import gc
-
-    import schemas
-    from model import preflight
-
-    _print(f"preflight: one training step at batch {cfg.data.batch_size} on blank images ...")
-    step = preflight.model_step(
-        lambda: compiled_model(
-            cfg, stats, None, dev.jit_compile, weights=False, steps_per_epoch=steps_per_epoch
-        ),
-        cfg.data.image_size,
-        schemas.NUM_CLASSES,
-        dev.strategy,
-    )
-    preflight.check_batch_fits(step, cfg.data.batch_size, dev.replicas, ", ".join(dev.devices))
-    del step
-    gc.collect()
-
-
 def check_batch(batch_size: int, replicas: int) -> None:
     """The global batch must split into equal per-replica batches (training drops the last partial one).
 
@@ -486,18 +403,8 @@ def check_batch(batch_size: int, replicas: int) -> None:
 # Outputs.
 
 
-def _save_npz(path: str, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    fileio.write_bytes(path, buf.getvalue())
-
-
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The job.
+# The job: each step is a function of model/train_steps.py.
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -509,245 +416,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     check_flags(args)
     cfg = config_from_args(args)
-    dev = devices_lib.setup(
-        args.strategy,
-        args.jit_compile,
-        cfg.precision,
-        args.cpu_replicas,
-        cfg.model.backbone,
-        args.allow_cpu,
-        deterministic=cfg.data.deterministic,
-    )
+    dev = prepare_devices(args, cfg)  # first: MultiWorkerMirroredStrategy must exist before any other TF op
     cfg = _global_batch(cfg, args, argv, dev.replicas)
     check_batch(cfg.data.batch_size, dev.replicas)
-    manifest = _read_manifest(cfg.data_dir)
-    cfg, train_folds, written = resolve_config(cfg, manifest)
-    from model import data as data_lib
-
-    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
-
-    import keras
-    import tensorflow as tf
-
-    import schemas
-    from model import losses
-    from model import schedules as schedules_lib
-    from model.callbacks import make_callbacks
-
-    if cfg.model.weights == WEIGHTS_IMAGENET:  # before anything is written: an offline host stops here
-        from model import model as model_lib
-
-        model_lib.fetch_imagenet_weights(cfg.model.backbone)
-    if cfg.data.seed is not None:
-        keras.utils.set_random_seed(cfg.data.seed)
-    if cfg.data.deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    n_train = sum(written[f] for f in train_folds)
-    n_val = written[cfg.val_fold]
-    counts = None
-    positive_weights = None
-    epoch_samples = float(n_train)
-    if cfg.data.rare_class != "none":
-        counts = data_lib.class_counts(cfg.data_dir, train_folds, manifest)
-        factors = losses.class_factors(counts, cfg.data.rare_power, cfg.data.rare_max_factor)
-        if cfg.data.rare_class == "weight":
-            positive_weights = factors
-        else:
-            epoch_samples = float(data_lib.oversampled_size(n_train, counts, factors))
-    steps_per_epoch = cfg.steps_per_epoch or max(1, int(epoch_samples) // cfg.data.batch_size)
-    validation_steps = cfg.validation_steps or -(-n_val // cfg.data.batch_size)
-
-    _print(
-        f"data: {cfg.data_dir}  image {cfg.data.image_size}px  "
-        f"train folds {train_folds} = {n_train} samples, "
-        f"val fold {cfg.val_fold} = {n_val} samples"
-        + (
-            f" (oversampled epoch ~ {int(epoch_samples)} samples)"
-            if cfg.data.rare_class == "oversample"
-            else ""
-        )
-    )
-    _print(
-        f"training: {cfg.epochs} epochs x {steps_per_epoch} steps of batch {cfg.data.batch_size} "
-        f"({steps_per_epoch * cfg.data.batch_size} samples per epoch; the stream runs on across epochs, so "
-        f"a remainder is seen in the next); "
-        f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
-        f"loss {cfg.loss}" + (f"; preset {cfg.preset}" if cfg.preset else "")
-    )
-    _print(f"schedule: {schedules_lib.describe(cfg)}")
-    _print(
-        dev.describe() + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
-    )
-
-    run_facts = {**dev.facts(), "tensorflow": tf.__version__, "keras": keras.__version__}
-    if dev.is_chief:
-        work_dir = cfg.model_dir
-        initial_epoch = rundir.prepare_model_dir(cfg, args.overwrite, run_facts)
-        run_info = {
-            **run_facts,
-            "steps_per_epoch": steps_per_epoch,
-            "train_samples": n_train,
-            "val_samples": n_val,
-        }
-        fileio.write_text(fileio.join(cfg.model_dir, RUN_INFO_FILE), json.dumps(run_info, indent=2))
-    else:
-        work_dir = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
-        initial_epoch = rundir.prepare_worker_dir(cfg, work_dir, args.overwrite)
-    devices_lib.check_same_epoch(dev, initial_epoch)
-    if initial_epoch:
-        _print(f"resuming {work_dir} after epoch {initial_epoch} (backup found)")
-    history_rows = truncate_history(fileio.join(work_dir, HISTORY_FILE), initial_epoch)
-
-    stats = manifest[schemas.MANIFEST_STAIN_STATS]
-    if args.preflight == "on" or (args.preflight == "auto" and any("GPU" in d for d in dev.devices)):
-        _preflight(cfg, stats, dev, steps_per_epoch)
-    train_ds = data_lib.make_dataset(
-        cfg.data_dir, train_folds, cfg.data, training=True, manifest=manifest, counts=counts
-    )
-    val_ds = data_lib.make_eval_dataset(
-        cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=manifest
-    )
-    if dev.replicas > 1:  # no replica may get an empty last batch: pads of weight 0
-        val_ds = data_lib.pad_for_replicas(val_ds, n_val, dev.replicas, cfg.data.batch_size)
-    if dev.cluster is not None:
-        files = len(data_lib.list_shards(cfg.data_dir, train_folds))
-        # A cache serves decoded elements, not files: split those.
-        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
-        # Every worker reads the fold in the same order: an exact split.
-        val_ds = devices_lib.shard_by(val_ds, "DATA")
-
-    with dev.strategy.scope():
-        model = compiled_model(cfg, stats, positive_weights, dev.jit_compile, steps_per_epoch=steps_per_epoch)
-    if dev.kind != "default":
-        devices_lib.build_before_fit(model, train_ds, dev.strategy)
-
-    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    with devices_lib.scalar_mean_across_workers(dev.cluster is not None):
-        model.fit(
-            train_ds,
-            epochs=cfg.epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=val_ds,
-            validation_steps=validation_steps,
-            callbacks=make_callbacks(
-                cfg, work_dir, history_rows, steps_per_epoch, _schedule(cfg, steps_per_epoch), warn=_print
-            ),
-            verbose=args.verbose,
-        )
-
-    # Every worker loads its best checkpoint (the same weights everywhere: validation loss is global), then
-    # only the chief writes, with a copy of the model outside the strategy: no collective op runs on one
-    # worker alone, and predictions have one row per record whatever the number of replicas.
-    best = fileio.join(work_dir, BEST_WEIGHTS)
-    if fileio.exists(best):
-        model.load_weights(fileio.local_copy(best))
-    summary = {"model_dir": cfg.model_dir, "precision": dev.precision, "steps_per_epoch": steps_per_epoch}
-    rows = read_history(fileio.join(work_dir, HISTORY_FILE))
-    summary.update(epochs=len(rows), history=rows)
-    if not dev.is_chief:
-        _print(f"done: {len(rows)} epochs; task {dev.cluster.task_name} leaves the outputs to the chief")
-        return summary
-    plain = compiled_model(
-        cfg, stats, positive_weights, dev.jit_compile, weights=False, steps_per_epoch=steps_per_epoch
-    )
-    _copy_state(model, plain)
-    _print(f"writing outputs to {cfg.model_dir} ...")
-    plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
-    from model import model as model_lib
-
-    model_lib.export_serving(plain, fileio.join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
-    val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
-    ids, y_true, scores = model_lib.predict_with_ids(plain, val_ids_ds, tta_transforms(cfg.val_tta))
-    _save_npz(
-        fileio.join(cfg.model_dir, VAL_PREDICTIONS_FILE),
-        **{VAL_IDS: ids, VAL_LABELS: y_true, VAL_SCORES: scores},
-    )
-    plot_history(rows, fileio.join(cfg.model_dir, PLOTS_FILE))
-    fileio.rmtree(fileio.join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
-    _print(f"done: {len(rows)} epochs; outputs in {cfg.model_dir}")
-    return summary
-
-
-def compiled_model(
-    cfg: TrainConfig,
-    stats: dict,
-    positive_weights,
-    jit_compile: bool,
-    weights: bool = True,
-    steps_per_epoch: int | None = None,
-):
-    """The classifier compiled with the run's optimizer, loss and metrics (in the current strategy's scope).
-
-    `weights=False` skips loading pretrained weights (the caller copies trained ones in). The optimizer is
-    Adam with the config's learning-rate schedule (`cosine` and `step` need steps_per_epoch) and, with
-    `cfg.ema`, an exponential moving average of the weights.
-    """
-    import dataclasses
-
-    import keras
-
-    import schemas
-    from model import augment, losses
-    from model import model as model_lib
-    from model import schedules as schedules_lib
-    from model.config import WEIGHTS_NONE
-
-    model_cfg = cfg.model if weights else dataclasses.replace(cfg.model, weights=WEIGHTS_NONE)
-    model = model_lib.build_model(
-        model_cfg, stats["mean"], stats["std"], augmentation=augment.from_data_config(cfg.data)
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(
-            schedules_lib.learning_rate(cfg, steps_per_epoch),
-            use_ema=cfg.ema,
-            ema_momentum=cfg.ema_momentum_for(steps_per_epoch or 1),
-        ),
-        loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
-        # Weighted: the pads that keep a replica's last validation batch non-empty have weight 0.
-        weighted_metrics=[
-            keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
-            keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
-        ],
-        jit_compile=jit_compile,
-    )
-    return model
-
-
-def _copy_state(source, target) -> None:
-    """Copies weights and optimizer state of a (distributed) model into the same model built without one."""
-    target.set_weights(source.get_weights())
-    target.optimizer.build(target.trainable_variables)
-    src, dst = source.optimizer.variables, target.optimizer.variables
-    if len(src) != len(dst):
-        _print("warning: optimizer state not copied to model.keras (different layout)")
-        return
-    for s, d in zip(src, dst, strict=True):
-        d.assign(np.asarray(s.numpy() if hasattr(s, "numpy") else s))
-    if getattr(target.optimizer, "inner_optimizer", target.optimizer).use_ema:  # loss scaling wraps it
-        # The weights came from the best checkpoint, which holds the average as the weights.
-        from model.callbacks import average_into_optimizer
-
-        average_into_optimizer(target)
-
-
-def _schedule(cfg: TrainConfig, steps_per_epoch: int):
-    """The run's learning-rate schedule (as the optimizer's), or None when the optimizer holds a rate."""
-    from model import schedules as schedules_lib
-
-    rate = schedules_lib.learning_rate(cfg, steps_per_epoch)
-    return None if isinstance(rate, float) else rate
+    plan = resolve_settings(cfg, dev)
+    preflight(plan, dev, args.preflight)  # before anything is written or read
+    work = prepare_work_dir(plan, dev, args.overwrite)
+    train_ds, val_ds = make_data(plan, dev)
+    model = build_and_compile(plan, dev, train_ds)
+    rows = fit(model, plan, dev, work, train_ds, val_ds, args.verbose)
+    return write_outputs(model, plan, dev, work, rows)
 
 
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
-    try:
-        run(argv)
-    except ConfigError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
 
 
 if __name__ == "__main__":

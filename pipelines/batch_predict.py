@@ -50,45 +50,15 @@ _FOLDER_SOURCE = "input_dir"  # the source name of an image folder's samples (no
 
 
 @dataclasses.dataclass(frozen=True)
-class JobConfig:
-    """Flags of the job (everything else goes to Beam's PipelineOptions).
+class JobConfig(PredictConfig):
+    """Flags of the job (everything else goes to Beam's PipelineOptions): model.predict's, checked by its
+    PredictConfig (exactly one of data_dir and input_dir), and:
 
     Attributes:
-      data_dir: the preprocessing job's output for the unlabeled set (test shards), or ...
-      input_dir: ... a folder of `{Id}_{stain}.{png,jpg,tif}` files (exactly one of the two; local or gs://).
-      model_dirs, out, ids_csv, tta, thresholds, empty, probabilities, batch_size: as in model.predict
-        (checked by its PredictConfig).
       progress_seconds: progress print interval of local runs.
     """
 
-    data_dir: str | None
-    input_dir: str | None
-    model_dirs: tuple[str, ...]
-    out: str
-    ids_csv: str | None = None
-    tta: int = 8
-    thresholds: str | None = None
-    empty: str = "top1"
-    probabilities: str | None = None
-    batch_size: int = 32
     progress_seconds: float = 10.0
-
-    def __post_init__(self) -> None:
-        if (self.data_dir is None) == (self.input_dir is None):
-            raise PredictError(
-                "give either --data_dir (preprocessed shards) or --input_dir (an image folder)"
-            )
-        PredictConfig(  # model.predict's checks of the shared flags
-            data_dir=self.source,
-            model_dirs=self.model_dirs,
-            out=self.out,
-            ids_csv=self.ids_csv,
-            tta=self.tta,
-            thresholds=self.thresholds,
-            empty=self.empty,
-            probabilities=self.probabilities,
-            batch_size=self.batch_size,
-        )
 
     @property
     def source(self) -> str:
@@ -195,24 +165,14 @@ def _check_shards(data_dir: str, image_size: int) -> int:
     """Checks a dataset holds test shards of the models' image size; returns its number of test records."""
     from model import fileio
 
-    try:
-        manifest = schemas.read_manifest(data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise PredictError(str(e)) from None
-    height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
-    if (height, width) != (image_size, image_size):
-        raise PredictError(
-            f"{data_dir} holds {height}x{width} images but the models were trained on "
-            f"{image_size}x{image_size}: preprocess the set with --image_size {image_size}"
-        )
+    num_records = predict.count_test_records(data_dir, image_size)
     pattern = schemas.shard_pattern(data_dir, schemas.UNLABELED_FOLD)
     if not fileio.glob(pattern):
         raise PredictError(
             f"{data_dir} holds no unlabeled (test) shards ({pattern}): run the preprocessing job on the "
             "test folder with its Id list (e.g. --labels_csv sample_submission.csv)"
         )
-    written = manifest.get(schemas.MANIFEST_WRITTEN, {})
-    return int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0))
+    return num_records
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -295,17 +255,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     args, beam_args = parser.parse_known_args(argv)
     beam_options.reject_unknown_beam_flags(parser, beam_args)
     cfg = JobConfig(
-        data_dir=args.data_dir.rstrip("/") if args.data_dir else None,
-        input_dir=args.input_dir.rstrip("/") if args.input_dir else None,
-        model_dirs=tuple(d.rstrip("/") for d in args.model_dir),
-        out=args.out,
-        ids_csv=args.ids_csv,
-        tta=args.tta,
-        thresholds=args.thresholds,
-        empty=args.empty,
-        probabilities=args.probabilities,
-        batch_size=args.batch_size,
-        progress_seconds=args.progress_seconds,
+        **predict.prediction_flags(args), batch_size=args.batch_size, progress_seconds=args.progress_seconds
     )
     return cfg, beam_args
 
@@ -439,11 +389,7 @@ def _log(msg: str) -> None:
 @cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: exit 2 with one line for bad flags or input, 1 with the traceback for a failure."""
-    try:
-        run(argv)
-    except PredictError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    return cli.run_or_bad_input(PROG, PredictError, lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -729,11 +729,7 @@ def _log(msg: str) -> None:
 @cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
-    try:
-        run(argv)
-    except labels_lib.LabelFileError as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    return cli.run_or_bad_input(PROG, labels_lib.LabelFileError, lambda: run(argv))
 
 
 if __name__ == "__main__":

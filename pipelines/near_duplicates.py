@@ -6,7 +6,7 @@ term) of the 2-D DCT of a 32 x 32 area-averaged thumbnail. Area averaging makes 
 image size; signs of the low frequencies do not change with brightness or contrast and move little under
 re-encoding, pixel noise, rescaling and small crops, while different fields differ in about half of them.
 The choice (against dHash, aHash and 64-bit pHash, over several stain sets) and DEFAULT_MAX_DISTANCE come
-from `bench/duplicates.py`: see the README.
+from `bench/duplicates.py`: see docs/benchmarks.md.
 
 Search. `near_pairs` finds every pair within a Hamming distance without comparing all pairs (multi-index
 hashing): the bits that vary are cut into m bands; if two hashes differ in at most d bits, one of the bands

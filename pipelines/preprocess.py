@@ -487,11 +487,8 @@ def _log(msg: str) -> None:
 @cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors instead of tracebacks (exit 2: bad input; 1: the job failed)."""
-    try:
-        run(argv)
-    except (labels_lib.LabelFileError, FileExistsError, FileNotFoundError, ValueError) as e:
-        return cli.bad_input(PROG, e)
-    return 0
+    bad = (labels_lib.LabelFileError, FileExistsError, FileNotFoundError, ValueError)
+    return cli.run_or_bad_input(PROG, bad, lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,7 @@ A command's module follows this pattern:
     @cli.command(PROG)
     def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
-        try:
-            run(config_from(args))
-        except XError as e:  # the module's own bad-input errors
-            return cli.bad_input(PROG, e)
-        return 0
+        return cli.run_or_bad_input(PROG, XError, lambda: run(config_from(args)))  # XError: the module's own
 
     if __name__ == "__main__":
         sys.exit(main())
@@ -92,6 +88,21 @@ def bad_input(prog: str, error: BaseException) -> int:
         traceback.print_exc()
     print(error_line(prog, error), file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
+
+
+def run_or_bad_input(
+    prog: str, errors: type[BaseException] | tuple[type[BaseException], ...], run: Callable[[], object]
+) -> int:
+    """Calls `run()`; an exception of `errors` (the command's own bad-input errors) goes to `bad_input`.
+
+    Returns:
+      EXIT_OK, or EXIT_BAD_INPUT after one of `errors`; any other exception propagates (to `command`).
+    """
+    try:
+        run()
+    except errors as e:
+        return bad_input(prog, e)
+    return EXIT_OK
 
 
 def command(prog: str) -> Callable[[Main], Main]:

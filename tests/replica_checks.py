@@ -2,7 +2,8 @@
 
 Splits the CPU into REPLICAS logical devices (before TensorFlow sets up its devices), then prints one JSON
 object: for validation sets whose size leaves remainders 0, 1 and REPLICAS - 1 of the global batch, the
-loss / F1 / AUC of `model.evaluate` under MirroredStrategy on the padded set (`data.pad_for_replicas`) beside
+loss / F1 / AUC of `model.evaluate` under MirroredStrategy on the padded set (remainder = replicas too: a
+last batch that a strategy may still hand to one replica alone) (`data.pad_for_replicas`) beside
 the same weights evaluated on one device without padding; whether the unpadded set fails under the strategy;
 and the augmentation each replica drew from the same images.
 """
@@ -52,7 +53,7 @@ def main(replicas: int) -> dict:
     single.set_weights(mirrored.get_weights())
     rng = np.random.default_rng(0)
     out: dict = {"evaluate": {}}
-    for remainder in sorted({0, 1, replicas - 1}):
+    for remainder in sorted({0, 1, replicas - 1, replicas}):  # replicas: a last batch that splits evenly
         n = 2 * batch + remainder
         images = rng.integers(0, 256, (n, 16, 16, 4), dtype=np.uint8)
         labels = (rng.random((n, schemas.NUM_CLASSES)) < 0.3).astype(np.float32)

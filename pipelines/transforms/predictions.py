@@ -5,8 +5,7 @@
                       ListImages, CheckRows, MatchFiles and `stains.validate_stains`; rejections -> rejected)
     DecodeRecords     (Id, uint8 image [H, W, NUM_STAINS]) with the schema's own decoder; a record that cannot
                       be decoded at the models' size -> `unscorable` (Id, reason)
-    ScoreWithModel    RunInference with one model dir's exported SavedModel (its `serve_images` signature),
-                      the probabilities averaged over the test-time transforms (model.model.tta_average)
+    ScoreWithModel    RunInference with one model dir's export (in pipelines/transforms/inference.py)
     AverageModels     (Id, mean over the models of their scores); Ids scored more than once -> `repeated`
     WriteOutputs      every score at once -> the submission, rejected.csv, the probabilities (work folder)
 
@@ -16,27 +15,20 @@ same order, then the mean over the models in the order given.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 import schemas
 from pipelines.progress import ProgressFile
+from pipelines.transforms.inference import COUNTERS, ScoreWithModel, score_phase  # noqa: F401 - pred.<name>
 
-COUNTERS = "batch_predict"
 DECODE_PHASE = "decode"
 UNDECODABLE = "undecodable"
 OTHER_SIZE = "other_image_size"
 UNSCORABLE = "unscorable"
-
-
-def score_phase(index: int) -> str:
-    """The progress phase of the index-th model."""
-    return f"model{index}"
 
 
 @beam.ptransform_fn
@@ -212,82 +204,6 @@ def ReadImageFolder(  # noqa: N802
     return {"records": loaded.records, "rejected": rejected, "unlisted": matched.unlisted}
 
 
-class ExportedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
-    """RunInference's handler for the training job's export: images scored under every TTA transform.
-
-    The model is the SavedModel of `export_dir` (`tf.saved_model.load`; Beam's stock TensorFlow handler
-    loads through `tf.keras.models.load_model`, which in Keras 3 reads `.keras` files only, and needs
-    tensorflow_hub). Each batch is scored by the export's IMAGES_SIGNATURE under every transform and
-    averaged by `model.model.tta_average` in float64, exactly as model.predict does with the Keras model.
-    """
-
-    def __init__(self, export_dir: str, transforms: Sequence[int], batch_size: int):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
-        self._export_dir = export_dir
-        self._transforms = tuple(int(k) for k in transforms)
-
-    def load_model(self):
-        import tensorflow as tf
-
-        return tf.saved_model.load(self._export_dir)
-
-    def run_inference(
-        self, batch: Sequence[np.ndarray], model, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[PredictionResult]:
-        from model import model as model_lib
-
-        serve = model.signatures[model_lib.IMAGES_SIGNATURE]
-
-        def predict(images):
-            return serve(**{model_lib.IMAGES_INPUT: images})[model_lib.PROBABILITIES]
-
-        scores = model_lib.tta_average(predict, np.stack(batch), self._transforms)
-        return [PredictionResult(x, s, self._export_dir) for x, s in zip(batch, scores, strict=True)]
-
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(x.nbytes for x in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return COUNTERS
-
-
-class _ScoresFn(beam.DoFn):
-    """(Id, PredictionResult) -> (Id, model index, float64 scores), counted for the progress line."""
-
-    def __init__(self, index: int, progress_dir: str | None):
-        self._index = index
-        self._progress_dir = progress_dir
-
-    def setup(self):
-        self._progress = ProgressFile(self._progress_dir, score_phase(self._index))
-
-    def process(self, item):
-        sid, result = item
-        self._progress.add(done=1)
-        yield sid, np.asarray(result.inference, dtype=np.float64)
-
-    def finish_bundle(self):
-        self._progress.flush()
-
-
-@beam.ptransform_fn
-def ScoreWithModel(  # noqa: N802
-    images,
-    export_dir: str,
-    transforms: Sequence[int],
-    batch_size: int,
-    index: int = 0,
-    progress_dir: str | None = None,
-):
-    """(Id, image) -> (Id, float64 scores [NUM_CLASSES]) of one exported model, averaged over `transforms`."""
-    handler = KeyedModelHandler(ExportedModelHandler(export_dir, transforms, batch_size))
-    return (
-        images
-        | "RunInference" >> RunInference(handler)
-        | "Scores" >> beam.ParDo(_ScoresFn(index, progress_dir))
-    )
-
-
 def _average(item, num_models: int):
     sid, grouped = item
     per_model = [list(grouped[i]) for i in range(num_models)]
@@ -313,7 +229,6 @@ def AverageModels(per_model):  # noqa: N802
 SUBMISSION_NAME = "submission.csv"
 PROBABILITIES_NAME = "probabilities"
 REPORT_FILE = "report.json"
-NO_RECORD = "no_record"  # reason code of a listed Id that no record holds (and preprocessing did not reject)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +255,8 @@ def assemble_outputs(
     absent_reasons: dict[str, tuple[str, str]] | None = None,
     probabilities_format: str | None = None,
 ) -> Outputs:
-    """The submission, rejected.csv and probabilities as model.predict writes them, from all the scores.
+    """The submission, rejected.csv and probabilities by model.predict's rules (model/prediction_outputs.py),
+    from all the scores.
 
     Every listed Id (`wanted`, or every scored Id) ends in the submission or in rejected.csv.
 
@@ -353,13 +269,14 @@ def assemble_outputs(
       unscorable: (Id, reason) of records that cannot be scored: an error, as in model.predict.
       repeated: Ids that more than one record holds: an error.
       absent_reasons: Id -> (reason, detail) for listed Ids without a sample (the preprocessing job's
-        reasons); others get NO_RECORD.
+        reasons); others get model.prediction_outputs.NO_RECORD.
       probabilities_format: `.npz` or `.csv`, or None for no probabilities.
 
     Raises:
       PredictError: records that cannot be scored, repeated Ids, nothing to predict.
     """
     from model import predict, submission
+    from model import prediction_outputs as outputs
 
     if unscorable:
         examples = "; ".join(f"{sid}: {why}" for sid, why in sorted(unscorable)[:3])
@@ -372,49 +289,37 @@ def assemble_outputs(
     order = np.argsort(np.asarray([str(i) for i in ids], dtype=str), kind="stable")
     ids = np.asarray([str(i) for i in ids], dtype=str)[order]
     scores = np.asarray(scores, dtype=np.float64).reshape(len(order), schemas.NUM_CLASSES)[order]
-    have = set(ids.tolist())
-    listed = list(wanted) if wanted is not None else sorted(have | {r[0] for r in rejected})
-    rows = list(rejected)
-    gone = {r[0] for r in rows}
-    absent_reasons = absent_reasons or {}
-    absent = (NO_RECORD, f"no record in {source}")
-    rows += [(sid, *absent_reasons.get(sid, absent)) for sid in listed if sid not in have and sid not in gone]
-    position = {sid: k for k, sid in enumerate(listed)}
-    rows.sort(key=lambda r: (position.get(r[0], len(position)), r[0]))
-    gone = {r[0] for r in rows}
-    out_ids = [sid for sid in listed if sid not in gone]
-    if not out_ids:
-        reasons = collections.Counter(r[1] for r in rows)
+    accounting = outputs.account(
+        outputs.listed_ids(wanted, ids, rejected),
+        ids,
+        rejected,
+        absent_detail=f"no record in {source}",
+        absent_reasons=absent_reasons,
+    )
+    rows = accounting.rejected
+    if not accounting.predicted:
         raise predict.PredictError(
-            f"none of the {len(listed)} listed Id(s) could be predicted ({dict(reasons)}), e.g. "
-            + "; ".join(f"{sid}: {reason}, {detail}" for sid, reason, detail in rows[:3])
+            f"none of the {len(accounting.listed)} listed Id(s) could be predicted ({accounting.reasons()}), "
+            "e.g. " + "; ".join(f"{sid}: {reason}, {detail}" for sid, reason, detail in rows[:3])
         )
-    out_scores = predict.order_by_ids(ids, scores, out_ids)
-    extra = sorted(have - set(listed))
-    predictions = predict._apply(out_scores, thresholds, empty)  # noqa: SLF001 - model.predict's own rule
+    labelled = outputs.label(accounting, ids, scores, thresholds, empty)
     probabilities = None
     if probabilities_format is not None:
-        prob_ids, prob_scores = np.asarray(out_ids + extra, dtype=str), out_scores
-        if extra:
-            index = {sid: i for i, sid in enumerate(ids.tolist())}
-            prob_scores = np.concatenate([out_scores, scores[[index[s] for s in extra]]])
-        probabilities = submission.probabilities_bytes(
-            PROBABILITIES_NAME + probabilities_format, prob_ids, prob_scores
-        )
+        probabilities = labelled.probabilities_bytes(PROBABILITIES_NAME + probabilities_format)
     summary = {
-        "listed": len(listed),
-        "rows": len(out_ids),
+        "listed": len(accounting.listed),
+        "rows": len(labelled.ids),
         "records": len(ids),
         "rejected": len(rows),
-        "rejected_per_reason": dict(sorted(collections.Counter(r[1] for r in rows).items())),
-        "not_in_id_list": len(extra),
-        "not_in_id_list_examples": extra[:3],
-        "labels_per_row": float(predictions.sum(axis=1).mean()),
-        "empty_rows": int((predictions.sum(axis=1) == 0).sum()),
-        "filled_rows": int(((out_scores >= thresholds).sum(axis=1) == 0).sum()) if empty == "top1" else 0,
+        "rejected_per_reason": accounting.reasons(),
+        "not_in_id_list": len(accounting.extra),
+        "not_in_id_list_examples": accounting.extra[:3],
+        "labels_per_row": labelled.labels_per_row,
+        "empty_rows": labelled.empty_rows,
+        "filled_rows": labelled.filled_rows,
     }
     return Outputs(
-        submission=predict.format_submission(out_ids, predictions).encode("utf-8"),
+        submission=labelled.submission_bytes(),
         rejected=submission.rejected_csv(rows, source),
         probabilities=probabilities,
         summary=summary,
