@@ -32,8 +32,9 @@ plots, submission and image gallery are. Settings come from environment variable
 Outputs: $DEMO_DIR/synthetic (images, train.csv, sample_submission.csv, test_labels.csv),
 $DEMO_DIR/data (shards, manifest), $DEMO_RUN_DIR/fold{k} (models, history plots), $DEMO_RUN_DIR/eval
 (report.md, report.json, per_class_f1.png, thresholds.json), $DEMO_RUN_DIR/submission.csv,
-$DEMO_RUN_DIR/score.json, $DEMO_RUN_DIR/gallery (index.html: per class, the test samples scored highest
-and the worst misses, with Grad-CAM heat maps) and $DEMO_RUN_DIR/timings.tsv.
+$DEMO_RUN_DIR/score.json, $DEMO_RUN_DIR/gallery (report.html, the run's report for a browser; per class
+the sheets of the test samples scored highest and the worst misses, with Grad-CAM heat maps) and
+$DEMO_RUN_DIR/timings.tsv.
 EOF
 }
 case "${1:-}" in
@@ -126,7 +127,7 @@ fi
 
 TRAIN_FLAGS=(--backbone small --weights none --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --cache memory
   --learning_rate "$LR" --lr_patience 3 --lr_factor 0.3 --early_stopping_patience 6 --val_tta "$TTA"
-  --seed "$SEED" --verbose 2)
+  --seed "$SEED")
 if [ "${#FOLD_LIST[@]}" -gt 1 ]; then
   # Several folds: the fold driver trains one model per fold, tunes the thresholds on their pooled
   # out-of-fold predictions (-> $EVAL) and predicts the test part with their ensemble (-> $SUBMISSION).
@@ -172,4 +173,5 @@ echo "evaluation report: $EVAL/report.md  (per-class F1 plot: $EVAL/per_class_f1
 for d in "${MODEL_DIRS[@]}"; do echo "training curves:   $d/plots.png"; done
 echo "submission:        $SUBMISSION  (probabilities: $RUN/test_probabilities.npz)"
 echo "test scores:       $RUN/score.json"
-echo "gallery:           $GALLERY/index.html  (one sheet per class: test samples scored highest, worst misses)"
+echo "run report:        $GALLERY/report.html  (open in a browser: settings, curves, per-class figures and images)"
+echo "gallery sheets:    $GALLERY/class_*.png  (per class: test samples scored highest, worst misses)"

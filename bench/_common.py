@@ -222,10 +222,14 @@ def build_distinct_dataset(
 
 
 def evict(paths: list[str]) -> None:
-    """Drops these files' clean pages from the page cache (posix_fadvise DONTNEED; nothing else)."""
+    """Drops these files' pages from the page cache (posix_fadvise DONTNEED; nothing else).
+
+    Dirty pages (a file written moments ago) are not dropped by DONTNEED, so each file is synced first.
+    """
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -19,11 +19,20 @@ What is measured (one run, one report):
 4. Several hashes (dHash, aHash, pHash: 64 bits per stain; the signs of the 6 x 6 lowest DCT frequencies:
    35 bits per stain, the one pipelines.near_duplicates uses) over several stain sets, so the choice is backed
    by the same run: max planted distance vs min distinct distance, and the closest distinct pairs.
-5. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
+5. The bound, chosen on one set and checked on another: the originals (real samples, synthetic fields) are
+   split at random into two halves, each original with its copies and its rotations/quadrants. On the
+   tuning half the bound is the smallest one (smaller bounds search faster) whose recall reaches
+   --target_recall with no false match (failing that, the one with most planted pairs found minus false
+   matches); recall and false matches are then reported on the held-out half at that bound and at the
+   shipped DEFAULT_MAX_DISTANCE. Distinct pairs are those within one half.
+6. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
    random, and clustered (a third of the rows are copies of other rows with 0..bound bits flipped).
 
+The defaults are the settings of the README's figures (800 synthetic fields, 7 timing passes).
+
 Usage:
-  python bench/duplicates.py [--smoke_dir ../shared/data/hpa-real-smoke] [--synthetic 600] [--repeats 5]
+  python bench/duplicates.py [--smoke_dir ../shared/data/hpa-real-smoke] [--synthetic 800] [--repeats 7]
+      [--target_recall 0.999]
 """
 
 from __future__ import annotations
@@ -312,14 +321,28 @@ def _scale(n: int, max_distance: int, seed: int) -> list[list]:
     return rows
 
 
+def choose_bound(planted: np.ndarray, distinct: np.ndarray, target_recall: float) -> int:
+    """The smallest bound whose recall on `planted` distances reaches `target_recall` with no `distinct`
+    distance within it; failing that, the bound with the most planted pairs found minus false matches."""
+    top = int(max(planted.max(), 1)) + 1
+    for b in range(top):
+        if np.mean(planted <= b) >= target_recall and not (distinct <= b).any():
+            return b
+    scores = [int((planted <= b).sum()) - int((distinct <= b).sum()) for b in range(top)]
+    return int(np.argmax(scores))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke_dir", default=REAL_SMOKE, help="folder with train/ of real four-stain PNGs")
-    p.add_argument("--synthetic", type=int, default=600, help="distinct synthetic 512 px fields")
+    p.add_argument("--synthetic", type=int, default=800, help="distinct synthetic 512 px fields")
     p.add_argument("--synthetic_planted", type=int, default=100, help="synthetic fields that get copies")
     p.add_argument("--label_sets", type=int, default=8, help="label sets the synthetic fields cycle through")
     p.add_argument("--crop_draws", type=int, default=3, help="random crop placements per crop transform")
-    p.add_argument("--repeats", type=int, default=5, help="timing passes (median shown)")
+    p.add_argument("--repeats", type=int, default=7, help="timing passes (median shown)")
+    p.add_argument(
+        "--target_recall", type=float, default=0.999, help="recall the bound must reach on the tuning half"
+    )
     p.add_argument("--scale_n", type=int, default=105_678, help="hashes for the near_pairs timing (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -493,6 +516,34 @@ def main(argv=None) -> int:
     print("planted distance histogram (d: count):", {d: int(c) for d, c in enumerate(hist_p) if c})
     low = {d: int(c) for d, c in enumerate(hist_d) if c and d < 3 * bound}
     print(f"distinct distance histogram below {3 * bound}:", low, f"median {np.median(dd):.0f}")
+
+    # The bound chosen on one half of the originals, its recall and false matches checked on the other.
+    half_of_distinct = np.empty(n_d, dtype=np.int64)
+    syn_half = rng.permutation(np.arange(len(syn)) % 2)
+    real_half = rng.permutation(np.arange(len(real)) % 2)
+    half_of_distinct[: len(syn)] = syn_half
+    half_of_distinct[len(syn) :] = np.repeat(real_half, 12)  # each real sample: itself, 7 D4, 4 quadrants
+    half_of_planted = np.array(
+        [real_half[o] if o < len(real) else syn_half[o - len(real)] for o, _, _ in planted]
+    )
+    pair_half = np.where(
+        half_of_distinct[iu[0]] == half_of_distinct[iu[1]], half_of_distinct[iu[0]], -1
+    )[keep]
+    halves = {h: (all_pd[half_of_planted == h], dd[pair_half == h]) for h in (0, 1)}
+    chosen = choose_bound(*halves[0], args.target_recall)
+    split_rows = []
+    for name, h in (("tuning", 0), ("held-out", 1)):
+        pd_h, dd_h = halves[h]
+        for b in dict.fromkeys((chosen, bound)):
+            which = " = ".join(w for w, v in (("chosen", chosen), ("shipped default", bound)) if v == b)
+            recall, false = f"{np.mean(pd_h <= b):.4f}", int((dd_h <= b).sum())
+            split_rows.append([name, len(pd_h), len(dd_h), f"{b} ({which})", recall, false])
+    print_table(
+        ["half", "planted pairs", "distinct pairs", "bound", "recall", "false matches"],
+        split_rows,
+        title=f"The bound chosen on the tuning half (smallest with recall >= {args.target_recall} and no "
+        "false match), checked on the held-out half",
+    )
 
     # End to end on the chosen hash: the distinct pool (which holds every original once) plus all copies,
     # grouped by duplicate_groups; each group should be one pool image with its copies.

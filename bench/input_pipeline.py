@@ -10,9 +10,12 @@ measures in one run, on all cores, samples/s of:
   (b) the training pipeline as shipped (`model.data.make_dataset(training=True)`, default flags: no cache);
   (c) the original project's pipeline shape: sequential map, float32 cast, shuffle 1000, batch, prefetch 1,
       with current tf.data's automatic map parallelisation and prefetch injection turned off (as it ran);
-  (d) the training pipeline with `--cache memory` and with `--cache DIR` (a directory under --work_dir), in
-      steady state, i.e. after the cache is filled; the fill (one decoding pass; for DIR the write before
-      training) is timed on its own;
+  (d) the training pipeline with a cache, in steady state (after the fill, which is timed on its own):
+      `--cache memory` and `--cache DIR` (model.cache: one record file for every fold, a new uniform
+      permutation every epoch), the DIR cache warm (its files read once after the warm-up) and with its
+      pages evicted first (posix_fadvise DONTNEED after the warm-up), fincore's share of its bytes in the
+      page cache printed for both, beside today's (d) before issue 18 (bench/_old_cache.py: a tf.data
+      snapshot in 16 files, read back through the 1,024-record shuffle buffer), warm and evicted alike;
   (e) the original project's shape on current tf.data with its default optimisations on.
 Each repeat runs every pipeline in turn over the same number of samples, timed after a warm-up that fills
 buffers and starts threads (steady state, as over a long epoch); the table shows medians over repeats,
@@ -40,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import tensorflow as tf  # noqa: E402
 
 import schemas  # noqa: E402
-from bench._common import REAL_SMOKE, build_real_shards  # noqa: E402
+from bench import _old_cache  # noqa: E402
+from bench._common import REAL_SMOKE, build_real_shards, cached_share, evict, warm  # noqa: E402
 from model import cache as cache_lib  # noqa: E402
 from model import data as data_lib  # noqa: E402
 from model.config import DataConfig  # noqa: E402
@@ -89,17 +93,22 @@ def original_shape(
     return ds.with_options(options)
 
 
-def samples_per_second(ds: tf.data.Dataset, samples: int, batched: bool, warmup: int) -> float:
+def samples_per_second(
+    ds: tf.data.Dataset, samples: int, batched: bool, warmup: int, after_warmup=None
+) -> float:
     """Steady-state samples/s: `warmup` samples first (buffers filled, threads started), then `samples` timed.
 
     Startup is excluded on purpose: a shuffle buffer of 1,000 decoded images costs 1,000 decodes before the
     first batch, which would count against the original shape on a short run but not over a whole epoch.
+    `after_warmup()` runs between the two (e.g. evicting a cache's pages).
     """
     it = iter(ds.repeat())
     seen = 0
     while seen < warmup:
         element = next(it)
         seen += int(element[0].shape[0]) if batched else 1
+    if after_warmup is not None:
+        after_warmup()
     start = time.perf_counter()
     seen = 0
     while seen < samples:
@@ -108,23 +117,27 @@ def samples_per_second(ds: tf.data.Dataset, samples: int, batched: bool, warmup:
     return seen / (time.perf_counter() - start)
 
 
-def cached_pipeline(
-    data_dir: str, folds: list[int], cfg: DataConfig, fill_samples: int
-) -> tuple[tf.data.Dataset, float]:
-    """(d) `make_dataset` with a cache; returns the dataset with its cache filled and the fill's seconds.
+def cache_files(path: str) -> list[str]:
+    """The files of a cache folder."""
+    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
 
-    A directory cache is written by `make_dataset` itself (before training); a memory cache fills during
-    the first pass, which is read here (`fill_samples` records, then the iterator is dropped).
-    """
+
+def evict_cache(path: str, store=None) -> None:
+    """Drops a cache folder's pages from the page cache: first this process's mapping of them (madvise
+    DONTNEED; a mapped page is not dropped), then the files' clean pages (posix_fadvise DONTNEED)."""
+    import mmap
+
+    if store is not None and getattr(store.images, "_mmap", None) is not None:
+        store.images._mmap.madvise(mmap.MADV_DONTNEED)
+    evict(cache_files(path))
+
+
+def new_cached(data_dir: str, folds: list[int], cfg: DataConfig) -> tuple[tf.data.Dataset, float]:
+    """(d) `make_dataset` with `cfg.cache`; returns the dataset and the seconds to build it (the fill, when
+    the cache is not there yet). A directory cache is opened afresh, as a new process would; a memory
+    cache is filled once per run."""
     start = time.perf_counter()
     ds = data_lib.make_dataset(data_dir, folds, cfg, training=True)
-    if cfg.cache == "memory":
-        # The cache sits before repeat/shuffle: one full pass of the cached stage fills it.
-        seen = 0
-        for images, _ in ds:
-            seen += int(images.shape[0])
-            if seen >= fill_samples + cfg.shuffle_buffer:
-                break
     return ds, time.perf_counter() - start
 
 
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--gpu_rate", type=float, default=FACTS_GPU_RATE, help="GPU samples/s from FACTS.md")
     p.add_argument("--cache_dir", default=None, help="where (d) writes its disk caches (default: work dir)")
+    p.add_argument(
+        "--cached_only", action="store_true", help="measure only the (d) rows (the caches, old and new)"
+    )
     args = p.parse_args(argv)
 
     data_dir = args.data_dir
@@ -194,48 +210,86 @@ def main(argv: list[str] | None = None) -> int:
 
     shipped_cfg = DataConfig(batch_size=args.batch_size)
     cache_root = args.cache_dir or os.path.join(args.work_dir or tempfile.mkdtemp(prefix="bench-"), "caches")
-    fills: dict[str, list[float]] = {"memory": [], "disk": []}
+    new_dir = os.path.join(cache_root, "new")
+    old_dir = os.path.join(cache_root, "old", "folds-all")
+    for d in (new_dir, old_dir):
+        if os.path.isdir(d):
+            shutil.rmtree(d)  # every run times its own fills
+    t = time.perf_counter()
+    _old_cache.fill(files, image_size, old_dir)
+    fills = {"today's --cache DIR (format 1)": time.perf_counter() - t}
+    disk_cfg = dataclasses.replace(shipped_cfg, cache=new_dir)
+    memory_cfg = dataclasses.replace(shipped_cfg, cache="memory")
+    fills["--cache DIR"] = new_cached(data_dir, folds, disk_cfg)[1]
+    fills["--cache memory"] = new_cached(data_dir, folds, memory_cfg)[1]
+    (new_path,) = [os.path.join(new_dir, n) for n in os.listdir(new_dir) if "." not in n]
+    evicted_share: dict[str, list] = {"today's": [], "new": []}
+    warm_share: dict[str, list] = {"today's": [], "new": []}
 
-    def cached(kind: str, repeat: int):
-        cache = "memory" if kind == "memory" else os.path.join(cache_root, f"r{repeat}")
-        if kind == "disk" and os.path.isdir(cache):
-            shutil.rmtree(cache)  # each repeat fills its own cache
-        ds, seconds = cached_pipeline(data_dir, folds, dataclasses.replace(shipped_cfg, cache=cache), total)
-        fills[kind].append(seconds)
-        return ds
+    def warm_old():
+        warm(cache_files(old_dir))
+        warm_share["today's"].append(cached_share(cache_files(old_dir)))
+
+    def warm_new():
+        warm(cache_files(new_path))
+        warm_share["new"].append(cached_share(cache_files(new_path)))
+
+    def evict_old():
+        evict(cache_files(old_dir))
+        evicted_share["today's"].append(cached_share(cache_files(old_dir)))
+
+    def evict_new():
+        (store,) = [v for k, v in data_lib._STORES.items() if k[0] != "memory"]
+        evict_cache(new_path, store)
+        evicted_share["new"].append(cached_share(cache_files(new_path)))
+
+    def old_training(r):
+        return _old_cache.old_cached_training(old_dir, args.batch_size)
+
+    def new_training(cfg):
+        return lambda r: new_cached(data_dir, folds, cfg)[0]
 
     pipelines = {
-        "(a) decode ceiling": (lambda r: decode_ceiling(files, image_size), False),
+        "(a) decode ceiling": (lambda r: decode_ceiling(files, image_size), False, None),
         "(b) training pipeline as shipped": (
             lambda r: data_lib.make_dataset(data_dir, folds, shipped_cfg, training=True),
             True,
+            None,
         ),
         "(c) original project's shape, tf.data optimisations off": (
             lambda r: original_shape(files, image_size, args.batch_size),
             True,
+            None,
         ),
-        "(d) cached, --cache memory": (lambda r: cached("memory", r), True),
-        "(d) cached, --cache DIR": (lambda r: cached("disk", r), True),
+        "(d) today's --cache DIR (16 files + shuffle 1024), warm": (old_training, True, warm_old),
+        "(d) today's --cache DIR, pages evicted": (old_training, True, evict_old),
+        "(d) --cache memory, per-epoch permutation": (new_training(memory_cfg), True, None),
+        "(d) --cache DIR, per-epoch permutation, warm": (new_training(disk_cfg), True, warm_new),
+        "(d) --cache DIR, per-epoch permutation, pages evicted": (new_training(disk_cfg), True, evict_new),
         "(e) original project's shape, tf.data defaults": (
             lambda r: original_shape(files, image_size, args.batch_size, optimised=True),
             True,
+            None,
         ),
     }
+    if args.cached_only:
+        pipelines = {name: v for name, v in pipelines.items() if name.startswith("(d)")}
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for r in range(args.repeats):
-        for name, (make, batched) in pipelines.items():
+        for name, (make, batched, after_warmup) in pipelines.items():
             ds = make(r)
-            rate = samples_per_second(ds, n, batched, args.warmup)
+            rate = samples_per_second(ds, n, batched, args.warmup, after_warmup)
             del ds
+            for key in [k for k in data_lib._STORES if k[0] != "memory"]:  # memory: filled once per run
+                del data_lib._STORES[key]
             rates[name].append(rate)
             print(f"  repeat {r + 1}/{args.repeats} {name}: {rate:.1f} samples/s", flush=True)
-    aug = augmentation_cost(image_size, args.batch_size, args.repeats)
+    aug = {} if args.cached_only else augmentation_cost(image_size, args.batch_size, args.repeats)
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
 
     med = {name: statistics.median(v) for name, v in rates.items()}
-    names = list(med)
-    a, b, c, dm, dd, e = (med[k] for k in names)
+    d_old, d_old_cold, dm, dd, dd_cold = (med[k] for k in med if k.startswith("(d)"))
     print()
     print(f"| pipeline | samples/s (median of {args.repeats}) | per core ({cores}) | runs |")
     print("| --- | --- | --- | --- |")
@@ -244,17 +298,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {v:.1f} | {v / cores:.1f} | {runs} |")
     print()
     for kind, secs in fills.items():
-        m = statistics.median(secs)
-        print(
-            f"cache fill ({kind}): median {m:.1f} s for {total} samples ({total / m:.0f} samples/s); "
-            f"runs {', '.join(f'{x:.1f}' for x in secs)} s"
-        )
+        print(f"cache fill ({kind}): {secs:.1f} s for {total} samples ({total / secs:.0f} samples/s)")
     print(f"cache size: {cache_lib.cache_bytes(total, image_size) / 2**20:.0f} MiB (samples x H x W x 4)")
+    for label, table in (("warming", warm_share), ("eviction", evicted_share)):
+        for kind, shares in table.items():
+            shown = ", ".join("n/a" if x is None else f"{x:.0%}" for x in shares)
+            print(f"share of {kind} cache's bytes in the page cache right after {label} (fincore): {shown}")
     print()
+    print(
+        f"(d) per-epoch permutation: memory {dm:.0f}, DIR warm {dd:.0f}, DIR evicted {dd_cold:.0f} samples/s "
+        f"(target >= {args.gpu_rate:.0f}); today's DIR: warm {d_old:.0f}, evicted {d_old_cold:.0f}"
+    )
+    print(f"(d) DIR new / today's: warm {dd / d_old:.2f}x, evicted {dd_cold / d_old_cold:.2f}x")
+    if args.cached_only:
+        return 0
+    a, b, c, e = (med[k] for k in med if not k.startswith("(d)"))
     print(f"(b)/(a) = {b / a:.2f}  (target >= 0.90)")
     print(f"(b)/(c) = {b / c:.2f}  (target >= 3)")
-    print(f"(d) memory = {dm:.0f}, disk = {dd:.0f} samples/s  (target >= {args.gpu_rate:.0f})")
-    print(f"(d)/(b): memory {dm / b:.1f}x, disk {dd / b:.1f}x  (target >= 5)")
+    print(f"(d)/(b): memory {dm / b:.1f}x, DIR warm {dd / b:.1f}x  (target >= 5)")
     print(f"(e)/(c) = {e / c:.2f}  (the original shape with and without current tf.data's rewrites)")
     print(
         f"GPU consumption (FACTS.md, ResNet50 H200 uint8): {args.gpu_rate:.0f} samples/s = "

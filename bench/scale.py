@@ -1,7 +1,7 @@
 """The preprocessing job at the competition's size: wall time, samples/s, peak memory, bytes out / in.
 
     python bench/scale.py --data_dir /work/benchdata/distinct [--num_samples 31072] [--fractions 0.1,1] \
-        [--modes off,group] [--cache warm|cold] [--image_size N]
+        [--modes off,group] [--cache cold|warm|as-is] [--repeats 2] [--image_size N]
 
 The data are distinct fields made from the real four-stain samples (bench._common.build_distinct_dataset:
 each sample a rotated, rolled real field mixed with another, written as its own files), so near-duplicate
@@ -13,8 +13,13 @@ DirectRunner on every core); from outside, every 0.5 s, the bench sums the resid
 proportional set size (PSS: shared pages split between the processes sharing them) of the job's whole
 process tree. It prints wall time, samples/s, the peaks, bytes written / bytes read, the duplicate groups
 found, the load average before and after, and how much of the input was in the page cache before the run
-(`fincore` on a sample of the files). `--cache cold` first evicts the input files from the page cache
-(posix_fadvise DONTNEED: only clean pages of these files, nothing else on the machine).
+(`fincore` on a sample of the files).
+
+Equal terms for the modes (arms): each arm starts from the same page-cache state, `--cache cold` (the
+default) evicts the input files' pages before every arm (posix_fadvise DONTNEED: only clean pages of these
+files, nothing else on the machine), `--cache warm` reads them all first; and with `--repeats R` the arms
+alternate in order (off, group, then group, off, ...), so neither always runs second. The summary takes
+each arm's median over the repeats; the throughput ratio is of those medians.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -168,7 +174,14 @@ def main(argv=None) -> None:
         "--modes", default="off,group", help="--duplicates modes to compare (default off,group)"
     )
     parser.add_argument(
-        "--cache", choices=("warm", "cold", "as-is"), default="as-is", help="page cache before runs"
+        "--cache",
+        choices=("cold", "warm", "as-is"),
+        default="cold",
+        help="page cache of the input before every arm: cold (evicted), warm (read first) or as-is (the "
+        "previous arm's leftovers: unequal terms, for comparison only)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each arm, alternating the arms' order (default 2)"
     )
     parser.add_argument("--image_size", type=int, default=None, help="pass --image_size to the job")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--direct_num_workers")
@@ -185,7 +198,11 @@ def main(argv=None) -> None:
         csv_path, sub_dir = _subset(args.data_dir, image_dir, n, n_total)
         paths = _files(sub_dir)
         bytes_in = sum(os.path.getsize(p) for p in paths)
-        for mode in args.modes.split(","):
+        modes = args.modes.split(",")
+        schedule = [
+            (rep, mode) for rep in range(args.repeats) for mode in (modes if rep % 2 == 0 else modes[::-1])
+        ]
+        for rep, mode in schedule:
             if args.cache == "cold":
                 evict(paths)
             elif args.cache == "warm":
@@ -195,7 +212,7 @@ def main(argv=None) -> None:
             r = run_job(
                 csv_path,
                 sub_dir,
-                os.path.join(out_root, f"{n}-{mode}"),
+                os.path.join(out_root, f"{n}-{mode}"),  # the same output dir for every repeat
                 mode,
                 args.image_size,
                 args.workers,
@@ -208,6 +225,7 @@ def main(argv=None) -> None:
             row = {
                 "n": n,
                 "mode": mode,
+                "repeat": rep,
                 "wall_s": round(r["wall"], 1),
                 "samples_per_s": round(n / r["wall"], 1),
                 "peak_rss_gb": round(r["peak_rss"] / 1e9, 2),
@@ -229,43 +247,32 @@ def main(argv=None) -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    headers = [
-        "n",
-        "mode",
-        "wall s",
-        "samples/s",
-        "peak RSS GB",
-        "peak PSS GB",
-        "out/in",
-        "groups",
-        "cached",
-        "load",
-    ]
     print_table(
-        headers,
+        ["n", "mode", "repeat", "wall s", "samples/s", "peak RSS GB", "peak PSS GB", "out/in", "groups"]
+        + ["cached before", "load"],
         [
-            [
-                r["n"],
-                r["mode"],
-                r["wall_s"],
-                r["samples_per_s"],
-                r["peak_rss_gb"],
-                r["peak_pss_gb"],
-                r["bytes_out_over_in"],
-                r["groups"],
-                r["cached_before"],
-                r["load_before"][0],
-            ]
+            [r["n"], r["mode"], r["repeat"], r["wall_s"], r["samples_per_s"], r["peak_rss_gb"]]
+            + [r["peak_pss_gb"], r["bytes_out_over_in"], r["groups"], r["cached_before"], r["load_before"][0]]
             for r in rows
-        ],  # fmt: skip
-        title=f"The preprocessing job, {args.workers} workers, cache {args.cache}",
+        ],
+        title=f"The preprocessing job, {args.workers} workers, page cache before each arm: {args.cache}; "
+        "runs in the order run",
     )
-    by = {(r["n"], r["mode"]): r for r in rows}
+    summary = summarise(rows)
+    print_table(
+        ["n", "mode", "runs", "median wall s", "median samples/s", "max peak RSS GB", "max peak PSS GB"],
+        [
+            [a["n"], a["mode"], a["runs"], a["wall_s"], a["samples_per_s"], a["peak_rss_gb"]]
+            + [a["peak_pss_gb"]]
+            for a in summary.values()
+        ],
+        title="Per arm: medians over the repeats",
+    )
     sizes = sorted({r["n"] for r in rows})
     modes = args.modes.split(",")
     if len(sizes) > 1:
         for mode in modes:
-            small, big = by[(sizes[0], mode)], by[(sizes[-1], mode)]
+            small, big = summary[(sizes[0], mode)], summary[(sizes[-1], mode)]
             rss = big["peak_rss_gb"] / small["peak_rss_gb"]
             pss = big["peak_pss_gb"] / small["peak_pss_gb"]
             print(
@@ -274,8 +281,28 @@ def main(argv=None) -> None:
             )
     if "off" in modes and "group" in modes:
         for n in sizes:
-            ratio = by[(n, "group")]["samples_per_s"] / by[(n, "off")]["samples_per_s"]
-            print(f"throughput with group / off at {n}: {ratio:.2f} (target >= 0.8)")
+            ratio = summary[(n, "group")]["samples_per_s"] / summary[(n, "off")]["samples_per_s"]
+            print(
+                f"throughput with group / off at {n}: {ratio:.2f} (medians of {args.repeats} alternating "
+                f"runs, page cache {args.cache} before each; target >= 0.8)"
+            )
+
+
+def summarise(rows: list[dict]) -> dict[tuple[int, str], dict]:
+    """Per (size, mode): the runs, the median wall time and samples/s, the largest memory peaks."""
+    out: dict[tuple[int, str], dict] = {}
+    for key in dict.fromkeys((r["n"], r["mode"]) for r in rows):
+        runs = [r for r in rows if (r["n"], r["mode"]) == key]
+        out[key] = {
+            "n": key[0],
+            "mode": key[1],
+            "runs": len(runs),
+            "wall_s": round(statistics.median(r["wall_s"] for r in runs), 1),
+            "samples_per_s": round(statistics.median(r["samples_per_s"] for r in runs), 1),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+            "peak_pss_gb": max(r["peak_pss_gb"] for r in runs),
+        }
+    return out
 
 
 if __name__ == "__main__":

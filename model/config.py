@@ -113,7 +113,8 @@ class DataConfig:
     Attributes:
       image_size: side of the stored images; None takes it from the dataset's manifest.
       batch_size: global batch size (split across replicas).
-      shuffle_buffer: records held by the training shuffle (serialized records, before decoding).
+      shuffle_buffer: records held by the training shuffle (serialized records, before decoding); unused
+        with a cache, which serves a new uniform permutation every epoch.
       augment: the 8 flips / right-angle rotations while training.
       crop_size: random crop side while training (None: no crop); evaluation keeps the whole image.
       intensity_jitter: max relative per-stain brightness change while training (0: off).
@@ -124,6 +125,7 @@ class DataConfig:
       seed: seed of the training shuffles, oversampling draws and augmentation (None: different every run).
       cache: `none`, `memory` or a local directory: where the decoded stains of the training and validation
         folds are kept after the first pass (samples x H x W x 4 bytes), see `model.cache`.
+      cache_keep: caches a cache directory keeps (this dataset's included); older ones of other data go.
       deterministic: deterministic tf.data order and op determinism, so that the same seed, data and
         flags give bit-identical results (slower); needs a seed.
     """
@@ -140,6 +142,7 @@ class DataConfig:
     tf_data_service: str | None = None
     seed: int | None = None
     cache: str = CACHE_NONE
+    cache_keep: int = 1
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -165,11 +168,13 @@ class DataConfig:
             )
         if self.deterministic and self.seed is None:
             raise ConfigError("--deterministic needs a --seed")
-        if self.tf_data_service is not None and self.cache not in (CACHE_NONE, CACHE_MEMORY):
+        if self.tf_data_service is not None and self.cache != CACHE_NONE:
             raise ConfigError(
-                "--cache DIR cannot be combined with --tf_data_service (the directory is local to this "
-                "machine); use --cache memory, which each tf.data worker keeps itself"
+                "--cache cannot be combined with --tf_data_service (the cache is read by index on this "
+                "host, through Python, which a tf.data service worker cannot run)"
             )
+        if self.cache_keep < 1:
+            raise ConfigError(f"cache_keep must be >= 1, got {self.cache_keep}")
         if self.tf_data_service is not None and self.seed is not None:
             raise ConfigError(
                 "seed and tf_data_service cannot be combined: "

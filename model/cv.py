@@ -159,12 +159,12 @@ PROG = "hpa-folds"
 
 def build_parser() -> argparse.ArgumentParser:
     """The driver's own flags; every other flag goes to the training job."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
-        description="Train one model per fold (any run_train.sh flag passes through), tune thresholds on the "
+        description="Train one model per fold (any hpa-train flag passes through), tune thresholds on the "
         "pooled out-of-fold predictions (R/eval) and predict a test set with the fold ensemble "
         "(R/submission.csv). Rerunning the same command skips finished folds and resumes an interrupted one.",
-        epilog="Example: ./run_folds.sh --data_dir out/ --out runs/cv --ids_csv sample_submission.csv "
+        epilog="Example: hpa-folds --data_dir out/ --out runs/cv --ids_csv sample_submission.csv "
         "--tta 8 --backbone densenet121 --epochs 30",
         allow_abbrev=False,
     )
@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain every fold from scratch (else finished folds are skipped, interrupted ones resume)",
     )
+    p.add_argument(
+        "--ensemble_thresholds",
+        choices=("rate", "as_tuned"),
+        default="as_tuned",  # rate: no consistent gain in bench/ensemble_thresholds.py (docs/quality.md)
+        help="the test prediction: rate = the pooled thresholds matched to the ensemble's average (each "
+        "class keeps the single models' decision rate), as_tuned = applied unchanged (hpa-predict --help)",
+    )
     return p
 
 
@@ -222,9 +229,8 @@ def parse_train_flags(passthrough: Sequence[str]) -> argparse.Namespace:
     except argparse.ArgumentError as e:
         raise ConfigError(f"bad training flag: {e}") from None
     if unknown:
-        raise ConfigError(
-            f"unknown flag(s) {' '.join(unknown)} (see ./run_folds.sh --help, ./run_train.sh --help)"
-        )
+        known = build_parser().long_flags() + _train_parser().long_flags()
+        raise ConfigError(f"{cli.unrecognized(unknown, known)} (see {PROG} --help, hpa-train --help)")
     given = [f"--{d}" for d in OWNED_FLAGS if getattr(args, d) is not None]
     if given:
         raise ConfigError(
@@ -272,6 +278,10 @@ def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> Plan:
         configs[k] = cfg
         if not args.overwrite and fold_status(fold_dir(args.out, k)) != NEW:
             check_same_run(fold_dir(args.out, k), cfg)
+    from model import data as data_lib
+
+    # One cache serves every fold: room for the whole dataset, checked once before the first fold.
+    data_lib.check_cache_room(configs[folds[0]].data, args.data_dir, manifest)
     test_dir = args.test_data_dir or (args.data_dir if args.ids_csv else None)
     if test_dir is not None:
         test_manifest = manifest if test_dir == args.data_dir else _manifest(test_dir)
@@ -470,6 +480,7 @@ def _predict(args: argparse.Namespace, p: Plan, dirs: list[str], tta: int) -> di
                 ids_csv=args.ids_csv,
                 tta=tta,
                 probabilities=probabilities,
+                ensemble_thresholds=args.ensemble_thresholds,
             )
         )
     except predict.PredictError as e:

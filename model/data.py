@@ -1,14 +1,16 @@
 """The input pipeline: fold-tagged TFRecord shards -> batches of uint8 four-stain images and multi-hot labels.
 
-Training (`make_dataset`): shard files -> interleave -> parse -> decode -> [cache] -> oversample -> shuffle ->
-batch -> prefetch. The host does no random image work: the flips / right-angle rotations, crop and intensity
-jitter are the model's first layer (`model.augment`), on the device. Without a cache the shuffle holds
-parsed records (PNG bytes) and decoding comes after it; with `cache` the decoded stains of one pass are
-kept (`model.cache`) and every later epoch only shuffles and batches them. Rare-class oversampling repeats a
-record before the shuffle buffer, so its copies land in different batches; its class counts come from the
-manifest. Images stay uint8: the model normalises on the device (shipping uint8 was 1.31x faster than
-float32, ../shared/FACTS.md). With `deterministic` every tf.data stage keeps its order and every draw is
-seeded, so a run can be repeated bit for bit; otherwise stages hand on whatever is ready first (faster).
+Training (`make_dataset`), without a cache: shard files -> interleave -> parse -> oversample -> shuffle ->
+decode -> batch -> prefetch; the shuffle holds parsed records (PNG bytes) and decoding comes after it.
+Rare-class oversampling repeats a record before the shuffle buffer, so its copies land in different
+batches; its class counts come from the manifest. With a cache (`model.cache`, `open_cache`): every
+labelled record decoded once into one store for every fold, then per epoch a new uniform permutation of
+the training folds' records (`model.epoch_order`, oversampled copies included) -> batches of indices ->
+records read by index -> prefetch. The host does no random image work: the flips / right-angle rotations,
+crop and intensity jitter are the model's first layer (`model.augment`), on the device. Images stay
+uint8: the model normalises on the device (shipping uint8 was 1.31x faster than float32,
+../shared/FACTS.md). With `deterministic` every tf.data stage keeps its order and every draw is seeded, so
+a run can be repeated bit for bit; otherwise stages hand on whatever is ready first (faster).
 
 Evaluation / prediction (`make_eval_dataset`): the same decode without randomness, in a deterministic
 order, optionally with the sample ids and one fixed dihedral transform (test-time augmentation).
@@ -16,7 +18,10 @@ order, optionally with the sample ids and one fixed dihedral transform (test-tim
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +29,7 @@ import tensorflow as tf
 
 import schemas
 from model import cache as cache_lib
+from model import epoch_order as epoch_order_lib
 from model import fileio
 from model.config import CACHE_MEMORY, CACHE_NONE, ConfigError, DataConfig
 from model.losses import class_factors
@@ -165,15 +171,14 @@ def _read_records(files: list[str], deterministic: bool) -> tf.data.Dataset:
     )
 
 
-def _decoded_pass(files: list[str], image_size: int, deterministic: bool) -> tf.data.Dataset:
-    """One pass of (uint8 image, float labels) over the files: what a cache holds."""
-    ds = _read_records(files, deterministic)
-    ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return ds.map(_image_and_labels(image_size), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+def labelled_folds(manifest: dict) -> list[int]:
+    """The dataset's labelled folds, 0..num_folds-1 (what a cache holds)."""
+    return list(range(int(manifest[schemas.MANIFEST_NUM_FOLDS])))
 
 
-def check_cache_room(cfg: DataConfig, data_dir: str, manifest: dict, folds_sets: Sequence[Sequence[int]]):
-    """Checks, before any work, that `cfg.cache` can hold the decoded folds (a complete cache needs no room).
+def check_cache_room(cfg: DataConfig, data_dir: str, manifest: dict) -> None:
+    """Checks, before any work, that `cfg.cache` can hold every labelled fold of the dataset (one cache
+    serves every fold); a complete cache of this data needs no room.
 
     Raises:
       ConfigError: unwritable directory, not enough disk space or memory (the message gives the size).
@@ -181,34 +186,183 @@ def check_cache_room(cfg: DataConfig, data_dir: str, manifest: dict, folds_sets:
     if cfg.cache == CACHE_NONE:
         return
     image_size = cfg.image_size or image_size_of(data_dir, manifest)
-    todo = 0
-    for folds in folds_sets:
-        if cfg.cache != CACHE_MEMORY and os.path.isdir(cfg.cache):
-            key = cache_lib.cache_key(data_dir, manifest, list_shards(data_dir, folds), folds)
-            if cache_lib.complete_path(cfg.cache, key):
-                continue
-        todo += fold_sizes(manifest, folds)
+    todo = fold_sizes(manifest, labelled_folds(manifest))
+    if cfg.cache != CACHE_MEMORY and os.path.isdir(cfg.cache):
+        key = cache_lib.cache_key(_cache_identity(data_dir, manifest, image_size))
+        if cache_lib.complete_path(cfg.cache, key):
+            todo = 0
     cache_lib.check_cache(cfg.cache, todo, image_size)
 
 
-def _cached(
-    files: list[str],
-    image_size: int,
-    cfg: DataConfig,
+def _cache_identity(data_dir: str, manifest: dict, image_size: int) -> dict:
+    shards = []
+    for path in list_shards(data_dir, labelled_folds(manifest)):
+        try:
+            size = tf.io.gfile.stat(path).length
+        except tf.errors.NotFoundError:
+            size = -1
+        shards.append((path, int(size)))
+    return cache_lib.dataset_identity(manifest, shards, image_size)
+
+
+def _cache_source(data_dir: str, manifest: dict, image_size: int):
+    """Batches (images, labels, folds, ids) of every labelled record, fold by fold, each fold in the order
+    of `make_eval_dataset` (so a cached validation fold is served in that order)."""
+    for fold in labelled_folds(manifest):
+        if fold_sizes(manifest, [fold]) == 0:
+            continue
+        ds = _read_records(list_shards(data_dir, [fold]), True)
+        ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+        @tf.autograph.experimental.do_not_convert
+        def record(features):
+            return (
+                schemas.decode_stains(features, image_size),
+                features[schemas.LABELS_KEY],
+                features[schemas.FOLD_KEY],
+                features[schemas.ID_KEY],
+            )
+
+        ds = ds.map(record, num_parallel_calls=AUTOTUNE, deterministic=True).batch(64).prefetch(2)
+        yield from ds.as_numpy_iterator()
+
+
+_STORES: dict[tuple[str, str], cache_lib.Store] = {}  # one per cache and dataset in a process
+
+
+def open_cache(data_dir: str, cfg: DataConfig, manifest: dict | None = None) -> cache_lib.Store:
+    """The decoded records of every labelled fold from `cfg.cache` (filled first when needed; once per
+    process, shared by the training and validation pipelines)."""
+    manifest = schemas.read_manifest(data_dir) if manifest is None else manifest
+    image_size = cfg.image_size or image_size_of(data_dir, manifest)
+    identity = _cache_identity(data_dir, manifest, image_size)
+    memo = (cfg.cache, cache_lib.cache_key(identity))
+    if memo not in _STORES:
+        num = fold_sizes(manifest, labelled_folds(manifest))
+
+        def source():
+            return _cache_source(data_dir, manifest, image_size)
+
+        if cfg.cache == CACHE_MEMORY:
+            _STORES[memo] = cache_lib.memory_store(source(), num, image_size)
+        else:
+            _STORES[memo] = cache_lib.dir_store(cfg.cache, identity, num, image_size, source, cfg.cache_keep)
+    return _STORES[memo]
+
+
+def _gather(store: cache_lib.Store):
+    labels = store.labels
+
+    def gather(idx: np.ndarray):
+        # A batch's records in ascending position: reads go forward through the file. Which records share
+        # a batch is the epoch order's; their order within it changes nothing.
+        idx = np.sort(idx)
+        return store.read(idx), labels[idx].astype(np.float32)
+
+    return gather
+
+
+def _read_batches(indices: tf.data.Dataset, store: cache_lib.Store, batch_size: int, full: bool):
+    """Batches of (images, labels) read from the store at the positions `indices` yields."""
+    gather = _gather(store)
+    shape = store.images.shape[1:]
+
+    @tf.autograph.experimental.do_not_convert
+    def read(idx):
+        images, labels = tf.numpy_function(gather, [idx], [tf.uint8, tf.float32], stateful=False)
+        images.set_shape([batch_size if full else None, *shape])
+        labels.set_shape([batch_size if full else None, schemas.NUM_CLASSES])
+        return images, labels
+
+    ds = indices.batch(batch_size, drop_remainder=full)
+    return ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSplit:
+    """This process's place among the input pipelines of a multi-worker run.
+
+    Attributes:
+      index: this worker's input pipeline (0..count-1; the chief, if any, is 0).
+      count: workers.
+      replicas: replicas in sync over all workers.
+      seed: a seed every worker shares (used for the order when the run has no --seed).
+    """
+
+    index: int
+    count: int
+    replicas: int
+    seed: int = 0
+
+    def reads_own_part(self, batch_size: int) -> bool:
+        """Whether a cached training stream can be split exactly: tf.distribute cuts every worker's global
+        batch into equal per-replica pieces only when the batch divides by the replicas."""
+        return batch_size % self.replicas == 0
+
+
+def worker_split(cluster, replicas: int) -> WorkerSplit | None:
+    """The WorkerSplit of a `devices.Cluster` (None: one worker); the shared seed from TF_CONFIG's cluster."""
+    if cluster is None:
+        return None
+    index = cluster.task_index + (1 if cluster.has_chief and cluster.task_type != "chief" else 0)
+    if cluster.task_type == "chief":
+        index = 0
+    spec = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    seed = zlib.crc32(json.dumps(spec, sort_keys=True).encode()) % 2**31
+    return WorkerSplit(index, cluster.workers, replicas, seed)
+
+
+def training_shard_policy(cfg: DataConfig, num_files: int, split: WorkerSplit) -> str:
+    """The tf.distribute auto-shard policy of the training dataset: OFF when every worker already reads its
+    own part of the cache's epoch order, DATA when each makes the whole stream (same order everywhere), FILE
+    for shard files when there are enough."""
+    if cfg.cache != CACHE_NONE:
+        return "OFF" if split.reads_own_part(cfg.batch_size) else "DATA"
+    return "FILE" if num_files >= split.count else "DATA"
+
+
+def _record_factors(labels: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Each record's oversampling factor: the largest factor of its classes (1 without a label)."""
+    table = np.where(labels > 0, np.asarray(factors, np.float64)[None, :], 1.0)
+    return table.max(axis=1, initial=1.0)
+
+
+def _cached_training(
     data_dir: str,
     folds: Sequence[int],
+    cfg: DataConfig,
     manifest: dict,
-    shuffle_files: bool,
+    seed: int,
+    factors: np.ndarray | None,
+    initial_epoch: int,
+    steps_per_epoch: int | None,
+    split: WorkerSplit | None,
 ) -> tf.data.Dataset:
-    """One pass of decoded (image, labels) served from `cfg.cache` (filled first for a directory)."""
-    if cfg.cache == CACHE_MEMORY:
-        return _decoded_pass(files, image_size, cfg.deterministic).cache()
-    key = cache_lib.cache_key(data_dir, manifest, files, folds)
-    # Written in a fixed order, so that the saved files are the same whatever the run's flags.
-    path = cache_lib.fill_dir_cache(
-        _decoded_pass(files, image_size, True), cfg.cache, key, fold_sizes(manifest, folds)
-    )
-    return cache_lib.load_dir_cache(path, cfg.seed, shuffle=shuffle_files)
+    """Batches of the training folds from the cache, a new uniformly random order every epoch
+    (`model.epoch_order`), starting at `initial_epoch`'s order."""
+    store = open_cache(data_dir, cfg, manifest)
+    pool = store.indices(folds)
+    record_factors = None if factors is None else _record_factors(store.labels[pool], factors)
+    batch = cfg.batch_size
+    if steps_per_epoch is not None:
+        length = steps_per_epoch * batch
+    else:
+        expected = len(pool) if record_factors is None else int(record_factors.sum())
+        length = max(batch, expected // batch * batch)
+    own = split is not None and split.reads_own_part(batch)
+
+    def epoch_indices(epoch):
+        order = epoch_order_lib.epoch_order(pool, seed, int(epoch), length, record_factors)
+        return epoch_order_lib.worker_part(order, split.index, split.count) if own else order
+
+    @tf.autograph.experimental.do_not_convert
+    def indices_of(epoch):
+        idx = tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False)
+        idx.set_shape([None])
+        return idx
+
+    epochs = tf.data.Dataset.range(initial_epoch, 2**62).map(indices_of).unbatch()
+    return _read_batches(epochs, store, batch, full=True)
 
 
 def make_dataset(
@@ -219,6 +373,9 @@ def make_dataset(
     *,
     manifest: dict | None = None,
     counts: np.ndarray | None = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    split: WorkerSplit | None = None,
 ) -> tf.data.Dataset:
     """The training (or validation) input pipeline.
 
@@ -230,6 +387,11 @@ def make_dataset(
         configured); otherwise `make_eval_dataset`.
       manifest: the dataset's manifest (read when None).
       counts: positives per class of the folds for oversampling (None: `class_counts` from the manifest).
+      initial_epoch, steps_per_epoch: with a cache, epoch e consumes the first steps x batch records of
+        its own random order (a function of seed and e); the stream starts at `initial_epoch`'s (a resumed
+        run reads what the uninterrupted one would have). None: one pass per epoch.
+      split: this worker's place in a multi-worker run; with a cache each worker then reads its own
+        disjoint part of every epoch's order (see `training_shard_policy`).
 
     Returns:
       A dataset of (uint8 images [B, H, W, NUM_STAINS], float32 labels [B, NUM_CLASSES]).
@@ -261,12 +423,13 @@ def make_dataset(
         # Parsed records (PNG bytes, half the size of decoded stains) wait in the buffer; decode after it.
         ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
         ds = ds.map(_image_and_labels(image_size), num_parallel_calls=AUTOTUNE, deterministic=det)
+        ds = ds.batch(cfg.batch_size, drop_remainder=True)
     else:
-        ds = _cached(files, image_size, cfg, data_dir, folds, manifest, shuffle_files=True).repeat()
-        if factors is not None:
-            ds = _oversample(ds, factors, seed, lambda element: element[1])
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
-    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+        if cfg.seed is None and split is not None:
+            seed = split.seed  # every worker must draw the same order
+        ds = _cached_training(
+            data_dir, folds, cfg, manifest, seed, factors, initial_epoch, steps_per_epoch, split
+        )
     if cfg.tf_data_service:
         # Every worker runs the whole (infinite, randomly shuffled) pipeline; the trainer takes batches from
         # whichever worker has one ready. Epochs are counted in steps, so nothing is lost by not splitting.
@@ -311,11 +474,12 @@ def make_eval_dataset(
     image_size = cfg.image_size or image_size_of(data_dir, manifest)
     files = list_shards(data_dir, folds)
     if cached and cfg.cache != CACHE_NONE and not with_ids:
-        manifest = schemas.read_manifest(data_dir) if manifest is None else manifest
-        ds = _cached(files, image_size, cfg, data_dir, folds, manifest, shuffle_files=False)
+        store = open_cache(data_dir, cfg, manifest)
+        indices = tf.data.Dataset.from_tensor_slices(store.indices(folds))
+        ds = _read_batches(indices, store, batch_size or cfg.batch_size, full=False)
         if tta is not None:
-            ds = ds.map(lambda image, labels: (dihedral(image, tta), labels), num_parallel_calls=AUTOTUNE)
-        return ds.batch(batch_size or cfg.batch_size).prefetch(AUTOTUNE)
+            ds = ds.map(lambda images, labels: (dihedral(images, tta), labels), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
     ds = _read_records(files, True)
     ds = ds.map(schemas.parse_example, num_parallel_calls=AUTOTUNE, deterministic=True)
 

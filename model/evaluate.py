@@ -20,7 +20,6 @@ predictions, the optimistic in-sample figure. Per-class precision and recall are
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -380,7 +379,7 @@ def run(
 
 def _parse_args(argv):
     d = EvalConfig()
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Pool the validation predictions of one or more model dirs (one per fold), tune a threshold per "

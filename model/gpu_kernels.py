@@ -43,6 +43,21 @@ def _matches(kernel, op) -> bool:
     return True
 
 
+def _per_sample_elements(t) -> float:
+    """Elements per sample of a tensor (all dims after the first; an unknown one counts as unbounded)."""
+    dims = t.shape.as_list() if t.shape.rank is not None else None
+    if dims is None:
+        return float("inf")
+    if not dims:
+        return 1.0  # a scalar
+    if len(dims) == 1:
+        return float("inf") if dims[0] is None else float(dims[0])
+    per = 1.0
+    for d in dims[1:]:
+        per *= float("inf") if d is None else d
+    return per
+
+
 def gpu_problems(graph, image_elements: int) -> list[str]:
     """Ops without a GPU kernel for their dtypes, or whose GPU kernel keeps image-sized data on the host."""
     problems = []
@@ -62,8 +77,10 @@ def gpu_problems(graph, image_elements: int) -> list[str]:
         args.update(_arg_tensors(op, op.op_def.output_arg, op.outputs))
         for name in found[0].host_memory_arg:
             for t in args.get(name, []):
-                if t.shape.is_fully_defined() and t.shape.num_elements() < image_elements:
-                    continue
+                if t.dtype.is_integer and t.shape.rank is not None and t.shape.rank <= 1:
+                    continue  # shapes, axes, indices of a reduction: metadata, not the batch
+                if _per_sample_elements(t) < image_elements:
+                    continue  # per-sample rows smaller than an image plane (labels, indices [B, classes])
                 problems.append(
                     f"{op.type} ({op.name}): GPU kernel keeps {name} {t.shape} {t.dtype.name} on host"
                 )

@@ -26,6 +26,7 @@ import numpy as np
 
 import schemas
 from model import fileio
+from schemas import folders
 from schemas import labels as labels_lib
 from schemas import stains as stains_lib
 
@@ -105,9 +106,11 @@ def plan_folder(
       FolderError: the folder holds no stain image at all.
     """
     if not files:
+        hint = folders.hint_for_input_dir(input_dir)
         raise FolderError(
             f"--input_dir {input_dir} holds no stain images "
             f"({{Id}}_{{{','.join(schemas.STAINS)}}}.{{{','.join(e[1:] for e in stains_lib.EXTENSIONS)}}})"
+            + (f": {hint}" if hint else "")
         )
     listed = sorted(files) if ids is None else list(ids)
     samples, rejected = [], []

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import html
 import io
 import os
 import sys
@@ -50,8 +49,10 @@ import numpy as np
 
 import schemas
 from model import fileio
+from model import report as report_lib
 from model import thresholds as thr
-from model.config import THRESHOLDS_FILE, TTA_CHOICES
+from model.config import HISTORY_FILE, THRESHOLDS_FILE, TTA_CHOICES
+from model.rundir import read_history
 from schemas import cli
 
 __all__ = [
@@ -78,8 +79,12 @@ ROW_TITLES = {
     "fn": "worst false negatives (positives, lowest scores)",
     "top": "highest scores (no labels)",
 }
+CAM_COLORMAP = "inferno"
+REPORT_PER_ROW = 3  # thumbnails per row kind in report.html
+STAIN_NOTE = "stains: red microtubules, green protein, blue nucleus, yellow ER (added to red and green)"
+_IN_SETTINGS = ("Data:", "Models (", "Thresholds:")  # notes that report.html's settings table already shows
+_THUMB_KIND = {"tp": "hit", "fp": "false positive", "fn": "false negative", "top": "top score"}
 _TILE = 160  # display side of one image panel, px
-_TEXT_LINES = 4
 _LINE = 13
 _PAD = 6
 _FONT_SIZE = 11
@@ -200,7 +205,7 @@ def heat_overlay(green: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.n
     """The green stain (grey) with a heat map blended over it: uint8 [H, W] + [H, W] in 0..1 -> uint8 RGB."""
     from matplotlib import colormaps
 
-    heat = colormaps["inferno"](np.clip(cam, 0.0, 1.0))[..., :3]
+    heat = colormaps[CAM_COLORMAP](np.clip(cam, 0.0, 1.0))[..., :3]
     grey = np.repeat((green.astype(np.float64) / 255.0)[..., None], 3, axis=-1)
     return np.clip(255.0 * ((1 - alpha) * grey + alpha * heat), 0, 255).astype(np.uint8)
 
@@ -327,10 +332,12 @@ def _font(size: int | None = None):
         return ImageFont.load_default()
 
 
-def _fit(text: str, width_chars: int) -> str:
-    """Cut to `width_chars`, in Latin-1 (what Pillow's bitmap font draws; other characters become `?`)."""
-    text = text if len(text) <= width_chars else text[: width_chars - 3] + "..."
-    return text.encode("latin-1", "replace").decode("latin-1")
+def _wrap(text: str, width_chars: int) -> list[str]:
+    """Lines of at most `width_chars` (broken at spaces), in Latin-1 (what Pillow's bitmap font draws)."""
+    import textwrap
+
+    text = text.encode("latin-1", "replace").decode("latin-1")
+    return textwrap.wrap(text, width_chars, subsequent_indent="  ") or [""]
 
 
 def _label_text(indices, scores=None) -> str:
@@ -342,100 +349,82 @@ def _label_text(indices, scores=None) -> str:
 
 
 def _tile(image: np.ndarray, cam: np.ndarray, lines: Sequence[str]):
-    """One tile: composite and heat map side by side, text lines under them (a PIL image)."""
+    """One tile: composite and heat map side by side, text lines under them, wrapped, never cut (PIL)."""
     from PIL import Image, ImageDraw
 
     side = _TILE
     composite = Image.fromarray(atlas_composite(image)).resize((side, side), Image.NEAREST)
     green = image[..., schemas.STAINS.index("green")]
     overlay = Image.fromarray(heat_overlay(green, cam)).resize((side, side), Image.NEAREST)
-    tile = Image.new("RGB", (2 * side + _PAD, side + _TEXT_LINES * _LINE + _PAD), "white")
+    chars = (2 * side + _PAD) // 6
+    wrapped = [part for line in lines for part in _wrap(line, chars)]
+    tile = Image.new("RGB", (2 * side + _PAD, side + len(wrapped) * _LINE + _PAD), "white")
     tile.paste(composite, (0, 0))
     tile.paste(overlay, (side + _PAD, 0))
     draw = ImageDraw.Draw(tile)
     font = _font()
-    chars = (2 * side + _PAD) // 6
-    for k, line in enumerate(lines[:_TEXT_LINES]):
-        draw.text((1, side + 2 + k * _LINE), _fit(line, chars), fill="black", font=font)
+    for k, line in enumerate(wrapped):
+        draw.text((1, side + 2 + k * _LINE), line, fill="black", font=font)
     return tile
 
 
 def _sheet(title: Sequence[str], rows: Sequence[tuple[str, list]], per_class: int) -> bytes:
-    """A sheet: title lines, then per row a caption and its tiles; PNG bytes."""
+    """A sheet sized to its content: title lines (wrapped), a colour bar, then per row a caption and its
+    tiles (an empty row is its caption line only); PNG bytes."""
     from PIL import Image, ImageDraw
 
-    tile_w, tile_h = 2 * _TILE + _PAD, _TILE + _TEXT_LINES * _LINE + _PAD
-    head = len(title) * (_LINE + 3) + _PAD
+    tile_w = 2 * _TILE + _PAD
+    most = max((len(tiles) for _, tiles in rows), default=0)
+    width = max(most * (tile_w + 2 * _PAD), 2 * (tile_w + 2 * _PAD))
+    chars = (width - 2 * _PAD) // 7
+    title_lines = [(k == 0, part) for k, line in enumerate(title) for part in _wrap(line, chars)]
+    bar_h = _LINE + 4
+    head = len(title_lines) * (_LINE + 3) + bar_h + 2 * _PAD
     caption = _LINE + 6
-    width = max(per_class * (tile_w + 2 * _PAD), 640)
-    height = head + len(rows) * (caption + tile_h + _PAD)
+    heights = [max((t.size[1] for t in tiles), default=0) for _, tiles in rows]
+    height = head + sum(caption + (h + _PAD if h else 0) for h in heights)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     big, font = _font(_FONT_SIZE + 3), _font(_FONT_SIZE)
-    for k, line in enumerate(title):
-        draw.text((_PAD, _PAD + k * (_LINE + 3)), line, fill="black", font=big if k == 0 else font)
+    y = _PAD
+    for first, line in title_lines:
+        draw.text((_PAD, y), line, fill="black", font=big if first else font)
+        y += _LINE + 3
+    _colour_bar(sheet, draw, (_PAD, y + 2), font)
     y = head
-    for name, tiles in rows:
+    for (name, tiles), h in zip(rows, heights):
         draw.text((_PAD, y + 2), name if tiles else f"{name}: none", fill=(60, 60, 160), font=font)
         y += caption
         for i, tile in enumerate(tiles):
             sheet.paste(tile, (_PAD + i * (tile_w + 2 * _PAD), y))
-        y += tile_h + _PAD
+        y += h + _PAD if h else 0
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", compress_level=1)  # fast: level 6 took as long as the drawing
     return buf.getvalue()
 
 
-def _index_html(cfg: InspectConfig, summary: dict, table: Sequence[dict], labeled: bool) -> str:
-    esc = html.escape
-    head = ["#", "class", "sheet", "threshold"]
-    head += ["support", "predicted", "precision", "recall", "F1"] if labeled else ["predicted"]
-    rows = []
-    for r in table:
-        cells = [str(r["index"]), esc(r["name"]), f'<a href="{esc(r["sheet"])}">{esc(r["sheet"])}</a>']
-        cells.append(f"{r['threshold']:.3f}")
-        if labeled:
-            cells += [str(r["support"]), str(r["predicted"])]
-            cells += [f"{r[k]:.3f}" for k in ("precision", "recall", "f1")]
-        else:
-            cells.append(str(r["predicted"]))
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    notes = [
-        f"data: {esc(cfg.data_dir)}, {esc(summary['subset'])}, {summary['records']} records",
-        f"models ({len(cfg.model_dirs)}, probabilities averaged): {esc(', '.join(cfg.model_dirs))}",
-        (
-            f"scores from {esc(cfg.probabilities)}; "
-            if cfg.probabilities
-            else f"scores averaged over {cfg.tta} test-time transform(s); "
-        )
-        + f"Grad-CAM of the untransformed image from {esc(cfg.model_dirs[0])}"
-        + (" (the first model only)" if len(cfg.model_dirs) > 1 else ""),
-        f"thresholds: {esc(summary['thresholds'])}",
-    ]
-    if labeled and cfg.answers:
-        notes.append(
-            f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds on "
-            f"held-out samples (labels from {esc(cfg.answers)}; the thresholds were tuned on validation "
-            "data). Here a class is predicted when its score reaches its threshold; model.score scores the "
-            "submission, where a row in which no class passes gets its top class, so its figures can differ"
-        )
-    elif labeled:
-        notes.append(
-            f"macro F1 {summary['macro_f1']:.4f}, micro F1 {summary['micro_f1']:.4f} at these thresholds; "
-            "on the fold they were tuned on (the validation fold) this is the optimistic in-sample figure, "
-            "model.evaluate's report.md has the cross-fitted one"
-        )
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>HPA gallery</title>\n"
-        "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:right} "
-        "td:nth-child(2){text-align:left}</style></head><body>\n<h1>Gallery</h1>\n<ul>"
-        + "".join(f"<li>{n}</li>" for n in notes)
-        + "</ul>\n<table>\n<tr>"
-        + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr>\n"
-        + "\n".join(rows)
-        + "\n</table>\n</body></html>\n"
-    )
+def _colour_bar(sheet, draw, at: tuple[int, int], font) -> None:
+    """`Grad-CAM: low [scale] high` drawn at `at`."""
+    from PIL import Image
+
+    x, y = at
+    draw.text((x, y), "Grad-CAM:  low", fill="black", font=font)
+    x += 90
+    bar = Image.fromarray(np.repeat(cam_colours()[None], _LINE - 2, axis=0)).resize((160, _LINE - 2))
+    sheet.paste(bar, (x, y + 1))
+    draw.text((x + 166, y), "high  (where the model saw the class)", fill="black", font=font)
+
+
+def cam_colours(n: int = 256) -> np.ndarray:
+    """[n, 3] uint8: the Grad-CAM colour scale of `heat_overlay`, low to high."""
+    from matplotlib import colormaps
+
+    return (255 * colormaps[CAM_COLORMAP](np.linspace(0.0, 1.0, n))[:, :3]).round().astype(np.uint8)
+
+
+def _fig(value: float | None) -> str:
+    """A ratio for a sheet ('-' where undefined; the sheets' bitmap font has no en dash)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 # --- the job ---------------------------------------------------------------------------------------------
@@ -574,14 +563,15 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
 
     fileio.makedirs(cfg.out)
     metrics = thr.score_predictions(labels, predicted) if labeled else None
-    table = []
+    figures = report_lib.class_figures(labels, predicted) if labeled else None
+    table, thumbs, sheets = [], {}, {}
     for sel in selections:
         c = sel.class_index
         name = schemas.CLASS_NAMES[c]
         rows = []
         for kind, idx in sel.rows.items():
             tiles = []
-            for i in idx:
+            for rank, i in enumerate(idx):
                 true = np.flatnonzero(labels[i]) if labeled else []
                 pred = np.flatnonzero(predicted[i])
                 pred = pred[np.argsort(-scores[i, pred], kind="stable")]
@@ -591,30 +581,38 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
                     f"true: {_label_text(true)}" if labeled else "true: unknown",
                     f"pred: {_label_text(pred, scores[i])}",
                 ]
-                tiles.append(_tile(images[ids[i]], cams[(int(i), c)], lines))
+                image, cam = images[ids[i]], cams[(int(i), c)]
+                tiles.append(_tile(image, cam, lines))
+                if rank < REPORT_PER_ROW:
+                    green = image[..., schemas.STAINS.index("green")]
+                    thumbs.setdefault(c, []).append(
+                        report_lib.Thumb(
+                            atlas_composite(image), heat_overlay(green, cam), lines, _THUMB_KIND[kind]
+                        )
+                    )
             rows.append((ROW_TITLES[kind], tiles))
+        row = {"index": c, "name": name, "sheet": None, "threshold": float(thresholds[c])}
+        row["predicted"] = int(predicted[:, c].sum())
+        if labeled:
+            f = figures[c]
+            row.update(support=f["support"], precision=f["precision"], recall=f["recall"], f1=f["f1"])
+        table.append(row)
+        if not any(tiles for _, tiles in rows):
+            continue  # no sample to show: no blank sheet
         title = [f"{c}: {name}   (threshold {thresholds[c]:.3f})"]
         if labeled:
+            f = figures[c]
             title.append(
-                f"{subset}: F1 {metrics.f1[c]:.3f}, precision {metrics.precision[c]:.3f}, recall "
-                f"{metrics.recall[c]:.3f}, {metrics.support[c]} positives, {metrics.predicted[c]} predicted"
+                f"{subset}: F1 {_fig(f['f1'])}, precision {_fig(f['precision'])}, recall "
+                f"{_fig(f['recall'])}, {f['support']} positives, {f['predicted']} predicted"
             )
         title.append(
-            "each tile: left the atlas RGB composite (yellow added to red and green), right the green stain "
-            f"under the Grad-CAM of {name}; scores: {score_note}; "
+            f"each tile: left the atlas composite ({STAIN_NOTE}), right the green stain under the Grad-CAM "
+            f"of {name}; scores: {score_note}; "
             "Grad-CAM: " + ("first model, " if len(cfg.model_dirs) > 1 else "") + "untransformed image"
         )
         fileio.write_bytes(fileio.join(cfg.out, sheet_name(c)), _sheet(title, rows, cfg.per_class))
-        row = {"index": c, "name": name, "sheet": sheet_name(c), "threshold": float(thresholds[c])}
-        row["predicted"] = int(predicted[:, c].sum())
-        if labeled:
-            row.update(
-                support=int(metrics.support[c]),
-                precision=float(metrics.precision[c]),
-                recall=float(metrics.recall[c]),
-                f1=float(metrics.f1[c]),
-            )
-        table.append(row)
+        row["sheet"] = sheets[c] = sheet_name(c)
     summary = {
         "out": cfg.out,
         "index": fileio.join(cfg.out, INDEX_FILE),
@@ -625,7 +623,21 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         "macro_f1": float(metrics.macro_f1) if labeled else None,
         "micro_f1": float(metrics.micro_f1) if labeled else None,
     }
-    fileio.write_text(summary["index"], _index_html(cfg, summary, table, labeled))
+    fileio.write_text(summary["index"], report_lib.index_html(cfg, summary, table, labeled))
+    summary["report"] = fileio.join(cfg.out, report_lib.REPORT_FILE)
+    page = report_lib.ReportData(
+        title=f"HPA run report: {subset}, {len(ids)} samples",
+        settings=report_lib.settings_rows(cfg, summary, score_note),
+        notes=[n for n in report_lib.notes(cfg, summary, labeled) if not n.startswith(_IN_SETTINGS)],
+        histories={d: read_history(fileio.join(d, HISTORY_FILE)) for d in cfg.model_dirs},
+        thresholds=np.asarray(thresholds, np.float64),
+        scores=scores,
+        labels=labels if labeled else None,
+        thumbs=thumbs,
+        sheets=sheets,
+        colormap=cam_colours(),
+    )
+    fileio.write_text(summary["report"], report_lib.build_html(page))
     end = time.perf_counter()
     summary.update(
         seconds=end - start,
@@ -634,7 +646,8 @@ def run(cfg: InspectConfig, log: Callable[[str], None] = _log) -> dict:
         draw_seconds=end - cammed,
     )
     log(
-        f"wrote {len(table)} sheets ({len(pairs)} tiles from {len(ids)} records) and {summary['index']} in "
+        f"wrote {len(sheets)} sheets ({len(pairs)} tiles from {len(ids)} records), {summary['report']} and "
+        f"{summary['index']} in "
         f"{summary['seconds']:.1f} s (scoring {summary['score_seconds']:.1f} s, Grad-CAM "
         f"{summary['cam_seconds']:.1f} s, drawing {summary['draw_seconds']:.1f} s)"
     )
@@ -723,7 +736,7 @@ def _validation_fold(model_dirs: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = InspectConfig(model_dirs=("x",), data_dir="", out="")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Write image galleries: per class, the top true positives, worst false positives and worst "

@@ -24,6 +24,15 @@ per dir; they are not averaged, since thresholds for the ensemble's averaged pro
 on pooled predictions: the job stops and asks for `model.evaluate` over all dirs, or an explicit
 `--thresholds PATH` (which then overrides the dirs' files).
 
+Thresholds for an ensemble (`--ensemble_thresholds`, several model dirs): the thresholds were tuned on single
+models' out-of-fold scores, but the job applies them to the average of the models, whose scores are less
+spread out. `rate` keeps each class's decision rate: per class, the
+share of (model, sample) pairs whose single-model score passes the tuned threshold on the samples being
+predicted, and the ensemble's threshold keeps that share of the averaged scores
+(`model.thresholds.ensemble_thresholds`; no labels are used). It needs at least MIN_RATE_SAMPLES records
+(with fewer the tuned values are applied, with a warning). `as_tuned` (the default here and in the fold
+driver; the Beam batch prediction has no rate matching) applies the tuned values to the average unchanged.
+
 When no class passes its threshold, `--empty top1` (default; every sample of the competition has at least
 one label) predicts the class with the largest score - threshold margin, `--empty none` leaves the row empty.
 
@@ -77,6 +86,8 @@ from schemas import cli
 
 __all__ = [
     "EMPTY_RULES",
+    "ENSEMBLE_RULES",
+    "add_ensemble_flag",
     "add_prediction_flags",
     "PROB_CLASS_NAMES",
     "PROB_IDS",
@@ -98,6 +109,9 @@ __all__ = [
 ]
 
 PROG = "hpa-predict"
+ENSEMBLE_RULES = ("rate", "as_tuned")
+# Fewer records than this give too coarse a decision rate per class for `--ensemble_thresholds rate`.
+MIN_RATE_SAMPLES = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +130,8 @@ class PredictConfig:
       empty: what a row gets when no class passes: `top1` or `none`.
       probabilities: where to write the averaged probabilities (.npz or .csv), or None.
       batch_size: records per batch.
+      ensemble_thresholds: with several models, `rate` (thresholds matched to the average: each class keeps
+        the single models' decision rate) or `as_tuned` (see the module's docstring).
     """
 
     data_dir: str | None = None
@@ -128,6 +144,7 @@ class PredictConfig:
     empty: str = "top1"
     probabilities: str | None = None
     batch_size: int = 32
+    ensemble_thresholds: str = "as_tuned"
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (self.input_dir is None):
@@ -146,6 +163,10 @@ class PredictConfig:
             raise PredictError(f"empty must be one of {EMPTY_RULES}, got {self.empty!r}")
         if self.batch_size < 1:
             raise PredictError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ensemble_thresholds not in ENSEMBLE_RULES:
+            raise PredictError(
+                f"ensemble_thresholds must be one of {ENSEMBLE_RULES}, got {self.ensemble_thresholds!r}"
+            )
         if self.probabilities is not None and not self.probabilities.endswith((".npz", ".csv")):
             raise PredictError(f"--probabilities must end in .npz or .csv, got {self.probabilities!r}")
 
@@ -178,7 +199,7 @@ def _inspect_model_dir(model_dir: str) -> _ModelDir:
     for name in (MODEL_FILE, CONFIG_FILE):
         if not fileio.exists(fileio.join(model_dir, name)):
             raise PredictError(
-                f"{model_dir} has no {name}: not the model dir of a finished training run (./run_train.sh)"
+                f"{model_dir} has no {name}: not the model dir of a finished training run (hpa-train)"
             )
     config_path = fileio.join(model_dir, CONFIG_FILE)
     try:
@@ -227,7 +248,7 @@ def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None)
         if not fileio.exists(path):
             raise PredictError(
                 f"{d} has no {THRESHOLDS_FILE}: tune them first with "
-                f"`python -m model.evaluate --model_dir {' '.join(model_dirs)}`, or give --thresholds PATH"
+                f"`hpa-evaluate --model_dir {' '.join(model_dirs)}`, or give --thresholds PATH"
             )
         files.append(path)
     values = [load(p) for p in files]
@@ -236,7 +257,7 @@ def resolve_thresholds(model_dirs: Sequence[str], thresholds: str | None = None)
             raise PredictError(
                 f"{files[0]} and {path} hold different thresholds (tuned separately per fold?): thresholds "
                 "for an ensemble must be tuned on the folds' pooled predictions, "
-                f"`python -m model.evaluate --model_dir {' '.join(model_dirs)} --out DIR`, "
+                f"`hpa-evaluate --model_dir {' '.join(model_dirs)} --out DIR`, "
                 "or give one file with --thresholds PATH"
             )
     return values[0], files[0]
@@ -265,10 +286,12 @@ def predict_scores(
     num_records: int | None = None,
     log: Callable[[str], None] | None = print,
     progress_seconds: float = 15.0,
+    members: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores a dataset of (images, labels, ids) batches with every model under every transform.
 
     Each batch is decoded once; the probabilities are averaged over the transforms, then over the models.
+    `members`, if a list, receives each model's own (TTA-averaged) scores: one [K, N, NUM_CLASSES] array.
 
     Returns:
       (ids as str [N], float64 scores [N, NUM_CLASSES]) in dataset order.
@@ -278,12 +301,14 @@ def predict_scores(
     from model.model import tta_average
 
     ids: list[str] = []
-    chunks = []
+    chunks, member_chunks = [], []
     start = last = time.perf_counter()
     try:
         for images, _, batch_ids in dataset:
             per_model = [tta_average(m.predict_on_batch, images, transforms) for m in models]
             chunks.append(np.mean(per_model, axis=0))
+            if members is not None:
+                member_chunks.append(np.stack(per_model).astype(np.float64))
             ids.extend(i.decode("utf-8") for i in batch_ids.numpy())
             now = time.perf_counter()
             if log is not None and now - last >= progress_seconds:
@@ -295,6 +320,9 @@ def predict_scores(
             f"a record could not be decoded at the models' image size (mixed image sizes in the shards?): "
             f"{e.message.splitlines()[0]}"
         ) from None
+    if members is not None:
+        shape = (len(models), 0, schemas.NUM_CLASSES)
+        members.append(np.concatenate(member_chunks, axis=1) if member_chunks else np.zeros(shape))
     if not chunks:
         return np.array([], dtype=str), np.zeros((0, schemas.NUM_CLASSES))
     return np.array(ids, dtype=str), np.concatenate(chunks)
@@ -311,7 +339,7 @@ def count_test_records(data_dir: str, image_size: int) -> int:
       PredictError: no readable manifest, or images of another size.
     """
     try:
-        manifest = schemas.read_manifest(data_dir)
+        manifest = schemas.read_manifest(data_dir, command=PROG)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
     height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
@@ -322,6 +350,17 @@ def count_test_records(data_dir: str, image_size: int) -> int:
         )
     written = manifest.get(schemas.MANIFEST_WRITTEN, {})
     return int(written.get(schemas.written_key(schemas.UNLABELED_FOLD), 0))
+
+
+def warn_if_tta_differs(dirs: Sequence, cfg: PredictConfig, log: Callable[[str], None]) -> None:
+    """Warns when the model dirs' thresholds were tuned on predictions of another TTA than --tta."""
+    tuned_tta = sorted({d.val_tta for d in dirs})
+    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
+        log(
+            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
+            f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
+            f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
+        )
 
 
 def _shard_input(cfg: PredictConfig, image_size: int):
@@ -373,12 +412,27 @@ def _same_path(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def check_source_folder(data_dir: str | None, input_dir: str | None, command: str) -> None:
+    """Stops at once when --data_dir is an image folder or --input_dir a preprocessing output (local paths).
+
+    Raises:
+      PredictError: the folder is of the other flag's kind; the message names that flag.
+    """
+    from schemas import folders
+
+    if data_dir is not None and folders.kind_of(data_dir) == folders.IMAGES:
+        raise PredictError(f"--data_dir {folders.hint_for_data_dir(data_dir, command)}")
+    if input_dir is not None and folders.kind_of(input_dir) in (folders.SHARDS, folders.RAW, folders.MODEL):
+        raise PredictError(f"--input_dir {folders.hint_for_input_dir(input_dir)}")
+
+
 def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     """Runs the prediction job; returns a summary (paths, counts, predicted labels per row).
 
     Raises:
       PredictError: bad inputs (the message says what to do).
     """
+    check_source_folder(cfg.data_dir, cfg.input_dir, PROG)
     wanted = read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
     thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
@@ -397,13 +451,7 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         dataset, num_records = _shard_input(cfg, image_size)
         listed = wanted
     transforms = tta_transforms(cfg.tta)
-    tuned_tta = sorted({d.val_tta for d in dirs})
-    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
-        log(
-            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
-            f"averages {cfg.tta} transform(s); averaging shrinks scores, so the thresholds may fit less well "
-            f"(train with --val_tta {cfg.tta}, or predict with --tta {tuned_tta[0]})"
-        )
+    warn_if_tta_differs(dirs, cfg, log)
     ids, scores, seconds = np.array([], dtype=str), np.zeros((0, schemas.NUM_CLASSES)), 0.0
     if num_records or cfg.input_dir is None:
         log(f"loading {len(dirs)} model(s): {', '.join(cfg.model_dirs)}")
@@ -413,9 +461,13 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
             f"{len(models)} model(s) x {len(transforms)} transform(s) {list(transforms)}"
         )
         start = time.perf_counter()
-        ids, scores = predict_scores(models, dataset, transforms, num_records or None, log)
+        members: list | None = [] if len(models) > 1 and cfg.ensemble_thresholds == "rate" else None
+        ids, scores = predict_scores(models, dataset, transforms, num_records or None, log, members=members)
         seconds = time.perf_counter() - start
         log(f"scored {len(ids)} samples in {seconds:.1f} s")
+        if members is not None:
+            scores = members[0].mean(axis=0)  # the same float64 average the matched thresholds are cut on
+            thresholds = _ensemble_thresholds(thresholds, members[0], log)
     if len(ids) == 0 and cfg.input_dir is None:
         raise PredictError(f"the test shards of {cfg.data_dir} hold no records")
 
@@ -469,8 +521,29 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
         "tta": list(transforms),
         "models": list(cfg.model_dirs),
         "thresholds": thresholds_source,
+        "ensemble_thresholds": cfg.ensemble_thresholds if len(cfg.model_dirs) > 1 else None,
         "seconds": seconds,
     }
+
+
+def _ensemble_thresholds(tuned: np.ndarray, members: np.ndarray, log: Callable[[str], None]) -> np.ndarray:
+    """The tuned thresholds matched to the models' average (--ensemble_thresholds rate) if records suffice."""
+    from model import thresholds as thr
+
+    k, n = members.shape[:2]
+    if n < MIN_RATE_SAMPLES:
+        log(
+            f"warning: {n} record(s) are too few to match the thresholds to the ensemble's average (needs "
+            f"{MIN_RATE_SAMPLES}); the tuned values are applied as they are"
+        )
+        return tuned
+    matched = thr.ensemble_thresholds(tuned, members)
+    log(
+        f"thresholds matched to the average of {k} models: each class keeps the single models' decision "
+        f"rate on these {n} records (--ensemble_thresholds rate); mean threshold {tuned.mean():.3f} -> "
+        f"{matched.mean():.3f}"
+    )
+    return matched
 
 
 def add_prediction_flags(p: argparse.ArgumentParser, *, tta: int, empty: str) -> None:
@@ -533,7 +606,7 @@ def prediction_flags(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags."""
     d = PredictConfig(data_dir="", model_dirs=("x",), out="x")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Score the unlabeled (test) shards of a preprocessed set, or a folder of stain images, with one "
@@ -545,7 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prediction_flags(p, tta=d.tta, empty=d.empty)
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="records per batch")
+    add_ensemble_flag(p, d.ensemble_thresholds)
     return p
+
+
+def add_ensemble_flag(p: argparse.ArgumentParser, default: str) -> None:
+    """--ensemble_thresholds, of this job and of the fold driver (model/cv.py)."""
+    p.add_argument(
+        "--ensemble_thresholds",
+        choices=ENSEMBLE_RULES,
+        default=default,
+        help="several models: rate = match the thresholds to the models' average (each class keeps the "
+        "single models' decision rate on the predicted records), as_tuned = apply them unchanged",
+    )
 
 
 @cli.command(PROG)
@@ -553,7 +638,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.predict`; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
     return cli.run_or_bad_input(
-        PROG, PredictError, lambda: run(PredictConfig(**prediction_flags(args), batch_size=args.batch_size))
+        PROG,
+        PredictError,
+        lambda: run(
+            PredictConfig(
+                **prediction_flags(args),
+                batch_size=args.batch_size,
+                ensemble_thresholds=args.ensemble_thresholds,
+            )
+        ),
     )
 
 

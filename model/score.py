@@ -11,7 +11,6 @@ Local paths and gs:// (through `model.fileio`) both work.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -142,7 +141,7 @@ def render_table(result: dict) -> str:
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m model.score`; returns the exit status (2 on bad input)."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Score a submission file (Id,Predicted) against answers (Id,Target): macro F1 and per class."

@@ -51,6 +51,7 @@ __all__ = [
     "apply_thresholds",
     "best_f1_thresholds",
     "cross_fit",
+    "ensemble_thresholds",
     "fit_thresholds",
     "load_thresholds",
     "save_thresholds",
@@ -286,6 +287,37 @@ def tune_thresholds(
     return fit_thresholds(y_true, y_score, config, prior).values
 
 
+def ensemble_thresholds(thresholds, member_scores) -> np.ndarray:
+    """Thresholds for the average of K models' scores, from thresholds tuned on single models' scores.
+
+    Out-of-fold thresholds are tuned on one model's scores per sample; the fold ensemble averages K models,
+    whose mean is less spread out (the models' errors partly cancel), so a threshold fitted to one model's
+    scores cuts the average at another place: for a class whose tuned threshold lies in the upper tail, fewer
+    samples reach it, for one in the lower tail more. This keeps each class's decision rate instead: the
+    share q of (model, sample) pairs whose single-model score passes the class's threshold is measured on
+    these very samples (no labels needed), and the ensemble's threshold keeps the top round(q * n) averaged
+    scores (`_rate_threshold`). With K = 1 it predicts exactly what the tuned thresholds predict.
+
+    Args:
+      thresholds: [C] thresholds tuned on single models' (pooled out-of-fold) scores.
+      member_scores: [K, n, C] each model's scores of the same n samples (K >= 1, n >= 1).
+
+    Returns:
+      float64 [C] thresholds for `member_scores.mean(axis=0)`.
+    """
+    members = np.asarray(member_scores, dtype=np.float64)
+    values = np.asarray(thresholds, dtype=np.float64)
+    if members.ndim != 3 or members.shape[0] < 1 or members.shape[1] < 1:
+        raise ValueError(f"member_scores must be [models, samples, classes], got shape {members.shape}")
+    if values.shape != members.shape[2:]:
+        raise ValueError(f"{values.shape} thresholds do not fit member scores of shape {members.shape}")
+    if not np.isfinite(members).all():
+        raise ValueError("member_scores holds NaN or infinite values")
+    share = (members >= values).mean(axis=(0, 1))
+    average = members.mean(axis=0)
+    return np.array([_rate_threshold(average[:, c], float(share[c])) for c in range(values.shape[0])])
+
+
 def apply_thresholds(y_score, thresholds, at_least_one: bool = False) -> np.ndarray:
     """Binary predictions: score >= threshold, per class.
 
@@ -483,7 +515,7 @@ def load_thresholds(path: str) -> ThresholdFit:
         text = fileio.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} not found: tune thresholds first (python -m model.evaluate)"
+            f"{path} not found: tune thresholds first (hpa-evaluate)"
         ) from None
     try:
         data = json.loads(text)

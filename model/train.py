@@ -27,6 +27,8 @@ from model import presets
 from model.config import (  # noqa: F401 - the output names are also this module's (train.MODEL_FILE, ...)
     BACKBONES,
     BACKUP_DIR,
+    CACHE_MEMORY,
+    CACHE_NONE,
     EXPORT_DIR,
     HISTORY_FILE,
     INPUT_NORM_CHOICES,
@@ -67,7 +69,7 @@ PROG = "hpa-train"
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags (defaults from the config dataclasses)."""
     d, m, t = DataConfig(), ModelConfig(), TrainConfig(data_dir="", model_dir="")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description="Train a four-stain protein localisation classifier on the preprocessing job's shards.",
         formatter_class=_HelpFormatter,
@@ -218,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         "thresholds tuned on it fit the prediction's scores",
     )
     p.add_argument(
-        "--shuffle_buffer", type=int, default=d.shuffle_buffer, help="records in the shuffle buffer"
+        "--shuffle_buffer",
+        type=int,
+        default=d.shuffle_buffer,
+        help="records in the shuffle buffer (without --cache; a cache serves a new permutation every epoch)",
     )
     p.add_argument("--no_augment", action="store_true", help="no flips / right-angle rotations")
     p.add_argument(
@@ -253,18 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache",
         default=d.cache,
         metavar="none|memory|DIR",
-        help="keep the decoded stains of the training and validation folds after one pass, so later epochs "
-        "skip the PNG decoding (the cost that limits training on few cores); they take samples x H x W x 4 "
-        "bytes (1 MiB per 512 px sample, 32 GiB for 31,072 samples). memory: filled during the first epoch, "
-        "when that fits in free memory. DIR: a directory on a local disk, filled before the first epoch and "
-        "reused by later runs on the same data (keyed by the manifest and shards; a cache of other data or "
-        "a half-written one is rebuilt). none: decode every epoch (enough when the accelerator is slower "
-        "than the cores' decoding)",
+        help="decode every labelled record of the dataset once (all folds) and train from the decoded stains "
+        "in a new uniformly random order every epoch, skipping the PNG decoding (the cost that limits "
+        "training on few cores); they take samples x H x W x 4 bytes (1 MiB per 512 px sample, 30 GiB for "
+        "31,072 samples). DIR: a directory on a local disk, filled before the first epoch, shared by every "
+        "fold and every process on the host (one fills, the others wait, all read one copy through the page "
+        "cache), reused by later runs on the same data (see docs/cache.md). memory: the same in this "
+        "process's memory, one copy per process. none: decode every epoch (enough when the accelerator is "
+        "slower than the cores' decoding)",
+    )
+    p.add_argument(
+        "--cache_keep",
+        type=int,
+        default=d.cache_keep,
+        metavar="N",
+        help="caches --cache DIR keeps, this dataset's included: caches of other data beyond N - 1 are "
+        "removed (least recently used first), one line each",
+    )
+    p.add_argument(
+        "--cache_info",
+        action="store_true",
+        help="list what the --cache DIR folder holds (each cache: data, samples, folds, size, last use) and "
+        "exit; needs no other flag",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a model_dir holding another or finished run"
     )
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
     return p
 
 
@@ -311,6 +330,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         tf_data_service=args.tf_data_service,
         seed=args.seed,
         cache=args.cache,
+        cache_keep=args.cache_keep,
         deterministic=args.deterministic,
     )
     model = ModelConfig(
@@ -422,15 +442,33 @@ def run(argv: Sequence[str] | None = None) -> dict:
     plan = resolve_settings(cfg, dev)
     preflight(plan, dev, args.preflight)  # before anything is written or read
     work = prepare_work_dir(plan, dev, args.overwrite)
-    train_ds, val_ds = make_data(plan, dev)
+    train_ds, val_ds = make_data(plan, dev, work.initial_epoch)
     model = build_and_compile(plan, dev, train_ds)
-    rows = fit(model, plan, dev, work, train_ds, val_ds, args.verbose)
+    rows = fit(model, plan, dev, work, train_ds, val_ds)
     return write_outputs(model, plan, dev, work, rows)
+
+
+def _cache_info(argv: list[str]) -> int:
+    """`--cache DIR --cache_info`: prints what the cache folder holds (no other flag needed)."""
+    p = argparse.ArgumentParser(prog=PROG)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--cache_info", action="store_true")
+    args, _ = p.parse_known_args(argv)
+    if args.cache in (CACHE_NONE, CACHE_MEMORY):
+        raise ConfigError("--cache_info needs --cache DIR (a cache directory)")
+    from model import cache as cache_lib
+
+    for line in cache_lib.cache_info(args.cache):
+        print(line, flush=True)
+    return 0
 
 
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the job, turning ConfigError into a one-line error and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cache_info" in argv:
+        return cli.run_or_bad_input(PROG, ConfigError, lambda: _cache_info(argv))
     return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
 
 

@@ -23,7 +23,6 @@ from model import fileio, rundir
 from model.config import (
     BACKUP_DIR,
     BEST_WEIGHTS,
-    CACHE_NONE,
     EXPORT_DIR,
     F1_METRIC,
     HISTORY_FILE,
@@ -186,7 +185,7 @@ def resolve_settings(cfg: TrainConfig, dev: devices_lib.Devices) -> Plan:
     cfg, train_folds, written = resolve_config(cfg, manifest)
     from model import data as data_lib
 
-    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest, [train_folds, [cfg.val_fold]])
+    data_lib.check_cache_room(cfg.data, cfg.data_dir, manifest)
     _fetch_weights_and_seed(cfg)
 
     n_train = sum(written[f] for f in train_folds)
@@ -327,24 +326,35 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
     return WorkDir(path=path, initial_epoch=initial_epoch, history_rows=history_rows)
 
 
-def make_data(plan: Plan, dev: devices_lib.Devices):
-    """(training, validation) tf.data datasets, split between the workers of a multi-worker run."""
+def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
+    """(training, validation) tf.data datasets, split between the workers of a multi-worker run.
+
+    With a cache the training order of epoch e is a function of (seed, e): a run resumed after
+    `initial_epoch` epochs reads the orders the uninterrupted run would have.
+    """
     from model import data as data_lib
 
     cfg = plan.cfg
+    split = data_lib.worker_split(dev.cluster, dev.strategy.num_replicas_in_sync)
     train_ds = data_lib.make_dataset(
-        cfg.data_dir, plan.train_folds, cfg.data, training=True, manifest=plan.manifest, counts=plan.counts
+        cfg.data_dir,
+        plan.train_folds,
+        cfg.data,
+        training=True,
+        manifest=plan.manifest,
+        counts=plan.counts,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=plan.steps_per_epoch,
+        split=split,
     )
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=plan.manifest
     )
     if dev.replicas > 1:  # no replica may get an empty last batch: pads of weight 0
         val_ds = data_lib.pad_for_replicas(val_ds, plan.n_val, dev.replicas, cfg.data.batch_size)
-    if dev.cluster is not None:
+    if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, plan.train_folds))
-        # A cache serves decoded elements, not files: split those.
-        by_file = files >= dev.cluster.workers and cfg.data.cache == CACHE_NONE
-        train_ds = devices_lib.shard_by(train_ds, "FILE" if by_file else "DATA")
+        train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
     return train_ds, val_ds
@@ -367,13 +377,15 @@ def build_and_compile(plan: Plan, dev: devices_lib.Devices, train_ds):
     return model
 
 
-def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds, verbose: int):
+def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, val_ds):
     """Trains with the run's callbacks, then loads the best checkpoint; returns history.csv's rows.
+
+    Progress: Keras' bar on a terminal, else a line per epoch (model/progress.py).
 
     Every worker loads its best checkpoint (the same weights everywhere: validation loss is global).
     """
     from model import callbacks as callbacks_lib
-    from model import keras_compat
+    from model import keras_compat, progress
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
@@ -384,7 +396,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
         plan.steps_per_epoch,
         _schedule(cfg, plan.steps_per_epoch),
         warn=_print,
-    )
+    ) + progress.progress_callbacks()
     with keras_compat.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
             train_ds,
@@ -393,7 +405,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
             validation_data=val_ds,
             validation_steps=plan.validation_steps,
             callbacks=callbacks,
-            verbose=verbose,
+            verbose=progress.fit_verbosity(),
         )
     best = fileio.join(work.path, BEST_WEIGHTS)
     if fileio.exists(best):

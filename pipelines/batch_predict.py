@@ -115,6 +115,7 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
             f"--out {cfg.out} lies in {cfg.source}, where its {schemas.REJECTED_FILE} would replace the "
             "preprocessing job's or an input: write the submission elsewhere"
         )
+    predict.check_source_folder(cfg.data_dir, cfg.input_dir, PROG)
     wanted = predict.read_id_list(cfg.ids_csv) if cfg.ids_csv else None
     dirs = [predict._inspect_model_dir(d) for d in cfg.model_dirs]  # noqa: SLF001 - model.predict's check
     thresholds, source = predict.resolve_thresholds(cfg.model_dirs, cfg.thresholds)
@@ -139,17 +140,11 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
         if not _has_images_signature(export):
             raise PredictError(
                 f"{export} has no images signature (exported by an older version of the training job): "
-                "predict with `python -m model.predict`, or train again"
+                "predict with hpa-predict, or train again"
             )
         exports.append(export)
     transforms = predict.tta_transforms(cfg.tta)
-    tuned_tta = sorted({d.val_tta for d in dirs})
-    if cfg.thresholds is None and tuned_tta != [cfg.tta]:
-        log(
-            f"warning: the thresholds were tuned on validation predictions with TTA {tuned_tta} but this run "
-            f"averages {cfg.tta} transform(s) (train with --val_tta {cfg.tta}, or predict with "
-            f"--tta {tuned_tta[0]})"
-        )
+    predict.warn_if_tta_differs(dirs, cfg, log)
     return Inputs(
         image_size=image_size,
         num_records=num_records,
@@ -230,7 +225,7 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: s
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags (model.predict's, with --data_dir | --input_dir); unknown flags go to Beam."""
     d = JobConfig(data_dir="x", input_dir=None, model_dirs=("x",), out="x")
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description=(
             "model.predict as an Apache Beam pipeline: score the test shards of a preprocessed set, or a "

@@ -11,21 +11,29 @@ import argparse
 import os
 from typing import Sequence
 
+from schemas import cli
+
 
 def reject_unknown_beam_flags(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
     """Exits through `parser.error` (status 2) when a flag left for Beam is no Beam pipeline option either.
 
+    The error line names the closest flag of the job or of Beam (`did you mean --temp_location?`).
+
     Args:
       parser: the job's own parser (for its usage line and prog).
-      beam_args: what `parser.parse_known_args` left over.
+      beam_args: what `parser.parse_known_args` left over (`--flag-name` already spelt `--flag_name`).
     """
     from apache_beam.options.pipeline_options import PipelineOptions
 
     given = PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
-    unknown = sorted(set(given) - set(PipelineOptions([]).get_all_options()))
+    beam_flags = set(PipelineOptions([]).get_all_options())
+    unknown = sorted(set(given) - beam_flags)
     if unknown:
-        flags = ", ".join(f"--{name}" for name in unknown)
-        parser.error(f"unrecognized arguments: {flags} (neither flags of this job nor Beam pipeline options)")
+        known = [f"--{name}" for name in beam_flags] + [
+            s for action in parser._actions for s in action.option_strings if s.startswith("--")
+        ]
+        message = cli.unrecognized([f"--{name}" for name in unknown], known)
+        parser.error(f"{message}: neither flags of this job nor Beam pipeline options")
 
 
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "PrismRunner")

@@ -37,7 +37,6 @@ stain under its final name; a rerun deletes the leftovers.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import csv
@@ -542,7 +541,7 @@ def build_pipeline(p: beam.Pipeline, cfg: DownloadConfig, ids: list[str], partia
 def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     """Job flags -> DownloadConfig; unknown flags are returned for Beam's PipelineOptions."""
     d = DownloadConfig(labels_csv="", output_dir="")
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description="Download the four stain images of every atlas Id of a label file (e.g. the external "
         "HPAv18 set) into one folder that the preprocessing job reads as its --input_dir. Any Beam option "

@@ -29,7 +29,6 @@ Shards are byte-identical for the same inputs and seed, whatever the order of th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import posixpath
@@ -154,7 +153,7 @@ def build_pipeline(
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     """Job flags -> JobConfig; unknown flags are returned for Beam's PipelineOptions."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description="Merge the four stain images of every sample into fold-tagged, sharded TFRecords. "
         "Any Beam option (--runner DataflowRunner --project P --region R --temp_location gs://...) passes "

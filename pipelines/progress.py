@@ -53,5 +53,9 @@ class Progress(progress_files.Printer):
             total_work += n
             pct = 100.0 * n / self._total if self._total else 100.0
             parts.append(f"{phase} {n}/{self._total} ({pct:.0f}%, {rejected} rejected)")
+        if total_work == 0:
+            return f"{self._prog}: starting the Beam workers (loading TensorFlow), {elapsed:.0f} s"
+        if total_work >= self._total * len(self._phases):
+            return f"{self._prog}: every sample handled; Beam finishes its last steps, {elapsed:.0f} s"
         rate = total_work / max(elapsed, 1e-9)
         return f"{self._prog}: {', '.join(parts)}, {rate:.1f} samples/s, {elapsed:.0f} s"

@@ -9,8 +9,10 @@ Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `m
   file, a flag the data contradicts...): one line `hpa-x: error: ...` on stderr, no traceback. 1: a failure
   while running (any other exception), reported with its traceback. `HPA_TRACEBACK=1` in the environment
   prints the traceback of bad-input errors too.
-- run as a command (`argv=None`), TensorFlow's C++ logging is cut to errors unless TF_CPP_MIN_LOG_LEVEL is
-  set.
+- flags may be spelt `--flag-name` too; an unknown flag is one line naming the closest known one
+  (`did you mean --epochs?`), and every usage error is that line plus `see hpa-x --help` (`ArgumentParser`).
+- run as a command (`argv=None`), the libraries' start-up and deprecation lines are silenced
+  (schemas/console.py); `-v`/`--verbose` or HPA_LOG=debug brings them back.
 - every command lets TensorFlow take GPU memory as it needs it (TF_FORCE_GPU_ALLOW_GROWTH=true unless the
   environment sets it), so several processes can share one GPU (batch prediction's workers, one process per
   GPU); TensorFlow reads it when it first sets up a GPU, in this process and in the workers it starts.
@@ -20,7 +22,7 @@ A command's module follows this pattern:
     PROG = "hpa-x"
 
     def build_parser() -> argparse.ArgumentParser:
-        return argparse.ArgumentParser(prog=PROG, description=...)
+        return cli.ArgumentParser(prog=PROG, description=...)
 
     @cli.command(PROG)
     def main(argv: Sequence[str] | None = None) -> int:
@@ -43,11 +45,16 @@ below both jobs, beside the record and input-file contracts.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
 import os
+import re
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
+
+from schemas import console
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -121,7 +128,7 @@ def command(prog: str) -> Callable[[Main], Main]:
         def entry(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault(GPU_GROWTH_ENV, "true")
             if argv is None:  # run as a command, not called from Python
-                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+                quiet_unless_verbose()
             try:
                 return main(argv)
             except _bad_input_types() as e:
@@ -135,3 +142,147 @@ def command(prog: str) -> Callable[[Main], Main]:
         return entry
 
     return decorate
+
+
+def quiet_unless_verbose(argv: Sequence[str] | None = None) -> None:
+    """Silences the libraries' console chatter unless -v/--verbose or HPA_LOG=debug asks for it.
+
+    The packages `model` and `pipelines` already did this before their imports when run as a command; this
+    call covers a `main` reached another way (and is a no-op after the first).
+    """
+    console.set_verbosity(not console.verbose_requested(argv))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags: one parser class for every command.
+
+_LONG_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def normalise_flags(argv: Iterable[str]) -> list[str]:
+    """argv with `--flag-name` (and `--flag-name=value`) spelt `--flag_name`, up to a `--` terminator.
+
+    Every flag of the project and every Beam pipeline option is snake_case, so the dashes never mean
+    anything else; values are left alone.
+    """
+    out, rest = [], False
+    for arg in argv:
+        if not rest and arg == "--":
+            rest = True
+        elif not rest:
+            name, eq, value = arg.partition("=")
+            if _LONG_FLAG.fullmatch(name):
+                arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def closest_flag(flag: str, known: Iterable[str]) -> str | None:
+    """The known flag most like `flag` (a misspelling, a dropped or swapped letter), or None."""
+    name = flag.split("=", 1)[0]
+    matches = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unrecognized(args: Sequence[str], known: Iterable[str]) -> str:
+    """`unrecognized arguments: --epcohs (did you mean --epochs?), 3`: the extras, flags with a suggestion."""
+    known = list(known)
+    parts = []
+    for arg in args:
+        hint = closest_flag(arg, known) if arg.startswith("--") else None
+        parts.append(f"{arg} (did you mean {hint}?)" if hint else arg)
+    return "unrecognized arguments: " + ", ".join(parts)
+
+
+class _Verbosity(argparse.Action):
+    """-v / -vv / --verbose [N]: how much of the libraries' output to show (0: none, the default)."""
+
+    def __init__(self, option_strings, dest, default=0, help=None):
+        super().__init__(option_strings, dest, nargs="?", default=default, help=help, metavar="N")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        level = getattr(namespace, self.dest, 0)
+        level = level if isinstance(level, int) else 0
+        if values is None:
+            level += 1
+        elif re.fullmatch(r"v+", values):  # -vv
+            level += 1 + len(values)
+        elif values.isdigit():
+            level = int(values)
+        else:
+            parser.error(f"{option_string} takes a number or nothing, not {values!r}")
+        setattr(namespace, self.dest, level)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser with the family's conventions.
+
+    - `--flag-name` is read as `--flag_name` (`normalise_flags`), Beam's pass-through options too;
+    - an unknown flag is an error that names the closest known one, found before any missing required flag
+      is reported (a misspelt `--data_dri` says so, not that `--data_dir` is missing);
+    - every usage error is two lines: `prog: error: ...` and `see prog --help` (exit 2);
+    - `-v`/`--verbose` is a flag of every command (see schemas/console.py), unless `verbose=False`.
+    """
+
+    def __init__(self, *args, verbose: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if verbose:
+            self.add_argument(
+                "-v",
+                "--verbose",
+                action=_Verbosity,
+                help="show the libraries' own logging (TensorFlow, absl, Beam), silenced by default; also "
+                "HPA_LOG=debug in the environment",
+            )
+
+    def long_flags(self) -> list[str]:
+        """This parser's `--flags`."""
+        return [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+
+    def _is_flag(self, arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        flags = self.long_flags()
+        if name in flags:
+            return True
+        return self.allow_abbrev and sum(f.startswith(name) for f in flags) == 1
+
+    def unknown_flags(self, argv: Sequence[str]) -> list[str]:
+        """The `--flags` of argv that this parser does not know (up to a `--` terminator)."""
+        unknown = []
+        for arg in argv:
+            if arg == "--":
+                break
+            if _LONG_FLAG.fullmatch(arg.split("=", 1)[0]) and not self._is_flag(arg):
+                unknown.append(arg.split("=", 1)[0])
+        return unknown
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = normalise_flags(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        args = normalise_flags(sys.argv[1:] if args is None else args)
+        unknown = self.unknown_flags(args)
+        if unknown:
+            self.error(unrecognized(unknown, self.long_flags()))
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras, self.long_flags()))
+        return parsed
+
+    def error(self, message: str):
+        """One line `prog: error: message` and `see prog --help`, exit status 2 (no usage block)."""
+        message = _with_closest_choice(message)
+        if self.exit_on_error is False:
+            raise argparse.ArgumentError(None, message)
+        self.exit(EXIT_BAD_INPUT, f"{error_line(self.prog, message)}\nsee {self.prog} --help\n")
+
+
+def _with_closest_choice(message: str) -> str:
+    """argparse's `invalid choice: 'smal' (choose from ...)` with `: did you mean 'small'?` added."""
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if not m:
+        return message
+    choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+    close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+    return f"{message}: did you mean '{close[0]}'?" if close else message

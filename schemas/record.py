@@ -329,8 +329,10 @@ def written_key(fold: int) -> str:
     return TEST_SHARD_PREFIX if fold == UNLABELED_FOLD else str(fold)
 
 
-def read_manifest(data_dir: str) -> dict:
+def read_manifest(data_dir: str, command: str = "") -> dict:
     """Reads and checks a dataset's manifest.json (local or gs://).
+
+    `command` (`hpa-predict`...) words the hint when data_dir is another kind of folder (schemas/folders.py).
 
     Raises:
       FileNotFoundError: no manifest: not a finished preprocessing output.
@@ -342,9 +344,11 @@ def read_manifest(data_dir: str) -> dict:
 
     path = posixpath.join(data_dir, MANIFEST_FILE)
     if not tf.io.gfile.exists(path):
+        from schemas import folders
+
+        hint = folders.hint_for_data_dir(data_dir, command) or "run hpa-preprocess first"
         raise FileNotFoundError(
-            f"{path} not found: {data_dir!r} is not the output of a finished preprocessing run "
-            "(run ./run_preprocess.sh first)"
+            f"{path} not found: {data_dir!r} is not the output of a finished preprocessing run; {hint}"
         )
     with tf.io.gfile.GFile(path, "r") as f:
         manifest = json.load(f)

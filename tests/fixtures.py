@@ -7,9 +7,34 @@ import io
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import schemas
+
+# The project's shared data (real competition labels and sample images), beside the repository: present on
+# the developers' machines and in CI, absent in a bare clone.
+SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+
+
+def in_ci() -> bool:
+    """True when the environment says it is a CI run (`CI=true`, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def shared_path(*parts: str) -> str:
+    """The path of `../shared/<parts>`, for a test that needs it.
+
+    Skips the calling test when the file is missing, except in CI (`CI=true`), where a missing file means
+    the run lacks data it should have: the test then fails and says so, instead of passing by skipping.
+    """
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        message = f"{path} not found (the project's shared data, ../shared)"
+        if in_ci():
+            pytest.fail(f"{message}; CI=true, so this test fails instead of skipping", pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 def stain_array(seed: int, size: int = 16) -> np.ndarray:

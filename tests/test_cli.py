@@ -239,4 +239,5 @@ def test_a_misspelt_flag_of_a_beam_job_is_bad_usage_not_dropped(module, capsys):
     with pytest.raises(SystemExit) as e:
         job.parse_args(base + beam + ["--image_sise", "512", "--overwirte"])
     assert e.value.code == 2
-    assert "unrecognized arguments: --image_sise, --overwirte" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --image_sise (did you mean --image_size?), --overwirte (did you " in err

@@ -141,7 +141,8 @@ def _fail(argv, capsys, tmp_path) -> str:
         (["--folds", "0,0"], "repeats a fold"),
         (["--model_dir", "x"], "--model_dir: set by the fold driver"),
         (["--val_fold", "1"], "--val_fold: set by the fold driver"),
-        (["--no_such_flag"], "unknown flag(s) --no_such_flag"),
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (["--epcohs", "1"], "--epcohs (did you mean --epochs?)"),
         (["--epochs", "many"], "bad training flag"),
         (["--val_tta", "8"], "--tta 2 and --val_tta 8 differ"),
         (["--image_size", "32"], "--image_size 32 does not match"),
@@ -205,4 +206,4 @@ def test_help_and_the_wrapper():
     out = subprocess.run(
         [os.path.join(ROOT, "run_folds.sh"), "--help"], capture_output=True, text=True, timeout=60
     )
-    assert out.returncode == 0 and "--data_dir" in out.stdout and "run_train.sh flag" in out.stdout
+    assert out.returncode == 0 and "--data_dir" in out.stdout and "hpa-train flag" in out.stdout

@@ -255,5 +255,5 @@ def test_config_rejects_bad_values():
         DataConfig(tf_data_service="grpc://localhost:5000", deterministic=True)
     with pytest.raises(ConfigError, match="needs a --seed"):
         DataConfig(deterministic=True)
-    with pytest.raises(ConfigError, match="--cache DIR cannot"):
+    with pytest.raises(ConfigError, match="--cache cannot be combined with --tf_data_service"):
         DataConfig(tf_data_service="grpc://localhost:5000", cache="/tmp/c")

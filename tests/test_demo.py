@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 import schemas
-from model import config, evaluate, inspect, predict
+from model import config, evaluate, inspect, predict, report
 from model import thresholds as thr
 from pipelines import synthetic
+from schemas import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -39,6 +40,8 @@ def _run(script: str, env: dict[str, str], timeout: int = 600) -> str:
         timeout=timeout,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if console.NOISE.search(line)]
+    assert not noise, f"{script}: library start-up lines reached the console:\n" + "\n".join(noise[:20])
     return proc.stdout
 
 
@@ -85,17 +88,19 @@ def _check_run(demo_dir: str, run_dir: str, folds: list[int], stdout: str) -> No
         result = json.load(f)
     assert result["num_samples"] == len(wanted) and 0.0 <= result["macro_f1"] <= 1.0
     assert f"held-out macro F1: {result['macro_f1']:.4f}" in stdout
-    # The gallery of the test predictions, labeled by the hidden answers: every class's sheet and the index.
+    # The gallery of the test predictions, labeled by the hidden answers: the report, the index and a sheet
+    # for every class with a sample to show.
     gallery = os.path.join(run_dir, "gallery")
-    assert sorted(f for f in os.listdir(gallery) if f.endswith(".png")) == [
-        inspect.sheet_name(c) for c in range(schemas.NUM_CLASSES)
-    ]
+    sheets = {f for f in os.listdir(gallery) if f.endswith(".png")}
+    assert sheets and sheets <= {inspect.sheet_name(c) for c in range(schemas.NUM_CLASSES)}
     index = open(os.path.join(gallery, inspect.INDEX_FILE)).read()
-    assert "held-out" in index and f"{len(wanted)} records" in index
+    assert "held-out" in index and f"{len(wanted)} samples" in index
+    page = open(os.path.join(gallery, report.REPORT_FILE)).read()
+    assert "held-out" in page and all(f'href="{name}"' in page for name in sheets)
     for path in (
         os.path.join(eval_dir, evaluate.REPORT_MD_FILE),
         os.path.join(run_dir, "submission.csv"),
-        os.path.join(gallery, inspect.INDEX_FILE),
+        os.path.join(gallery, report.REPORT_FILE),
     ):
         assert path in stdout
     steps = [r["step"] for r in _rows_tsv(os.path.join(run_dir, "timings.tsv"))]

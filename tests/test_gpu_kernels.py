@@ -19,7 +19,7 @@ def _graph(layer):
 
 def test_every_op_of_the_augmentation_layer_has_a_device_memory_gpu_kernel(monkeypatch):
     monkeypatch.setattr(augment, "word_dtype", lambda: tf.float32)  # what a GPU host traces
-    layer = augment.StainAugmentation(crop_size=8, intensity_jitter=0.1, seed=0)
+    layer = augment.StainAugmentation(crop_size=8, intensity_jitter=0.1, seed=0)  # every branch
     graph = _graph(layer)
     types = {op.type for op in graph.get_operations()}
     assert {"ReverseV2", "Transpose", "SelectV2", "GatherV2", "Bitcast"} <= types  # the pixel moves are there
@@ -47,3 +47,21 @@ def test_the_float32_word_moves_every_byte_pattern_unchanged(monkeypatch):
         out = layer(images, training=True).numpy()
         assert not (out == images.numpy()).all()  # something moved
         np.testing.assert_array_equal(np.sort(out.view("<u4").reshape(4, -1), axis=1), np.sort(words, axis=1))
+
+
+def test_the_lovasz_gradient_keeps_only_small_tensors_on_the_host():
+    # Its int32 sort indices [B, classes] do run on host-memory GPU kernels (Neg, ...): small copies.
+    from model import losses
+
+    loss = losses.make_loss("focal_lovasz")
+
+    def grad(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            value = loss(y, p)
+        return tape.gradient(value, p)
+
+    spec = tf.TensorSpec([None, 28], tf.float32)
+    graph = tf.function(grad).get_concrete_function(spec, spec).graph
+    assert "BroadcastGradientArgs" in {op.type for op in graph.get_operations()}  # int32 shapes on the host
+    assert gpu_problems(graph, 16 * 16) == []

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 import schemas
 from model import inspect as insp
+from model import report
 from model.config import (
     MODEL_FILE,
     ModelConfig,
@@ -187,19 +188,24 @@ def test_gallery_files(trained, tmp_path, capsys):
     )
     assert status == 0
     sheets = sorted(f for f in os.listdir(out) if f.endswith(".png"))
-    assert sheets == [insp.sheet_name(c) for c in range(schemas.NUM_CLASSES)]
+    # A class with no sample to show (class 5: no positive, nothing predicted) gets no blank sheet.
+    assert CLASS != 5 and insp.sheet_name(CLASS) in sheets and insp.sheet_name(5) not in sheets
     index = open(os.path.join(out, insp.INDEX_FILE)).read()
-    assert sorted(set(re.findall(r'href="([^"]+)"', index))) == sheets
+    assert sorted(set(re.findall(r'href="([^"]+)"', index))) == sorted(sheets + [report.REPORT_FILE])
     assert schemas.CLASS_NAMES[CLASS] in index and "fold 0" in index and "F1" in index
+    row5 = re.search(r"<tr><td>5</td>(.*?)</tr>", index).group(1)
+    assert "0.000" not in row5.split("</td>", 4)[-1] and report.UNDEFINED in row5  # undefined, not 0
     from PIL import Image
 
-    sheet = Image.open(os.path.join(out, insp.sheet_name(CLASS)))
-    empty = Image.open(os.path.join(out, insp.sheet_name(5)))  # no positives, no predictions: rows empty
-    assert sheet.size[0] >= 3 * 2 * 160 and sheet.size == empty.size
-    # The class-0 sheet holds tiles (coloured pixels), the empty class's sheet only text.
-    assert np.asarray(sheet).std(axis=-1).mean() > 3 * np.asarray(empty).std(axis=-1).mean()
+    for name in sheets:  # sized to their content: as wide as the longest row of tiles
+        with Image.open(os.path.join(out, name)) as sheet:
+            assert 2 * 2 * 160 <= sheet.size[0] <= 3 * (2 * 160 + 18) and sheet.size[1] < 1200
+    page = open(os.path.join(out, report.REPORT_FILE)).read()
+    assert page.count('aria-label="precision-recall curve"') == schemas.NUM_CLASSES
+    assert "microtubules" in page and "Grad-CAM" in page and "data:image/png;base64," in page
+    assert "..." not in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     log = capsys.readouterr().out
-    assert "wrote 28 sheets" in log
+    assert f"wrote {len(sheets)} sheets" in log and report.REPORT_FILE in log
 
 
 def test_gallery_of_test_shards_and_ensemble(trained, tmp_path):
@@ -251,7 +257,7 @@ def test_gallery_from_given_probabilities(trained, tmp_path, capsys):
     args = ["--model_dir", trained["model_dir"], "--data_dir", trained["data_dir"], "--test"]
     assert insp.main([*args, "--answers", trained["answers"], "--probabilities", npz, "--out", out]) == 0
     index = open(os.path.join(out, insp.INDEX_FILE)).read()
-    assert "scores from" in index
+    assert "Scores from" in index
     row = r"<td>7</td><td>[^<]*</td><td>.*?</td><td>[^<]*</td><td>\d+</td><td>(\d+)</td>"  # predicted
     predicted = re.search(row, index)
     assert predicted and int(predicted.group(1)) == 10

@@ -249,6 +249,38 @@ def test_ensemble_averages_the_models(setup, tmp_path):
     np.testing.assert_allclose(out["ab"], (out["a"] + out["b"]) / 2, atol=1e-5)
 
 
+@pytest.mark.parametrize("rule", predict.ENSEMBLE_RULES)
+def test_ensemble_thresholds_rate_matches_the_models_decision_rate(setup, tmp_path, monkeypatch, rule):
+    monkeypatch.setattr(predict, "MIN_RATE_SAMPLES", 1)  # the fixture holds 11 records
+    single = {}
+    for k, d in enumerate(setup["dirs"]):
+        path = str(tmp_path / f"m{k}.npz")
+        _run(setup, tmp_path, model_dirs=(d,), probabilities=path, tta=2)
+        single[k] = _npz(path)
+    probs = str(tmp_path / "ens.npz")
+    dirs = tuple(setup["dirs"])
+    summary = _run(
+        setup, tmp_path, model_dirs=dirs, probabilities=probs, tta=2, empty="none", ensemble_thresholds=rule
+    )
+    assert summary["ensemble_thresholds"] == rule
+    ids = _npz(probs)[predict.PROB_IDS].tolist()
+    members = np.stack(
+        [predict.order_by_ids(z[predict.PROB_IDS], z[predict.PROB_SCORES], ids) for z in single.values()]
+    ).astype(np.float64)
+    tuned = thr.load_thresholds(os.path.join(setup["dirs"][0], THRESHOLDS_FILE)).values
+    used = thr.ensemble_thresholds(tuned, members) if rule == "rate" else tuned
+    rows = {r[0]: r[1] for r in _read_csv(summary["submission"])[1:]}
+    average = members.mean(axis=0)
+    for sid, p in zip(ids, average, strict=True):
+        got = {int(c) for c in rows[sid].split()}
+        clear = np.abs(p - used) > 1e-5  # the job's float32 scores differ from these by rounding
+        assert {int(c) for c in np.flatnonzero(clear & (p >= used))} == got - set(np.flatnonzero(~clear))
+    if rule == "rate":  # each class keeps the single models' share of positive decisions (to one record)
+        share_single = (members >= tuned).mean(axis=(0, 1))
+        share_ensemble = (average >= used).mean(axis=0)
+        assert np.abs(share_ensemble - share_single).max() <= 0.5 / len(ids) + 1e-9
+
+
 def test_extra_records_are_reported_and_kept_in_probabilities(setup, tmp_path):
     wanted = setup["ids"][:4]
     ids_csv = str(tmp_path / "ids.csv")
@@ -286,7 +318,7 @@ def test_format_submission_pure():
 def test_model_dir_without_thresholds(setup, tmp_path):
     bare = str(tmp_path / "bare")
     write_model_dir(bare, seed=3)
-    with pytest.raises(predict.PredictError, match=f"no {THRESHOLDS_FILE}.*model.evaluate"):
+    with pytest.raises(predict.PredictError, match=f"no {THRESHOLDS_FILE}.*hpa-evaluate"):
         _run(setup, tmp_path, model_dirs=(bare,))
     # An explicit file is enough.
     explicit = str(tmp_path / "t.json")

@@ -16,6 +16,7 @@ from scipy import ndimage
 import schemas
 from pipelines import synthetic
 from pipelines.synthetic import cells as sc
+from pipelines.synthetic import generator
 from pipelines.synthetic import patterns as sp
 from tests import fixtures
 
@@ -392,5 +393,18 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
         ["--output_dir", str(tmp_path), "--num_samples", "2", "--image_size", "64", "--workers", "1"]
     )
     assert rc == 0
-    assert "rendered 2/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("wrote 2 train + 0 test samples of 64 px")
+    assert "rendered" not in out  # a short run: no progress lines, only the summary
     assert len(_read_csv(tmp_path / synthetic.TRAIN_CSV)[1]) == 2
+
+
+def test_progress_lines_come_at_most_every_few_seconds(tmp_path, monkeypatch):
+    clock = iter(range(0, 1000, 4))  # each sample "takes" 4 s
+    monkeypatch.setattr(generator.time, "perf_counter", lambda: float(next(clock)))
+    lines = []
+    cfg = synthetic.GeneratorConfig(output_dir=str(tmp_path), num_samples=10, image_size=64, workers=1)
+    synthetic.generate(cfg, log=lambda line, **_: lines.append(line))
+    progress = [line for line in lines if line.startswith("rendered")]
+    assert 2 <= len(progress) <= 40 // generator.PROGRESS_SECONDS, lines
+    assert "rendered 10/10" not in " ".join(progress)  # the summary line says the end

@@ -254,7 +254,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_other_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.evaluate"):
+    with pytest.raises(FileNotFoundError, match="hpa-evaluate"):
         thr.load_thresholds(str(tmp_path / "missing.json"))
     data = thr.thresholds_to_dict(_full_fit())
     bad = tmp_path / "bad.json"
@@ -269,3 +269,50 @@ def test_load_rejects_other_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="JSON"):
         thr.load_thresholds(str(bad))
+
+
+# --- thresholds for an ensemble's average -------------------------------------------------------------------
+
+
+def test_ensemble_thresholds_with_one_model_predict_what_the_tuned_ones_do():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random((200, 6)), 2)  # ties included
+    tuned = rng.uniform(0.2, 0.9, 6)
+    matched = thr.ensemble_thresholds(tuned, scores[None])
+    np.testing.assert_array_equal(thr.apply_thresholds(scores, matched), thr.apply_thresholds(scores, tuned))
+
+
+def test_ensemble_thresholds_keep_the_single_models_decision_rate():
+    rng = np.random.default_rng(4)
+    members = rng.random((5, 400, 4))
+    tuned = np.array([0.3, 0.5, 0.8, 0.95])
+    matched = thr.ensemble_thresholds(tuned, members)
+    share_single = (members >= tuned).mean(axis=(0, 1))
+    share_average = (members.mean(axis=0) >= matched).mean(axis=0)
+    np.testing.assert_allclose(share_average, share_single, atol=0.5 / 400 + 1e-12)
+    # The average of 5 uniform scores is less spread: an upper-tail threshold moves down, a lower one up.
+    assert matched[3] < tuned[3] and matched[0] > tuned[0]
+
+
+def test_ensemble_thresholds_beat_the_tuned_values_on_averaged_scores():
+    """Models = signal + independent noise: thresholds tuned on one model's scores, applied to the average of
+    five, lose recall on a rare class; matching the decision rate gets it back."""
+    rng = np.random.default_rng(5)
+    n, k = 4000, 5
+    y = (rng.random((n, 1)) < 0.08).astype(np.int8)
+    members = 1 / (1 + np.exp(-(2.0 * y - 2.5 + rng.normal(0, 1.3, (k, n, 1)))))
+    tuned = thr.tune_thresholds(y, members[0])  # tuned on one model's scores, as out-of-fold thresholds are
+    average = members.mean(axis=0)
+    matched = thr.ensemble_thresholds(tuned, members)
+    f1_tuned = thr.score_predictions(y, thr.apply_thresholds(average, tuned)).macro_f1
+    f1_matched = thr.score_predictions(y, thr.apply_thresholds(average, matched)).macro_f1
+    assert f1_matched > f1_tuned + 0.02, (f1_matched, f1_tuned)
+
+
+def test_ensemble_thresholds_bad_input():
+    with pytest.raises(ValueError, match="models, samples, classes"):
+        thr.ensemble_thresholds([0.5], np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="do not fit"):
+        thr.ensemble_thresholds([0.5, 0.5], np.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        thr.ensemble_thresholds([0.5], np.full((2, 4, 1), np.nan))

@@ -28,6 +28,7 @@ from pipelines.synthetic.png import encode_png
 from pipelines.synthetic.render import MIN_IMAGE_SIZE, RenderConfig, render_stains, sample_seed
 from schemas import cli
 
+PROGRESS_SECONDS = 10.0
 PROG = "hpa-synthetic"
 TRAIN_DIR = "train"
 TEST_DIR = "test"
@@ -164,15 +165,18 @@ def generate(cfg: GeneratorConfig, log=print) -> dict:
         image_dir = os.path.join(cfg.output_dir, TEST_DIR if test else TRAIN_DIR)
         tasks.append((cfg.seed, index, test, sid, labs, cfg.image_size, image_dir, cfg.render))
 
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     done = 0
-    every = max(total // 20, 1)
 
-    def progress():
-        if done % every == 0 or done == total:
-            el = time.perf_counter() - start
+    def progress():  # a line every PROGRESS_SECONDS while rendering; the summary line says the end
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS and done < total:
+            last = now
+            el = now - start
             log(
-                f"rendered {done}/{total} samples ({done / max(el, 1e-9):.1f} samples/s, {el:.0f} s)",
+                f"rendered {done}/{total} samples ({100 * done / total:.0f}%, {done / max(el, 1e-9):.1f} "
+                f"samples/s, {el:.0f} s)",
                 flush=True,
             )
 
@@ -225,7 +229,7 @@ def generate(cfg: GeneratorConfig, log=print) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description="Synthetic HPA-like dataset in the competition's own file format: fields of cells "
         "whose green protein stain shows one spatial pattern per label, written as "
