@@ -27,6 +27,13 @@ What is measured (one run, one report):
    shipped DEFAULT_MAX_DISTANCE. Distinct pairs are those within one half.
 6. near_pairs, group_labels and duplicate_groups at --scale_n hashes (105,678 = train + HPAv18): uniform
    random, and clustered (a third of the rows are copies of other rows with 0..bound bits flipped).
+6. Chains (--chain_n; `--chain_only` runs just this): random walks of hashes in 8-bit steps (each hash near
+   the one before, the ends far apart), alone and next to stars (an original with 12 copies, each `bound`
+   bits from it in bits of its own, so copies are up to 2 x bound apart). Grouped two ways in one run:
+   connected components of the near pairs (the grouping before chains were split) and duplicate_groups
+   (components wider than 2 x bound split around centres). Link recall = near pairs (<= bound) left in one
+   group; far pairs = pairs further apart than 2 x bound put in one group (false matches); star recall =
+   copy pairs of one original in one group. The planted set of 2. is grouped both ways too.
 
 The defaults are the settings of the README's figures (800 synthetic fields, 7 timing passes).
 
@@ -321,6 +328,94 @@ def _scale(n: int, max_distance: int, seed: int) -> list[list]:
     return rows
 
 
+def _grouping_figures(hashes: np.ndarray, labels: np.ndarray, bound: int, same: np.ndarray | None) -> list:
+    """groups, largest, widest pair in a group, link recall, far pairs in one group, star recall."""
+    n = len(hashes)
+    iu = np.triu_indices(n, 1)
+    dist = np.concatenate(
+        [nd.hamming(hashes[i : i + 256, None, :], hashes[None, :, :])[:, :].ravel() for i in range(0, n, 256)]
+    ).reshape(n, n)[iu]
+    together = labels[iu[0]] == labels[iu[1]]
+    near = dist <= bound
+    widest = max(int(dist[together].max()) if together.any() else 0, 0)
+    star = f"{together[same].mean():.4f}" if same is not None and same.any() else "-"
+    return [
+        len(np.unique(labels)),
+        int(np.bincount(labels).max()),
+        widest,
+        f"{together[near].mean():.4f}",
+        int((together & (dist > 2 * bound)).sum()),
+        star,
+    ]
+
+
+def chain_case(chain_n: int, bound: int, seed: int) -> list[list]:
+    """Section 6: chains and stars grouped by connected components (before) and duplicate_groups (now)."""
+    from tests.fixtures import random_walk_hashes
+
+    rows = []
+    rng = np.random.default_rng(seed)
+    chain = random_walk_hashes(chain_n, step=8, seed=seed)
+    stars, star_of = [], []
+    for k in range(20):
+        original = rng.integers(0, 2**64, size=nd.HASH_WORDS, dtype=np.uint64)
+        original[-1] &= np.uint64((1 << (nd.HASH_BITS - 64 * (nd.HASH_WORDS - 1))) - 1)
+        stars.append(original)
+        star_of.append(k)
+        for _ in range(12):
+            copy = original.copy()
+            for bit in rng.choice(nd.HASH_BITS, size=bound, replace=False):
+                copy[bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+            stars.append(copy)
+            star_of.append(k)
+    cases = {
+        f"chain of {chain_n}, 8-bit steps": (chain, None),
+        "the chain + 20 stars of 13": (
+            np.concatenate([chain, np.stack(stars)]),
+            np.array([-1] * chain_n + star_of),
+        ),
+    }
+    for name, (hashes, origin) in cases.items():
+        same = None
+        if origin is not None:
+            iu = np.triu_indices(len(hashes), 1)
+            same = (origin[iu[0]] == origin[iu[1]]) & (origin[iu[0]] >= 0)
+        components = nd.group_labels(len(hashes), nd.near_pairs(hashes, bound))
+        t0 = time.perf_counter()
+        split = nd.duplicate_groups(hashes, bound)
+        secs = time.perf_counter() - t0
+        rows.append([name, "components (before)", *_grouping_figures(hashes, components, bound, same), "-"])
+        rows.append(
+            [name, "duplicate_groups (now)", *_grouping_figures(hashes, split, bound, same), f"{secs:.2f}"]
+        )
+    return rows
+
+
+def _print_chain_case(args) -> None:
+    if not args.chain_n:
+        return
+    bound = nd.DEFAULT_MAX_DISTANCE
+    load = open("/proc/loadavg").read().split()[:3]
+    print_table(
+        CHAIN_HEADER,
+        chain_case(args.chain_n, bound, args.seed),
+        title=f"6. Chains, bound {bound} of {nd.HASH_BITS} bits, before and now (load {' '.join(load)})",
+    )
+
+
+CHAIN_HEADER = [
+    "case",
+    "grouping",
+    "groups",
+    "largest",
+    "widest pair",
+    "link recall",
+    "far pairs",
+    "star recall",
+    "s",
+]
+
+
 def choose_bound(planted: np.ndarray, distinct: np.ndarray, target_recall: float) -> int:
     """The smallest bound whose recall on `planted` distances reaches `target_recall` with no `distinct`
     distance within it; failing that, the bound with the most planted pairs found minus false matches."""
@@ -345,10 +440,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--scale_n", type=int, default=105_678, help="hashes for the near_pairs timing (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chain_n", type=int, default=3000, help="hashes in the chain case (0: skip)")
+    p.add_argument("--chain_only", action="store_true", help="run only the chain case (section 6)")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.chain_only:
+        _print_chain_case(args)
+        return 0
 
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"# bench/duplicates.py  load: {uptime}")
@@ -526,9 +627,9 @@ def main(argv=None) -> int:
     half_of_planted = np.array(
         [real_half[o] if o < len(real) else syn_half[o - len(real)] for o, _, _ in planted]
     )
-    pair_half = np.where(
-        half_of_distinct[iu[0]] == half_of_distinct[iu[1]], half_of_distinct[iu[0]], -1
-    )[keep]
+    pair_half = np.where(half_of_distinct[iu[0]] == half_of_distinct[iu[1]], half_of_distinct[iu[0]], -1)[
+        keep
+    ]
     halves = {h: (all_pd[half_of_planted == h], dd[pair_half == h]) for h in (0, 1)}
     chosen = choose_bound(*halves[0], args.target_recall)
     split_rows = []
@@ -557,7 +658,12 @@ def main(argv=None) -> int:
         f"duplicate_groups on {len(hashes)} images (distinct pool + copies): groups mixing two pool images "
         f"{mixed}, pool images whose copies are split over groups {split}"
     )
+    components = nd.group_labels(len(hashes), nd.near_pairs(hashes, bound))
+    mixed_c = sum(len(np.unique(origin[components == g])) > 1 for g in np.unique(components))
+    split_c = sum(len(np.unique(components[origin == o])) > 1 for o in np.unique(origin))
+    print(f"the same as connected components (before chains were split): mixing {mixed_c}, split {split_c}")
 
+    _print_chain_case(args)
     if args.scale_n:
         log(f"near_pairs at {args.scale_n} hashes ...")
         print_table(

@@ -177,10 +177,27 @@ def _same_file(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def _id_rows(path: str, source: str, input_dir: str):
+    from schemas import labels as labels_lib
+
+    for k, sid in enumerate(predict.read_id_list(path)):
+        yield labels_lib.LabelRow(source, input_dir, k + 2, sid, None)
+
+
+@beam.ptransform_fn
+def ReadIdRows(pbegin, ids_csv: str, source: str, input_dir: str):  # noqa: N802
+    """The --ids_csv Id list, read by one worker (the launcher has checked it) -> unlabeled LabelRows."""
+    return (
+        pbegin
+        | "Path" >> beam.Create([ids_csv])
+        | "Parse" >> beam.FlatMap(_id_rows, source, input_dir)
+        | "Spread" >> beam.Reshuffle()
+    )
+
+
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: str, progress_dir=None):
     """Wires the job's transforms into `p`; the outputs land in work_dir."""
     from pipelines.transforms import predictions as pred
-    from schemas import labels as labels_lib
 
     if cfg.data_dir is not None:
         records = p | "ReadRecords" >> pred.ReadRecords(
@@ -190,11 +207,8 @@ def build_pipeline(p: beam.Pipeline, cfg: JobConfig, inputs: Inputs, work_dir: s
         unlisted = p | "NoUnlisted" >> beam.Create([])
     else:
         rows = None
-        if inputs.wanted is not None:
-            rows = [
-                labels_lib.LabelRow(_FOLDER_SOURCE, cfg.input_dir, k + 2, sid, None)
-                for k, sid in enumerate(inputs.wanted)
-            ]
+        if cfg.ids_csv is not None:  # read by a worker: the graph holds the path, not the Ids
+            rows = p | "ReadIdList" >> ReadIdRows(cfg.ids_csv, _FOLDER_SOURCE, cfg.input_dir)
         folder = p | "ReadImageFolder" >> pred.ReadImageFolder(
             cfg.input_dir, _FOLDER_SOURCE, inputs.image_size, rows, progress_dir
         )
@@ -249,6 +263,12 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     beam_options.reject_unknown_beam_flags(parser, beam_args)
+    beam_options.check_remote(
+        parser,
+        beam_args,
+        inputs=[args.data_dir, args.input_dir, *args.model_dir, args.ids_csv, args.thresholds],
+        outputs=[args.out, args.probabilities],
+    )
     cfg = JobConfig(
         **predict.prediction_flags(args), batch_size=args.batch_size, progress_seconds=args.progress_seconds
     )

@@ -73,3 +73,95 @@ def beam_pipeline_options(beam_args: Sequence[str], local_workers: int | None = 
                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
             )
     return options, local
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+# Environments whose SDK workers run as processes of this machine's user (so they see its files).
+_HOST_ENVIRONMENTS = ("LOOPBACK", "PROCESS", "EXTERNAL")
+
+
+def _host(address: str | None) -> str:
+    address = (address or "").split("://")[-1]
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def workers_share_this_machine(beam_args: Sequence[str]) -> bool:
+    """True when the job's workers read and write this machine's files.
+
+    That is a local runner, or a portable runner (PortableRunner, FlinkRunner, SparkRunner) whose job
+    service is on loopback and whose SDK workers run here as processes (LOOPBACK, PROCESS, or an EXTERNAL
+    worker pool on loopback). Docker workers and every other runner (DataflowRunner...) do not.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+
+    options = PipelineOptions(list(beam_args))
+    runner = options.view_as(StandardOptions).runner
+    if runner in LOCAL_RUNNERS:
+        return True
+    portable = options.view_as(PortableOptions)
+    if _host(portable.job_endpoint) not in _LOOPBACK_HOSTS:
+        return False
+    env = (portable.environment_type or "DOCKER").upper()
+    if env not in _HOST_ENVIRONMENTS:
+        return False
+    return env != "EXTERNAL" or _host(portable.environment_config) in _LOOPBACK_HOSTS
+
+
+def _on_shared_storage(path: str) -> bool:
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def remote_problem(beam_args: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]) -> str | None:
+    """What keeps a job on remote workers from working, in one line, or None (also for local runs).
+
+    With workers on other machines, every input and output path must be on a file system they reach (an
+    object store such as gs://; a local path would be read or written on each worker's own disk),
+    --temp_location must be set there too, and the workers need their software: a container
+    (--sdk_container_image, see docs/dataflow.md) or packages to install at start (--requirements_file, or
+    an explicit --setup_file; this project's setup.py is staged in any case).
+    """
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        PipelineOptions,
+        SetupOptions,
+        StandardOptions,
+        WorkerOptions,
+    )
+
+    if workers_share_this_machine(beam_args):
+        return None
+    options = PipelineOptions(list(beam_args))
+    runner = options.view_as(StandardOptions).runner
+    local = [p for p in [*inputs, *outputs] if p and not _on_shared_storage(p)]
+    if local:
+        return (
+            f"with --runner {runner} the workers run on other machines, so every input and output must be on "
+            f"storage they reach (gs://...); local: {', '.join(local)}"
+        )
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp or not _on_shared_storage(temp):
+        return f"with --runner {runner}, give --temp_location on storage the workers reach (gs://B/tmp)"
+    given = " ".join(beam_args)
+    setup = options.view_as(SetupOptions)
+    has_software = (
+        options.view_as(WorkerOptions).sdk_container_image
+        or setup.requirements_file
+        or "--setup_file" in given
+    )
+    if not has_software:
+        return (
+            f"with --runner {runner}, give the workers their software: --sdk_container_image (the project's "
+            "worker container, docs/dataflow.md) or --setup_file ./setup.py / --requirements_file "
+            "(installed on every worker at start: slow, and it needs the internet)"
+        )
+    return None
+
+
+def check_remote(
+    parser: argparse.ArgumentParser, beam_args: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]
+) -> None:
+    """Exits through `parser.error` (status 2, one line, before anything is staged) on a `remote_problem`."""
+    problem = remote_problem(beam_args, inputs, outputs)
+    if problem:
+        parser.error(problem)

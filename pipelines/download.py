@@ -9,7 +9,8 @@ The folder is the preprocessing job's `--input_dir` as it is.
 
 The graph, each step a named transform:
 
-    ReadIds        the label file's Ids (read, de-duplicated and cut to --limit by the launcher)
+    ReadIds        the label file's Ids, read by a worker (de-duplicated and cut to --limit in file order;
+                   only the path is in the graph, the launcher has checked the file and counted them)
     PlanRequests   Id -> one request per stain; an Id that is no atlas Id -> report rows `bad_id`
     ListPresent    stain files already in --output_dir (Beam's fileio: local paths and gs:// alike)
     MatchPresent   requests joined with the files already there
@@ -63,7 +64,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
-from pipelines import beam_options, progress_files
+from pipelines import beam_options, progress_files, rate_limit
 from schemas import cli
 from schemas import labels as labels_lib
 from schemas import stains as stains_lib
@@ -104,6 +105,17 @@ class DownloadConfig:
     backoff: float = 1.0
     backoff_max: float = 60.0
     progress_seconds: float = 10.0
+    max_requests_per_second: float | None = None  # the whole job's, split among its processes
+    processes: int = 1  # processes sending requests at once (rate_limit.processes_of_job)
+    dry_run: bool = False
+    job_key: str = ""  # one per run: the process-wide rate limiter is shared by this run's DoFns only
+
+    @property
+    def process_rate(self) -> float | None:
+        """Requests per second allowed to one process (None: no limit)."""
+        if self.max_requests_per_second is None:
+            return None
+        return self.max_requests_per_second / max(1, self.processes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,12 +232,14 @@ def fetch(
     backoff: float,
     backoff_max: float,
     sleep: Callable[[float], None] = time.sleep,
+    rate: rate_limit.RequestRate | None = None,
 ) -> Fetched:
     """GETs one URL, retrying timeouts, connection errors, broken bodies, 429 and 5xx.
 
     The wait before retry k (1-based) is backoff * 2**(k-1) seconds, capped at backoff_max, times a random
     factor in [0.5, 1] so that many workers do not retry in step; a Retry-After header lengthens it (up to
-    backoff_max). urllib3's own Retry is not used: its first retry does not wait.
+    backoff_max) and, with `rate`, pauses every request sharing it (the whole process's). Every attempt
+    waits for its turn at `rate` first. urllib3's own Retry is not used: its first retry does not wait.
 
     Returns:
       Fetched with status DOWNLOADED (body set), NOT_FOUND, HTTP_ERROR or FAILED.
@@ -233,6 +247,8 @@ def fetch(
     problems: list[str] = []
     for attempt in range(1, retries + 2):
         retry_after = 0.0
+        if rate is not None:
+            rate.acquire()
         try:
             resp = pool.request("GET", url, retries=_REDIRECTS_ONLY, preload_content=True)
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
@@ -250,6 +266,8 @@ def fetch(
                 retry_after = float(resp.headers.get("Retry-After", 0))
             except ValueError:
                 retry_after = 0.0  # an HTTP date: keep the exponential wait
+            if rate is not None and retry_after > 0:
+                rate.pause(min(retry_after, backoff_max))
         if attempt <= retries:
             wait = min(backoff_max, backoff * 2 ** (attempt - 1)) * (0.5 + 0.5 * random.random())
             sleep(max(wait, min(retry_after, backoff_max)))
@@ -414,6 +432,7 @@ class _FetchFn(beam.DoFn):
             headers={"User-Agent": _USER_AGENT},
         )
         self._pool = concurrent.futures.ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="download")
+        self._rate = rate_limit.shared_rate(cfg.process_rate, cfg.job_key)  # one per process
         self._pending: set[concurrent.futures.Future] = set()
         self._counts: collections.Counter = collections.Counter()
         self._last_log = time.monotonic()
@@ -474,7 +493,7 @@ class _FetchFn(beam.DoFn):
                 return _report_row(req.id, req.stain, PRESENT, posixpath.basename(path), len(data))
             replaced.append((path, problem))
         note = "; ".join(f"replaces {posixpath.basename(p)} ({why})" for p, why in replaced)
-        got = fetch(self._http, req.url, cfg.retries, cfg.backoff, cfg.backoff_max)
+        got = fetch(self._http, req.url, cfg.retries, cfg.backoff, cfg.backoff_max, rate=self._rate)
         detail = "; ".join(filter(None, [got.detail, note]))
         if got.status != DOWNLOADED:
             return _report_row(req.id, req.stain, got.status, detail)
@@ -522,9 +541,27 @@ def WriteReport(rows, path: str, partial_dir: str):  # noqa: N802
     )
 
 
-def build_pipeline(p: beam.Pipeline, cfg: DownloadConfig, ids: list[str], partial_dir: str, progress_dir):
-    """Wires the job's transforms into `p`."""
-    planned = p | "ReadIds" >> beam.Create(ids) | "PlanRequests" >> PlanRequests(cfg.base_url)
+def _ids_of_file(path: str, limit: int | None):
+    ids, _ = read_ids(path, limit)
+    yield from ids
+
+
+@beam.ptransform_fn
+def ReadIds(pbegin, path: str, limit: int | None):  # noqa: N802
+    """The Ids of a label file, each once, in file order, cut to `limit`: read by one worker, then spread."""
+    return (
+        pbegin
+        | "Path" >> beam.Create([path])
+        | "Parse" >> beam.FlatMap(_ids_of_file, limit)
+        | "Spread" >> beam.Reshuffle()
+    )
+
+
+def build_pipeline(p: beam.Pipeline, cfg: DownloadConfig, partial_dir: str, progress_dir):
+    """Wires the job's transforms into `p` (the Ids are read by the workers: the graph holds their file's
+    path only)."""
+    ids = p | "ReadIds" >> ReadIds(cfg.labels_csv, cfg.limit)
+    planned = ids | "PlanRequests" >> PlanRequests(cfg.base_url)
     present = p | "ListPresent" >> ListPresent(cfg.output_dir)
     requests = (planned.requests, present) | "MatchPresent" >> MatchPresent(cfg.image_size)
     fetched = requests | "Fetch" >> Fetch(cfg, partial_dir, progress_dir)
@@ -598,6 +635,20 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
     parser.add_argument(
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
+    parser.add_argument(
+        "--max_requests_per_second",
+        type=float,
+        default=None,
+        help="requests per second of the whole job to the image server, split evenly among the processes "
+        "that send them (Dataflow: --max_num_workers x SDK processes per worker; see "
+        "pipelines/rate_limit.py); a Retry-After answer pauses the whole process. Default: no limit",
+    )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="send nothing: print the requests, the bytes and the time the job would take at "
+        "--max_requests_per_second, then stop",
+    )
     args, beam_args = parser.parse_known_args(argv)
     beam_options.reject_unknown_beam_flags(parser, beam_args)
     if not args.base_url.startswith(("http://", "https://")):
@@ -610,6 +661,9 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         parser.error("--concurrency must be at least 1")
     if args.retries < 0 or min(args.connect_timeout, args.read_timeout) <= 0 or args.backoff < 0:
         parser.error("--retries and --backoff must be >= 0 and the timeouts > 0")
+    if args.max_requests_per_second is not None and args.max_requests_per_second <= 0:
+        parser.error("--max_requests_per_second must be positive")
+    beam_options.check_remote(parser, beam_args, inputs=[args.labels_csv], outputs=[args.output_dir])
     cfg = DownloadConfig(
         labels_csv=args.labels_csv,
         output_dir=args.output_dir.rstrip("/"),
@@ -623,6 +677,10 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         backoff=args.backoff,
         backoff_max=args.backoff_max,
         progress_seconds=args.progress_seconds,
+        max_requests_per_second=args.max_requests_per_second,
+        processes=rate_limit.processes_of_job(beam_args)[0],
+        dry_run=args.dry_run,
+        job_key=uuid.uuid4().hex,
     )
     return cfg, beam_args
 
@@ -679,12 +737,53 @@ def read_report(output_dir: str) -> list[tuple]:
     return [(i, s, st, d, int(b)) for i, s, st, d, b in reader]
 
 
+# The size of one stain as the atlas serves it, for --dry_run when the output folder holds none to measure:
+# an assumption, the 2048 px JPEG of bench/download.py (a real competition stain upscaled): 299 kB.
+ASSUMED_SERVED_BYTES = 299_000
+
+
+def dry_run(cfg: DownloadConfig, ids: list[str], beam_args: list[str]) -> dict:
+    """What the run would ask of the server, printed in one line; nothing is sent or written.
+
+    Requests: the stain files of the Ids without a file of that Id and stain in the output folder (present
+    files are checked by the run and fetched again only when they fail the check). Bytes: that many times
+    the mean size of the stain files already there as served (`.jpg`), else ASSUMED_SERVED_BYTES.
+    """
+    wanted = {(i, s) for i in ids for s in schemas.STAINS}
+    sizes = []
+    present = set()
+    for m in FileSystems.match([posixpath.join(cfg.output_dir, "*")])[0].metadata_list:
+        parsed = stain_file(m.path)
+        if parsed and (parsed[0], parsed[1]) in wanted:
+            present.add((parsed[0], parsed[1]))
+            if parsed[2] == ".jpg":
+                sizes.append(m.size_in_bytes)
+    per_file = sum(sizes) / len(sizes) if sizes else ASSUMED_SERVED_BYTES
+    est = rate_limit.dry_run_estimate(len(wanted) - len(present), cfg.max_requests_per_second, per_file)
+    processes, how = rate_limit.processes_of_job(beam_args)
+    if est["seconds_at_rate"] is None:
+        timing = "no --max_requests_per_second: the time depends on the server and --concurrency"
+    else:
+        timing = (
+            f"{est['seconds_at_rate'] / 3600:.2f} h at {cfg.max_requests_per_second:g} requests/s "
+            f"({cfg.process_rate:.3g}/s in each of {processes} process(es): {how})"
+        )
+    source = f"mean of {len(sizes)} present .jpg files" if sizes else "assumed 299 kB per stain"
+    _log(
+        f"dry run: {est['requests']} requests ({len(present)} of {len(wanted)} stain files already present), "
+        f"{est['bytes'] / 1e9:.2f} GB ({source}); {timing}; nothing sent"
+    )
+    return {"dry_run": True, **est, "present": len(present), "processes": processes}
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Runs the job. Returns the summary (see `summarise`); raises on bad input or a broken invariant."""
     cfg, beam_args = parse_args(argv)
     t0 = time.time()
     ids, repeats = read_ids(cfg.labels_csv, cfg.limit)
     out = cfg.output_dir
+    if cfg.dry_run:
+        return dry_run(cfg, ids, beam_args)
     if "://" not in out:
         os.makedirs(out, exist_ok=True)
     partial_dir = posixpath.join(out, PARTIAL_DIR)
@@ -700,7 +799,7 @@ def run(argv: list[str] | None = None) -> dict:
     progress_dir = tempfile.mkdtemp(prefix="hpa-download-") if local else None
     try:
         p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, ids, partial_dir, progress_dir)
+        build_pipeline(p, cfg, partial_dir, progress_dir)
         if progress_dir:  # a local run may only return from run() when it is finished
             line = functools.partial(_progress_line, total=len(ids) * schemas.NUM_STAINS)
             with progress_files.Printer(progress_dir, cfg.progress_seconds, line):

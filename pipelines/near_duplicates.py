@@ -45,6 +45,7 @@ __all__ = [
     "hash_stains",
     "ids_pattern_groups",
     "near_pairs",
+    "split_wide_groups",
 ]
 
 # Stains whose hashes make up a sample's hash, in this order (names as in schemas.STAINS).
@@ -373,10 +374,14 @@ def group_labels(n: int, pairs: np.ndarray, *more_groupings: np.ndarray) -> np.n
 def duplicate_groups(
     hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, *more_groupings: np.ndarray
 ) -> np.ndarray:
-    """Near-duplicate groups of samples: `group_labels(n, near_pairs(hashes, max_distance), *more)`.
+    """Near-duplicate groups of samples whose hashes are all within 2 x max_distance of each other.
 
-    Equal hashes are merged first, so the work grows with the distinct hashes and the near pairs between
-    them, not with the (quadratic) number of pairs among equal hashes.
+    Pairs within max_distance join samples (`near_pairs`); a connected component whose widest pair is
+    further apart than 2 x max_distance (a chain: A~B and B~C with A and C far apart) is split by
+    `split_wide_groups`, so no group spans more than copies of one image can (two copies each within
+    max_distance of their original are within 2 x max_distance of each other). Equal hashes are merged
+    first, so the work grows with the distinct hashes and the near pairs between them, not with the
+    (quadratic) number of pairs among equal hashes. `more_groupings` are merged after the split.
 
     Returns:
       (n,) int64: per sample, the smallest sample index of its group.
@@ -388,9 +393,70 @@ def duplicate_groups(
     packed = hashes.view(np.dtype((np.void, 8 * hashes.shape[1])))[:, 0]
     _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
-    distinct_pairs = near_pairs(hashes[first], max_distance)
-    pairs = first[distinct_pairs].astype(np.int64)
-    return group_labels(n, pairs, inverse, *more_groupings)
+    distinct = hashes[first]
+    distinct_pairs = near_pairs(distinct, max_distance)
+    components = _union(len(distinct), distinct_pairs[:, 0], distinct_pairs[:, 1])
+    split = split_wide_groups(distinct, components, distinct_pairs, 2 * int(max_distance))
+    return group_labels(n, np.zeros((0, 2), np.int64), split[inverse], *more_groupings)
+
+
+def _widest_pair(hashes: np.ndarray, chunk: int = 256) -> int:
+    """The largest Hamming distance between any two rows (all pairs, in chunks of rows)."""
+    widest = 0
+    for start in range(0, len(hashes), chunk):
+        d = hamming(hashes[start : start + chunk, None, :], hashes[None, :, :])
+        widest = max(widest, int(d.max()))
+    return widest
+
+
+def split_wide_groups(
+    hashes: np.ndarray, labels: np.ndarray, pairs: np.ndarray, max_spread: int
+) -> np.ndarray:
+    """Splits every group whose widest pair is further apart than max_spread into star-shaped groups.
+
+    A group that is within bounds is kept whole. A wider one (a chain of near pairs) is cut around centres:
+    its members in order of most near pairs within the group first (ties: lowest index), each member not
+    yet placed becomes a centre and takes every unplaced member it is paired with. Every member of a new
+    group is then within max_spread / 2 (one pair) of its centre, so no new group is wider than max_spread.
+    A group that has a member paired with all the others (copies of one image, the image among them) is
+    never cut.
+
+    Args:
+      hashes: (n, n_words) uint64 hashes.
+      labels: (n,) group per row (e.g. connected components of `pairs`).
+      pairs: (m, 2) index pairs within max_spread / 2 (the near pairs the groups came from).
+      max_spread: the widest pair a group may hold.
+
+    Returns:
+      (n,) int64: per row, the smallest row index of its (possibly new) group.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    out = labels.copy()
+    sizes = np.bincount(labels, minlength=len(labels))
+    big = np.flatnonzero(sizes > 2)
+    if big.size == 0:
+        return out
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    pair_group = labels[pairs[:, 0]]
+    order = np.argsort(pair_group, kind="stable")
+    pairs, pair_group = pairs[order], pair_group[order]
+    for g in big:
+        members = np.flatnonzero(labels == g)
+        if _widest_pair(hashes[members]) <= max_spread:
+            continue
+        lo, hi = np.searchsorted(pair_group, [g, g + 1])
+        neighbours: dict[int, list[int]] = {int(m): [] for m in members}
+        for a, b in pairs[lo:hi].tolist():
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+        placed: set[int] = set()
+        for centre in sorted(neighbours, key=lambda m: (-len(neighbours[m]), m)):
+            if centre in placed:
+                continue
+            star = [centre] + [m for m in neighbours[centre] if m not in placed]
+            placed.update(star)
+            out[star] = min(star)
+    return out
 
 
 def ids_pattern_groups(ids: Sequence[str], pattern: str) -> np.ndarray:

@@ -4,7 +4,8 @@
 
 This module only wires; the transforms live in pipelines/transforms/ by stage. The graph:
 
-    ReadLabels[src]   label rows (read and checked by the launcher, so a malformed file fails before work)
+    ReadLabels[src]   label rows, read by a worker (only the file's path is in the graph; the launcher has
+                      checked the file, so a malformed one fails before work)       (transforms.rows)
     CountRows         the job's own count of input rows (for the end invariant)
     CheckRows         hostile Ids, malformed Targets -> rejected                       (transforms.rows)
     DropDuplicateIds  repeated or conflicting Ids -> rejected                          (transforms.rows)
@@ -42,13 +43,14 @@ import apache_beam as beam
 
 import schemas
 from pipelines import beam_options, publish, storage
+from pipelines.near_duplicates import HPAV18_WELL_PATTERN
 from pipelines.progress import Progress
 from pipelines.transforms import duplicates as dup
 from pipelines.transforms.duplicates import FindDuplicates
 from pipelines.transforms.files import ListImages, MatchFiles
 from pipelines.transforms.folds import AssignFolds
 from pipelines.transforms.images import INSPECT_PHASE, CheckSizes, InspectSamples
-from pipelines.transforms.rows import CheckRows, DropDuplicateIds
+from pipelines.transforms.rows import CheckRows, DropDuplicateIds, ReadLabelRows
 from pipelines.transforms.shards import WRITE_PHASE, PlanShards, WriteShards
 from pipelines.transforms.stats import StainStatistics, read_stain_stats
 from pipelines.transforms.summary import SUMMARY_FILE, Summarise
@@ -75,6 +77,7 @@ class JobConfig:
     duplicates: str = dup.GROUP
     max_hash_distance: int | None = None
     group_id_pattern: str | None = None
+    max_group_size: int | None = None
     image_size: int | None = None
     shard_mb: float = 150.0
     num_shards: int | None = None
@@ -89,18 +92,20 @@ class JobConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def build_pipeline(
-    p: beam.Pipeline, cfg: JobConfig, rows_by_source, groups, work_dir: str, stats_dir: str, progress_dir
-):
-    """Wires the job's transforms into `p`. Outputs land in work_dir, tf.Transform's in stats_dir."""
+def build_pipeline(p: beam.Pipeline, cfg: JobConfig, work_dir: str, stats_dir: str, progress_dir):
+    """Wires the job's transforms into `p`. Outputs land in work_dir, tf.Transform's in stats_dir.
+
+    The label files and the groups file are read by the workers: the graph holds their paths, not their
+    rows, so its size does not depend on theirs (bench/graph_size.py).
+    """
     hash_fn = None
     if cfg.duplicates != dup.OFF:
         from pipelines.near_duplicates import hash_stains
 
         hash_fn = hash_stains
     file_parts, all_rows = [], []
-    for source, input_dir, rows in rows_by_source:
-        all_rows.append(p | f"ReadLabels[{source}]" >> beam.Create(rows, reshuffle=False))
+    for source, input_dir, csv_path in zip(cfg.sources, cfg.input_dir, cfg.labels_csv):
+        all_rows.append(p | f"ReadLabels[{source}]" >> ReadLabelRows(csv_path, source, input_dir))
         file_parts.append(p | f"ListImages[{source}]" >> ListImages(input_dir, source))
     rows = all_rows | "AllRows" >> beam.Flatten()
     row_count = rows | "CountRows" >> beam.combiners.Count.Globally()
@@ -117,7 +122,9 @@ def build_pipeline(
         cfg.duplicates,
         cfg.max_hash_distance,
         cfg.group_id_pattern,
-        groups,
+        cfg.groups_csv,
+        cfg.num_folds,
+        cfg.max_group_size,
     )
     fold_of = inspected.samples | "AssignFolds" >> AssignFolds(
         cfg.num_folds, cfg.seed, cfg.fold_order, group_side=found.fold_groups
@@ -206,12 +213,19 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         "--group_id_pattern",
         default=None,
         help="regular expression: Ids whose match (its capture groups, if any) is equal share a group, e.g. "
-        r"HPAv18 wells: '^(\d+_\d+_[A-H]\d{1,2})_\d+'",
+        f"HPAv18 wells (plates like 1610 or si35): '{HPAV18_WELL_PATTERN}'",
     )
     parser.add_argument(
         "--groups_csv",
         default=None,
         help="Id,Group file: samples of one group land in one fold (merged with the groups found)",
+    )
+    parser.add_argument(
+        "--max_group_size",
+        type=int,
+        default=None,
+        help="largest group (labeled samples that must share a fold) allowed; default: labeled samples / "
+        "(2 x --num_folds). A larger group stops the job, naming its size and members",
     )
     parser.add_argument(
         "--image_size",
@@ -257,6 +271,8 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         parser.error("--num_shards must be at least 1")
     if args.shard_mb <= 0:
         parser.error("--shard_mb must be positive")
+    if args.max_group_size is not None and args.max_group_size < 1:
+        parser.error("--max_group_size must be at least 1")
     if args.max_hash_distance is not None and args.max_hash_distance < 0:
         parser.error("--max_hash_distance must be at least 0")
     if args.group_id_pattern is not None:
@@ -266,6 +282,12 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
             re.compile(args.group_id_pattern)
         except re.error as e:
             parser.error(f"--group_id_pattern {args.group_id_pattern!r} is not a regular expression: {e}")
+    beam_options.check_remote(
+        parser,
+        beam_args,
+        inputs=[*args.labels_csv, *args.input_dir, args.groups_csv],
+        outputs=[args.output_dir],
+    )
     cfg = JobConfig(
         labels_csv=tuple(args.labels_csv),
         input_dir=tuple(d.rstrip("/") for d in args.input_dir),
@@ -278,6 +300,7 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, list[str]]:
         duplicates=args.duplicates,
         max_hash_distance=args.max_hash_distance,
         group_id_pattern=args.group_id_pattern,
+        max_group_size=args.max_group_size,
         image_size=args.image_size,
         shard_mb=args.shard_mb,
         num_shards=args.num_shards,
@@ -296,23 +319,6 @@ def _read_text(path: str, what: str) -> str:
         raise labels_lib.LabelFileError(str(e)) from None
 
 
-def _read_groups(path: str) -> dict[str, str]:
-    """Id -> group name from an `Id,Group` file (checked like a label file)."""
-    import csv
-    import io
-
-    text = _read_text(path, "groups file")
-    reader = csv.reader(io.StringIO(text), strict=True)
-    try:
-        header = next(reader, None)
-        if not header or "Group" not in header or schemas.CSV_ID not in header:
-            raise labels_lib.LabelFileError(f"groups file {path} needs a header `{schemas.CSV_ID},Group`")
-        i, g = header.index(schemas.CSV_ID), header.index("Group")
-        return {row[i].strip(): row[g].strip() for row in reader if len(row) > max(i, g)}
-    except csv.Error as e:
-        raise labels_lib.LabelFileError(f"groups file {path} line {reader.line_num}: {e}") from None
-
-
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in ("apache-beam", "tensorflow", "tensorflow-transform", "numpy", "pillow", "scikit-multilearn"):
@@ -323,25 +329,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _read_inputs(cfg: JobConfig) -> list[tuple[str, str, list[labels_lib.LabelRow]]]:
-    """Reads and checks every label file and input folder before any work: [(source, input_dir, rows)]."""
-    rows_by_source = []
+def _read_inputs(cfg: JobConfig) -> list[tuple[str, int]]:
+    """Checks every label file, the groups file and every input folder before any work: [(source, rows)].
+
+    The files are read here only to check them and count their rows; the workers read them again.
+    """
+    counts = []
     for csv_path, input_dir, source in zip(cfg.labels_csv, cfg.input_dir, cfg.sources):
-        rows = labels_lib.parse_label_table(_read_text(csv_path, "label file"), source, input_dir, csv_path)
+        counts.append((source, labels_lib.count_label_rows(_read_text(csv_path, "label file"), csv_path)))
         if not storage.has_files(posixpath.join(input_dir, "*")):
             raise FileNotFoundError(f"input folder {input_dir} holds no files (or does not exist)")
-        rows_by_source.append((source, input_dir, rows))
-    return rows_by_source
+    if cfg.groups_csv:
+        labels_lib.parse_groups_table(_read_text(cfg.groups_csv, "groups file"), cfg.groups_csv)
+    return counts
 
 
-def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float, local_transform: str | None = None) -> dict:
+def _finish(cfg: JobConfig, beam_args, row_counts, t0: float, local_transform: str | None = None) -> dict:
     """Checks the finished `.incomplete/` and publishes it. Returns the manifest.
 
     `local_transform`: a local copy of the transform output to read the statistics from (TensorFlow reads
     it; a local run writing to an object store has one in its staging folder).
     """
     out, work = cfg.output_dir, publish.work_dir(cfg.output_dir)
-    input_rows = sum(len(rows) for _, _, rows in rows_by_source)
+    input_rows = sum(n for _, n in row_counts)
     missing = publish.missing_parts(work)
     if missing:
         raise publish.PublishError(
@@ -349,9 +359,11 @@ def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float, local_transfor
             "Run the job again without --publish_only"
         )
     summary = publish.read_summary(work)
+    _check_groups(summary, work)
     height, width = publish.check_summary(summary, input_rows, work)
     stain_stats = read_stain_stats(local_transform or posixpath.join(work, schemas.TRANSFORM_DIR))
     shards = publish.move_into_place(out, work, (schemas.DUPLICATES_FILE,))
+    folds = cfg.num_folds
     manifest = {
         schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
         schemas.MANIFEST_IMAGE_SIZE: [height, width],
@@ -361,7 +373,7 @@ def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float, local_transfor
         "stains": list(schemas.STAINS),
         "class_names": list(schemas.CLASS_NAMES),
         "input_rows": input_rows,
-        "input_rows_per_source": {s: len(r) for s, _, r in rows_by_source},
+        "input_rows_per_source": dict(row_counts),
         "written": summary["written"],
         "rejected": summary["rejected"],
         "rejected_per_reason": summary["rejected_per_reason"],
@@ -369,6 +381,7 @@ def _finish(cfg: JobConfig, beam_args, rows_by_source, t0: float, local_transfor
         "unlisted_examples": summary["unlisted_examples"],
         "converted_stains": summary["conversions"],
         "duplicates": summary["duplicates"],
+        "fold_sizes": [summary["written_per_fold"].get(schemas.written_key(k), 0) for k in range(folds)],
         schemas.MANIFEST_CLASS_COUNTS: summary["class_counts_per_fold"],
         "fold_quality": summary["fold_quality"],
         "shards": shards,
@@ -405,9 +418,8 @@ def run(argv: list[str] | None = None):
         raise FileExistsError(
             f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite"
         )
-    rows_by_source = _read_inputs(cfg)
-    input_rows = sum(len(rows) for _, _, rows in rows_by_source)
-    groups = _read_groups(cfg.groups_csv) if cfg.groups_csv else None
+    row_counts = _read_inputs(cfg)
+    input_rows = sum(n for _, n in row_counts)
     previous = publish.read_job(work)
     if cfg.publish_only:
         if previous is None:
@@ -420,11 +432,11 @@ def run(argv: list[str] | None = None):
                 "run the job again"
             )
         _log(f"publishing the finished job in {work}")
-        _finish(cfg, beam_args, rows_by_source, t0)
+        _finish(cfg, beam_args, row_counts, t0)
         return None
     if previous == _identity(cfg) and not publish.missing_parts(work):
         _log(f"{work} holds this command's finished job: publishing it instead of running again")
-        _finish(cfg, beam_args, rows_by_source, t0)
+        _finish(cfg, beam_args, row_counts, t0)
         return None
 
     storage.delete(work)  # leftovers of a failed run, or of another command
@@ -436,7 +448,7 @@ def run(argv: list[str] | None = None):
     staged_stats = local and "://" in out
     stats_dir = stage if staged_stats else work
     _log(
-        f"{input_rows} label rows from {len(rows_by_source)} set(s) -> {out} "
+        f"{input_rows} label rows from {len(row_counts)} set(s) -> {out} "
         f"({cfg.num_folds} folds, seed {cfg.seed}, image size {cfg.image_size or 'as is'}, "
         f"duplicates {cfg.duplicates})"
     )
@@ -445,7 +457,7 @@ def run(argv: list[str] | None = None):
         progress_dir = os.path.join(stage, _PROGRESS_DIR) if local else None
         if progress_dir:
             os.makedirs(progress_dir)
-        build_pipeline(p, cfg, rows_by_source, groups, work, stats_dir, progress_dir)
+        build_pipeline(p, cfg, work, stats_dir, progress_dir)
         if local:
             phases = (INSPECT_PHASE, WRITE_PHASE)
             with Progress(progress_dir, input_rows, cfg.progress_seconds, phases, PROG):
@@ -459,13 +471,21 @@ def run(argv: list[str] | None = None):
                 posixpath.join(stage, schemas.TRANSFORM_DIR), posixpath.join(work, schemas.TRANSFORM_DIR)
             )
         summary = publish.read_summary(work)
-        publish.check_summary(summary, input_rows, work)  # the size error before anything else
+        _check_groups(summary, work)  # errors that stopped the job before anything else
+        publish.check_summary(summary, input_rows, work)
         local_transform = posixpath.join(stage, schemas.TRANSFORM_DIR) if staged_stats else None
-        _finish(cfg, beam_args, rows_by_source, t0, local_transform)
+        _finish(cfg, beam_args, row_counts, t0, local_transform)
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)
     return result
+
+
+def _check_groups(summary: dict, work: str) -> None:
+    """Raises ValueError (one line) when the job stopped at a group too large for the folds."""
+    error = (summary.get("duplicates") or {}).get("group_error")
+    if error:
+        raise ValueError(f"{error}; nothing was written (duplicates.csv in {work})")
 
 
 def _identity(cfg: JobConfig) -> dict:

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import re
+from typing import Iterator
 
 import schemas
 
@@ -69,7 +70,32 @@ class RowRejected(Exception):
 
 
 def parse_label_table(text: str, source: str, input_dir: str, path: str = "<labels>") -> list[LabelRow]:
-    """Parses the text of a label file.
+    """Parses the text of a label file into its rows (see `iter_label_rows`).
+
+    Raises:
+      LabelFileError: as `iter_label_rows`, or a header without rows.
+    """
+    rows = list(iter_label_rows(text, source, input_dir, path))
+    if not rows:
+        raise LabelFileError(f"{path} has a header but no rows")
+    return rows
+
+
+def count_label_rows(text: str, path: str = "<labels>") -> int:
+    """Checks a whole label file as `parse_label_table` does, keeping no rows. Returns the number of rows.
+
+    The launchers call it before a job starts (a malformed file stops the job before any work); the rows
+    themselves are read again by the workers (`pipelines.transforms.rows.ReadLabelRows`), so the job's graph
+    does not grow with the file.
+    """
+    n = sum(1 for _ in iter_label_rows(text, "", "", path))
+    if not n:
+        raise LabelFileError(f"{path} has a header but no rows")
+    return n
+
+
+def iter_label_rows(text: str, source: str, input_dir: str, path: str = "<labels>") -> Iterator[LabelRow]:
+    """The rows of a label file's text, in file order, each with its line number; blank lines are skipped.
 
     Accepts the competition's `Id,Target` (labeled) and `Id,Predicted` (sample_submission, unlabeled) forms;
     extra columns are ignored.
@@ -98,13 +124,11 @@ def parse_label_table(text: str, source: str, input_dir: str, path: str = "<labe
             f"`{schemas.CSV_PREDICTED}` column (unlabeled set); header: {header}"
         )
     id_col = header.index(schemas.CSV_ID)
-    rows = []
-    line = 1
     while True:
         try:
             fields = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as e:
             raise LabelFileError(f"{path} line {reader.line_num}: {_csv_problem(e)}") from None
         line = reader.line_num
@@ -115,12 +139,8 @@ def parse_label_table(text: str, source: str, input_dir: str, path: str = "<labe
                 f"{path} line {line}: {len(fields)} column(s) where the header has {len(header)} "
                 f"({', '.join(header)}); quote fields that hold commas"
             )
-        sid = fields[id_col].strip()
         target = None if target_col is None else fields[target_col]
-        rows.append(LabelRow(source, input_dir, line, sid, target))
-    if not rows:
-        raise LabelFileError(f"{path} has a header but no rows")
-    return rows
+        yield LabelRow(source, input_dir, line, fields[id_col].strip(), target)
 
 
 def _csv_problem(e: csv.Error) -> str:
@@ -188,3 +208,43 @@ def resolve_duplicates(rows: list[CheckedRow]) -> tuple[CheckedRow | None, list[
     return None, [
         (r, f"Id {r.id!r} appears {len(rows)} times with different sources or labels ({desc})") for r in rows
     ]
+
+
+GROUP_COLUMN = "Group"
+
+
+def parse_groups_table(text: str, path: str = "<groups>") -> dict[str, str]:
+    """Id -> group name from the text of an `Id,Group` file (`--groups_csv`), checked like a label file.
+
+    Raises:
+      LabelFileError: no `Id` or `Group` column, a line that is not CSV or has another number of columns
+        than the header, or rows whose Id or Group is empty or missing (the message names their lines: an
+        empty group name would otherwise put every such row in one group).
+    """
+    reader = csv.reader(io.StringIO(text), strict=True)
+    try:
+        header = [h.strip().lstrip("\ufeff") for h in next(reader, [])]
+        if schemas.CSV_ID not in header or GROUP_COLUMN not in header:
+            raise LabelFileError(f"groups file {path} needs a header `{schemas.CSV_ID},{GROUP_COLUMN}`")
+        i, g = header.index(schemas.CSV_ID), header.index(GROUP_COLUMN)
+        groups, empty = {}, []
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                raise LabelFileError(
+                    f"groups file {path} line {reader.line_num}: {len(fields)} column(s) where the header "
+                    f"has {len(header)}"
+                )
+            sid, group = fields[i].strip(), fields[g].strip()
+            if not sid or not group:
+                empty.append(reader.line_num)
+            groups[sid] = group
+    except csv.Error as e:
+        raise LabelFileError(f"groups file {path} line {reader.line_num}: {_csv_problem(e)}") from None
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise LabelFileError(
+            f"groups file {path}: empty or missing {schemas.CSV_ID} or {GROUP_COLUMN} on line(s) {shown}"
+        )
+    return groups

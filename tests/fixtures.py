@@ -158,3 +158,26 @@ def write_model_dir(
         f.write(config_to_json(cfg))
     if thresholds is not None:
         save_thresholds(os.path.join(path, THRESHOLDS_FILE), thresholds)
+
+
+def random_walk_hashes(n: int, step: int, seed: int = 0, bits: int = 140, words: int = 3) -> np.ndarray:
+    """(n, words) uint64 hashes, each `step` distinct random bits (of the first `bits`) from the one before.
+
+    A chain whose neighbours are near and whose ends drift far apart: the near-duplicate groups' worst case.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, words), dtype=np.uint64)
+    current = rng.integers(0, 2, size=bits).astype(bool)
+    for i in range(n):
+        if i:
+            current = current.copy()
+            current[rng.choice(bits, size=step, replace=False)] ^= True
+        padded = np.zeros(64 * words, dtype=bool)
+        padded[:bits] = current
+        out[i] = (
+            np.packbits(padded.reshape(words, 64), axis=1, bitorder="big")
+            .view(">u8")
+            .astype(np.uint64)
+            .ravel()
+        )
+    return out

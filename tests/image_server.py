@@ -35,8 +35,9 @@ def ok(body: bytes, content_type: str = "image/jpeg"):
     return ("ok", body, content_type)
 
 
-def status(code: int):
-    return ("status", code)
+def status(code: int, retry_after: float | None = None):
+    """An error status; with `retry_after`, a Retry-After header (seconds)."""
+    return ("status", code, retry_after)
 
 
 def slow(seconds: float, body: bytes):
@@ -63,6 +64,8 @@ class ImageServer:
         self.log: list[str] = []
         self.times: list[tuple[float, float]] = []
         self.latency = latency
+        self.first = None  # a response for the very first request, whatever its path (then the routes)
+        self.first_answered = None  # when the answer to it began
         self._lock = threading.Lock()
         server = self
 
@@ -84,17 +87,22 @@ class ImageServer:
             def _answer(self):
                 with server._lock:
                     n = server.log.count(self.path)
+                    first = server.first if not server.log else None
                     server.log.append(self.path)
                 responses = server.routes.get(self.path, [status(404)])
-                kind, *args = responses[min(n, len(responses) - 1)]
+                kind, *args = first or responses[min(n, len(responses) - 1)]
                 if server.latency:
                     time.sleep(server.latency)
                 if kind == "slow":
                     time.sleep(args[0])
                     kind, args = "ok", [args[1], "image/jpeg"]
+                if first:
+                    server.first_answered = time.perf_counter()  # just before it is sent
                 if kind == "status":
                     body = b"error"
                     self.send_response(args[0])
+                    if len(args) > 1 and args[1] is not None:
+                        self.send_header("Retry-After", f"{args[1]:g}")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)

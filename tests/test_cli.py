@@ -230,10 +230,10 @@ def test_a_missing_gs_path_from_tensorflow_is_bad_input(capsys):
 @pytest.mark.parametrize("module", ["pipelines.preprocess", "pipelines.download"])
 def test_a_misspelt_flag_of_a_beam_job_is_bad_usage_not_dropped(module, capsys):
     job = importlib.import_module(module)
-    base = ["--labels_csv", "l.csv", "--output_dir", "o"]
-    base += ["--input_dir", "i"] if module == "pipelines.preprocess" else []
+    base = ["--labels_csv", "gs://b/l.csv", "--output_dir", "gs://b/o"]  # remote paths: the preflight's rule
+    base += ["--input_dir", "gs://b/i"] if module == "pipelines.preprocess" else []
     beam = ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"]
-    beam += ["--direct_num_workers", "1", "--experiments=a", "--save_main_session"]
+    beam += ["--direct_num_workers", "1", "--experiments=a", "--save_main_session", "--sdk_container_image=c"]
     _, beam_args = job.parse_args(base + beam)  # Beam's own options pass through
     assert beam_args == beam
     with pytest.raises(SystemExit) as e:

@@ -68,3 +68,21 @@ def test_duplicates_resolved_independently_of_order():
     for order in ([a, b], [b, a]):
         kept, rejected = labels.resolve_duplicates(order)
         assert kept is None and len(rejected) == 2
+
+
+def test_count_label_rows_checks_like_parse_and_keeps_nothing():
+    text = "Id,Target\na,0 25\n\nb,3\n"
+    assert labels.count_label_rows(text) == len(labels.parse_label_table(text, "s", "/in")) == 2
+    with pytest.raises(labels.LabelFileError, match="line 3"):
+        labels.count_label_rows("Id,Target\na,1\nb,1,extra\n")
+    assert [r.line for r in labels.iter_label_rows(text, "s", "/in")] == [2, 4]
+
+
+def test_groups_table_refuses_empty_or_missing_groups_naming_their_lines():
+    assert labels.parse_groups_table("Id,Group\na,g\nb,g\n\nc,h\n") == {"a": "g", "b": "g", "c": "h"}
+    with pytest.raises(labels.LabelFileError, match=r"line\(s\) 3, 5$"):
+        labels.parse_groups_table("Id,Group\na,g\nb,\nc,h\nd, \n")
+    with pytest.raises(labels.LabelFileError, match="line 3: 1 column"):
+        labels.parse_groups_table("Id,Group\na,g\nb\n")
+    with pytest.raises(labels.LabelFileError, match="needs a header"):
+        labels.parse_groups_table("Id,Cluster\na,g\n")

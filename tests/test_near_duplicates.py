@@ -313,3 +313,72 @@ def test_pattern_without_groups_uses_whole_match():
 def test_bad_pattern_is_a_clear_error():
     with pytest.raises(ValueError, match="bad group Id pattern"):
         nd.ids_pattern_groups(["a"], "(unclosed")
+
+
+# ---------------------------------------------------------------------------------------- chains and stars
+
+
+def _widest(hashes: np.ndarray, labels: np.ndarray) -> int:
+    widest = 0
+    for g in np.unique(labels):
+        members = hashes[labels == g]
+        widest = max(widest, int(nd.hamming(members[:, None, :], members[None, :, :]).max()))
+    return widest
+
+
+def test_a_chain_is_not_one_group_and_no_group_is_wider_than_twice_the_bound():
+    from tests.fixtures import random_walk_hashes
+
+    d = nd.DEFAULT_MAX_DISTANCE
+    hashes = random_walk_hashes(300, step=8, seed=3)
+    pairs = nd.near_pairs(hashes, d)
+    components = nd.group_labels(len(hashes), pairs)
+    assert len(np.unique(components)) == 1  # connected components alone: one group...
+    assert nd.hamming(hashes[0], hashes[-1]) > 2 * d  # ...whose ends are far apart
+    labels = nd.duplicate_groups(hashes, d)
+    assert len(np.unique(labels)) > 1
+    assert _widest(hashes, labels) <= 2 * d
+    # every group is a union of linked samples: a split never joins what the pairs did not join
+    assert all(len(np.unique(components[labels == g])) == 1 for g in np.unique(labels))
+
+
+def test_copies_of_one_image_stay_one_group_even_when_some_are_far_apart():
+    rng = np.random.default_rng(5)
+    d = nd.DEFAULT_MAX_DISTANCE
+    original = rng.integers(0, 2**64, size=(1, nd.HASH_WORDS), dtype=np.uint64)
+    copies = [original[0]]
+    for k in range(12):  # each copy d bits from the original, in its own bits: copies are up to 2d apart
+        c = original[0].copy()
+        for bit in range(k * d % 128, k * d % 128 + d):
+            c[bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+        copies.append(c)
+    hashes = np.stack(copies)
+    assert (nd.duplicate_groups(hashes, d) == 0).all()
+
+
+def test_split_wide_groups_keeps_groups_within_bounds():
+    hashes = np.array([[0b0], [0b1], [0b11], [0b111]], dtype=np.uint64)
+    pairs = nd.near_pairs(hashes, 1)
+    labels = nd.group_labels(4, pairs)
+    assert nd.split_wide_groups(hashes, labels, pairs, 3).tolist() == [0, 0, 0, 0]  # widest pair 3
+    split = nd.split_wide_groups(hashes, labels, pairs, 2)
+    assert len(set(split.tolist())) == 2 and _widest(hashes, split) <= 2
+
+
+def test_group_id_pattern_example_in_help_matches_every_hpav18_id(capsys):
+    import os
+    import re
+
+    from pipelines import preprocess
+
+    with pytest.raises(SystemExit):
+        preprocess.parse_args(["--help"])
+    assert f"'{nd.HPAV18_WELL_PATTERN}'" in capsys.readouterr().out  # the example is the tested pattern
+    ids = ["63683_si35_H1_11", "10580_1610_C1_1", "11651_1732_F3_13_cr580610dc203b9"]
+    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hpa-labels")
+    path = os.path.join(shared, "HPAv18RBGY_wodpl.csv")
+    if os.path.exists(path):  # the real label file when it is there: all 74,606 Ids
+        with open(path) as f:
+            ids += [line.split(",", 1)[0] for line in f.read().splitlines()[1:]]
+    unmatched = [i for i in ids if not re.search(nd.HPAV18_WELL_PATTERN, i)]
+    assert not unmatched, unmatched[:5]

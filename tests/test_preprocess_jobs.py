@@ -242,3 +242,24 @@ def test_publish_only_finishes_a_job_whose_launcher_died(tmp_path, monkeypatch, 
     manifest = schemas.read_manifest(out)
     assert manifest["written"] == 9 and not os.path.exists(work)
     assert {sid: schemas.multi_hot_to_labels(r.labels) for sid, r in _read_records(out).items()} == labels
+
+
+def test_a_group_too_large_for_the_folds_stops_the_job_unless_allowed(tmp_path, capsys):
+    """12 samples in 3 folds allow groups of 12 // (2 x 3) = 2; a groups file joining 4 stops the job."""
+    csv_path, image_dir, _ = fixtures.make_dataset(str(tmp_path), num_samples=12, size=SIZE)
+    groups_csv = str(tmp_path / "groups.csv")
+    with open(groups_csv, "w") as f:
+        f.write("Id,Group\n" + "".join(f"s{i:04d},big\n" for i in range(4)))
+    out = str(tmp_path / "out")
+    argv = _args(csv_path, image_dir, out, "--groups_csv", groups_csv, "--duplicates", "off")
+    assert preprocess.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a group of 4 labeled samples is larger than 2" in err and "s0000, s0001, s0002, s0003" in err
+    assert not os.path.exists(os.path.join(out, schemas.MANIFEST_FILE))
+    written = [f for _, _, names in os.walk(publish.work_dir(out)) for f in names if f.endswith(".tfrecord")]
+    assert not written
+
+    preprocess.run(argv + ["--max_group_size", "4"])
+    manifest = schemas.read_manifest(out)
+    assert manifest["duplicates"]["largest_groups"][0] == {"size": 4, "ids": [f"s{i:04d}" for i in range(4)]}
+    assert sum(manifest["fold_sizes"]) == 12 and max(manifest["fold_sizes"]) >= 4

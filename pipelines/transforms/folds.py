@@ -48,7 +48,11 @@ class _AssignFoldsFn(beam.DoFn):
         self._args = (num_folds, seed, order)
         self._groups = groups
 
-    def process(self, samples, groups=None):
+    def process(self, samples, *side):
+        if side and side[0] is None:  # FindDuplicates found a group too large: no folds, nothing written
+            yield None
+            return
+        groups = side[0] if side else None
         merged = dict(self._groups or {})
         if groups:
             merged.update(groups)
@@ -61,7 +65,8 @@ def AssignFolds(candidates, num_folds: int, seed: int, order: int = 2, groups=No
 
     Args:
       groups: a fixed {Id: group} (e.g. read from --groups_csv), or None.
-      group_side: a PCollection holding one {Id: group} dict computed by the job (it wins over `groups`).
+      group_side: a PCollection holding one {Id: group} dict computed by the job (it wins over `groups`),
+        or None when the job must not assign folds (then the output is None too).
     """
     side = [beam.pvalue.AsSingleton(group_side)] if group_side is not None else []
     return (

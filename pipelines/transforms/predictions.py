@@ -177,7 +177,8 @@ def ReadImageFolder(  # noqa: N802
     job writes them (its ListImages, CheckRows and MatchFiles, then `stains.validate_stains`).
 
     Args:
-      rows: LabelRows of the Ids to predict (from --ids_csv); None: every Id with a file in the folder.
+      rows: a PCollection of LabelRows of the Ids to predict (from --ids_csv, read by a worker); None: every
+        Id with a file in the folder.
 
     Returns:
       {"records": serialized records, "rejected": (Id, reason, detail), "unlisted": (source, Id) of images
@@ -190,7 +191,7 @@ def ReadImageFolder(  # noqa: N802
     if rows is None:
         all_rows = files | "ListedRows" >> ListedRows(input_dir)
     else:
-        all_rows = pbegin | "ListedRows" >> beam.Create(rows, reshuffle=False)
+        all_rows = rows
     checked = all_rows | "CheckRows" >> CheckRows()
     matched = (checked.valid, all_rows, files) | "MatchFiles" >> MatchFiles()
     loaded = matched.candidates | "LoadSamples" >> beam.ParDo(

@@ -61,16 +61,18 @@ class _PlanFn(beam.DoFn):
         yield from plan_fold_shards(fold, samples, *self._args)
 
 
-def _key_by_fold(sample: Candidate, fold_of: dict[str, int]):
-    return (fold_of[sample.id] if sample.labeled else schemas.UNLABELED_FOLD), sample
+def _key_by_fold(sample: Candidate, fold_of: dict[str, int] | None):
+    if fold_of is None:  # the job stopped before the fold assignment (a group too large): write nothing
+        return
+    yield (fold_of[sample.id] if sample.labeled else schemas.UNLABELED_FOLD), sample
 
 
 @beam.ptransform_fn
 def PlanShards(candidates, fold_of, shard_bytes, num_shards=None):  # noqa: N802
-    """Inspected candidates + {Id: fold} side input -> ShardSpec per output file."""
+    """Inspected candidates + {Id: fold} side input -> ShardSpec per output file (none if it is None)."""
     return (
         candidates
-        | "KeyByFold" >> beam.Map(_key_by_fold, fold_of=beam.pvalue.AsSingleton(fold_of))
+        | "KeyByFold" >> beam.FlatMap(_key_by_fold, fold_of=beam.pvalue.AsSingleton(fold_of))
         | "GroupByFold" >> beam.GroupByKey()
         | "Cut" >> beam.ParDo(_PlanFn(shard_bytes, num_shards))
         | "Spread" >> beam.Reshuffle()
