@@ -13,6 +13,9 @@ Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `m
   (`did you mean --epochs?`), and every usage error is that line plus `see hpa-x --help` (`ArgumentParser`).
 - run as a command (`argv=None`), the libraries' start-up and deprecation lines are silenced
   (schemas/console.py); `-v`/`--verbose` or HPA_LOG=debug brings them back.
+- every command lets TensorFlow take GPU memory as it needs it (TF_FORCE_GPU_ALLOW_GROWTH=true unless the
+  environment sets it), so several processes can share one GPU (batch prediction's workers, one process per
+  GPU); TensorFlow reads it when it first sets up a GPU, in this process and in the workers it starts.
 
 A command's module follows this pattern:
 
@@ -63,6 +66,7 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
     IsADirectoryError,
 )
 TRACEBACK_ENV = "HPA_TRACEBACK"
+GPU_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"  # TensorFlow's own switch; "false" takes the whole GPU again
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -122,6 +126,7 @@ def command(prog: str) -> Callable[[Main], Main]:
     def decorate(main: Main) -> Main:
         @functools.wraps(main)
         def entry(argv: Sequence[str] | None = None) -> int:
+            os.environ.setdefault(GPU_GROWTH_ENV, "true")
             if argv is None:  # run as a command, not called from Python
                 quiet_unless_verbose()
             try:
