@@ -58,6 +58,7 @@ COMMANDS = [
     "hpa-batch-predict = pipelines.batch_predict:main",
     "hpa-score = model.score:main",
     "hpa-inspect = model.inspect:main",
+    "hpa-doctor = model.doctor:main",
 ]
 
 setuptools.setup(

@@ -8,15 +8,25 @@ At inference (`training` false or None: `predict`, evaluation, the exported serv
 input unchanged, so a model is served and predicted on whole images as before.
 
 The layer uses TensorFlow ops (the project's Keras backend); a uint8 [B, H, W, 4] batch is moved as one
-int32 word per pixel (a free bitcast), which makes the selects several times faster than on uint8 bytes.
-Randomness comes from a `keras.random.SeedGenerator` built from the run's seed: the same seed gives the same
-draws, step after step, and the draws are stateless ops (reproducible under op determinism).
+4-byte word per pixel (a free bitcast), which makes the selects several times faster than on uint8 bytes.
+With a GPU the word is a float32: the pixels are only moved (transpose, reverse, select, gather: no
+arithmetic touches the bits), and TensorFlow's GPU kernels of ReverseV2 for int32 keep their data in host
+memory (a GPU -> host -> GPU copy of the batch each step without XLA), whereas the float32 kernels run on the
+device (tests/test_gpu_kernels.py checks every op of the layer against TF's kernel registry). Without a GPU
+the word stays an int32, which was faster on this project's CPUs (`python -m bench.augment_words`).
+Randomness comes from a `keras.random.SeedGenerator` built from the run's seed, advanced once per step and
+folded with the replica's index in its tf.distribute sync group (`replica_id_in_sync_group`, counting every
+replica of every worker): each replica draws its own transforms, and the same seed gives the same draws, step
+after step; the draws are stateless ops (reproducible under op determinism). The generator's state is one
+variable shared by the replicas (a MirroredVariable), so without the fold every replica drew the same.
 On the host, rotating uint8 images costs far more than moving them (../shared/FACTS.md: 2,019 samples/s for
 cache + shuffle + batch, 430 with one `tf.image.rot90` per batch); on a GPU these selects and gathers are
 memory-bound element-wise ops next to a backbone's convolutions.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import keras
 import tensorflow as tf
@@ -66,30 +76,32 @@ class StainAugmentation(layers.Layer):
     def call(self, inputs, training=None):
         if not training or self.is_identity:
             return inputs
-        x, packed = _pack(inputs)
+        crop_seed, dihedral_seed, jitter_seed = tf.unstack(_replica_seeds(self.seed_generator, 3))
+        x, packed = _pack(inputs, word_dtype())
         if self.crop_size is not None:
-            x = self._crop(x)
+            x = self._crop(x, crop_seed)
         if self.dihedral:
-            x = self._dihedral(x)
+            x = self._dihedral(x, dihedral_seed)
         x = _unpack(x, packed)
         if self.intensity_jitter > 0.0:
-            x = self._jitter(x)
+            x = self._jitter(x, jitter_seed)
         return x
 
-    def _crop(self, x):
+    def _crop(self, x, seed):
         shape = tf.shape(x)
         batch, height, width = shape[0], shape[1], shape[2]
         size = self.crop_size
-        top = keras.random.randint((batch,), 0, height - size + 1, seed=self.seed_generator)
-        left = keras.random.randint((batch,), 0, width - size + 1, seed=self.seed_generator)
+        top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+        top = tf.random.stateless_uniform((batch,), top_seed, 0, height - size + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform((batch,), left_seed, 0, width - size + 1, dtype=tf.int32)
         steps = tf.range(size, dtype=tf.int32)
-        rows = tf.cast(top, tf.int32)[:, None] + steps[None, :]  # [B, size]
-        cols = tf.cast(left, tf.int32)[:, None] + steps[None, :]
+        rows = top[:, None] + steps[None, :]  # [B, size]
+        cols = left[:, None] + steps[None, :]
         x = tf.gather(x, rows, axis=1, batch_dims=1)
         return tf.gather(x, cols, axis=2, batch_dims=1)
 
-    def _dihedral(self, x):
-        coins = keras.random.randint((tf.shape(x)[0], 3), 0, 2, seed=self.seed_generator)
+    def _dihedral(self, x, seed):
+        coins = tf.random.stateless_uniform((tf.shape(x)[0], 3), seed, minval=0, maxval=2, dtype=tf.int32)
         extra = [1] * (x.shape.rank - 1)
         coins = tf.reshape(tf.cast(coins, tf.bool), [-1, 3, *extra])  # [B, 3, 1, 1(, 1)]
         perm = [0, 2, 1, *range(3, x.shape.rank)]
@@ -97,12 +109,10 @@ class StainAugmentation(layers.Layer):
         x = tf.where(coins[:, 1], tf.reverse(x, [1]), x)
         return tf.where(coins[:, 2], tf.reverse(x, [2]), x)
 
-    def _jitter(self, x):
+    def _jitter(self, x, seed):
         shape = tf.shape(x)
         j = self.intensity_jitter
-        scale = keras.random.uniform(
-            (shape[0], 1, 1, shape[3]), 1.0 - j, 1.0 + j, dtype="float32", seed=self.seed_generator
-        )
+        scale = tf.random.stateless_uniform((shape[0], 1, 1, shape[3]), seed, 1.0 - j, 1.0 + j, tf.float32)
         out = tf.clip_by_value(tf.round(tf.cast(x, tf.float32) * scale), 0.0, 255.0)
         return tf.cast(out, x.dtype)
 
@@ -126,12 +136,45 @@ class StainAugmentation(layers.Layer):
         return config
 
 
-def _pack(x):
-    """uint8 [B, H, W, 4] -> int32 [B, H, W] (the four stains of a pixel as one word: a free bitcast), so
-    that moving pixels moves 4-byte words; TF's selects of uint8 are several times slower. Other inputs
-    are left as they are."""
+def _replica_seeds(generator: keras.random.SeedGenerator, n: int) -> tf.Tensor:
+    """n stateless seeds [n, 2] for this step and this replica: the generator's next seed folded with the
+    replica's index in its sync group (0 outside a strategy), then split."""
+    context = tf.distribute.get_replica_context()
+    replica = 0 if context is None else context.replica_id_in_sync_group
+    step = tf.cast(generator.next(), tf.int64)
+    key = tf.random.experimental.stateless_fold_in(step, tf.cast(replica, tf.int64))
+    return tf.random.experimental.stateless_split(key, num=n)
+
+
+_GPU_WORD = tf.float32
+_forced_word: list[tf.DType] = []  # set by `traced_as_on_a_gpu`
+
+
+def word_dtype() -> tf.DType:
+    """The 4-byte word a pixel is moved as: float32 when TensorFlow sees a GPU (device-memory kernels), else
+    int32 (faster on a CPU)."""
+    if _forced_word:
+        return _forced_word[-1]
+    return _GPU_WORD if tf.config.list_logical_devices("GPU") else tf.int32
+
+
+@contextlib.contextmanager
+def traced_as_on_a_gpu():
+    """Within it, the layer traces the graph a GPU host runs (hpa-doctor checks that graph on any host)."""
+    _forced_word.append(_GPU_WORD)
+    try:
+        yield
+    finally:
+        _forced_word.pop()
+
+
+def _pack(x, word: tf.DType):
+    """uint8 [B, H, W, 4] -> word [B, H, W] (the four stains of a pixel as one word: a free bitcast), so
+    that moving pixels moves 4-byte words; TF's selects of uint8 are several times slower. The word's bits
+    are only moved, never computed with, so any byte pattern (NaN ones included) comes back unchanged.
+    Other inputs are left as they are."""
     if x.dtype == tf.uint8 and x.shape[-1] == 4:
-        return tf.bitcast(x, tf.int32), True
+        return tf.bitcast(x, word), True
     return x, False
 
 

@@ -23,7 +23,9 @@ BACKBONES: tuple[str, ...] = (
     "efficientnetv2m",
     "efficientnetv2l",
 )
-LOSSES: tuple[str, ...] = ("bce", "focal")
+BACKBONES_WITHOUT_WEIGHTS: tuple[str, ...] = ("small",)  # no pretrained weights exist for these
+LOSSES: tuple[str, ...] = ("bce", "focal", "lovasz", "focal_lovasz")
+LR_SCALINGS: tuple[str, ...] = ("none", "linear")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 RARE_CLASS_MODES: tuple[str, ...] = ("none", "oversample", "weight")
 LR_PLATEAU, LR_COSINE, LR_STEP = "plateau", "cosine", "step"
@@ -186,8 +188,9 @@ class ModelConfig:
 
     Attributes:
       backbone: one of BACKBONES (`small` is a little CNN for CPU runs and tests).
-      weights: `imagenet`, `none`, or the path of a saved backbone (3 or 4 input channels; `.keras` or
-        `.weights.h5`) whose weights are copied, the first convolution adapted to four stains.
+      weights: `imagenet`, `none` (None: `default_weights` of the backbone), or the path of a saved
+        backbone (3 or 4 input channels; `.keras` or `.weights.h5`) whose weights are copied, the first
+        convolution adapted to four stains.
       dropout: dropout rate before the classifier.
       small_filters: width of the `small` backbone's first block (doubles per block).
       input_norm: how the uint8 stains are scaled for the backbone: `auto` (resolved by `resolve_input_norm`:
@@ -196,7 +199,7 @@ class ModelConfig:
     """
 
     backbone: str = "resnet50"
-    weights: str = WEIGHTS_IMAGENET
+    weights: str | None = None
     dropout: float = 0.25
     small_filters: int = 16
     input_norm: str = INPUT_NORM_AUTO
@@ -206,9 +209,18 @@ class ModelConfig:
             raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.weights is None:
+            object.__setattr__(self, "weights", default_weights(self.backbone))
         if not self.weights:
             raise ConfigError("weights must be 'imagenet', 'none' or a file path")
+        if self.backbone in BACKBONES_WITHOUT_WEIGHTS and self.weights == WEIGHTS_IMAGENET:
+            raise ConfigError(f"the {self.backbone} backbone has no ImageNet weights: use --weights none")
         resolve_input_norm(self)
+
+
+def default_weights(backbone: str) -> str:
+    """`--weights` when not given: what the backbone has (ImageNet weights, none for `small`)."""
+    return WEIGHTS_NONE if backbone in BACKBONES_WITHOUT_WEIGHTS else WEIGHTS_IMAGENET
 
 
 def resolve_input_norm(cfg: ModelConfig) -> str:
@@ -250,7 +262,7 @@ class TrainConfig:
       steps_per_epoch: training steps per epoch (None: one pass over the training set).
       validation_steps: validation steps (None: the whole validation fold).
       learning_rate: initial Adam learning rate.
-      loss: `bce` or `focal`.
+      loss: `bce`, `focal`, `lovasz` (the Lovasz hinge per class) or `focal_lovasz` (focal + Lovasz).
       focal_gamma: focusing parameter of the focal loss.
       precision: `auto` (bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU) or
         an explicit Keras dtype policy.
@@ -264,6 +276,11 @@ class TrainConfig:
       ema: validate, checkpoint and export an exponential moving average of the weights (the optimizer's
         use_ema) instead of the last weights.
       ema_momentum: the average's momentum (weight of the old average at each step).
+      ema_epochs: the average's horizon in epochs (None: ema_momentum as given); the momentum is then
+        1 - 1 / (ema_epochs x steps per epoch), resolved by `ema_momentum_for`.
+      lr_scaling: `linear` (learning_rate is the rate at reference_batch; the run uses learning_rate x
+        global batch / reference_batch, the linear scaling rule of Goyal et al. 2017) or `none`.
+      reference_batch: the global batch learning_rate is given for under `linear`.
       preset: the `--preset` the flags were filled from (None: no preset); a record, not a setting.
       early_stopping_patience: EarlyStopping on validation loss (epochs without improvement).
       val_tta: test-time augmentation (1, 2, 4 or 8 transforms) of the saved validation predictions, which
@@ -290,6 +307,9 @@ class TrainConfig:
     early_stopping_patience: int = 6
     ema: bool = False
     ema_momentum: float = 0.99
+    ema_epochs: float | None = None
+    lr_scaling: str = "none"
+    reference_batch: int = 32
     val_tta: int = 1
     preset: str | None = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -312,6 +332,24 @@ class TrainConfig:
         self._check_schedule()
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.ema_epochs is not None and self.ema_epochs <= 0:
+            raise ConfigError(f"--ema_epochs must be > 0, got {self.ema_epochs}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"--lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
+        if self.reference_batch < 1:
+            raise ConfigError(f"--reference_batch must be >= 1, got {self.reference_batch}")
+
+    def scaled_learning_rate(self) -> float:
+        """The rate the optimizer starts from: learning_rate, times batch / reference_batch under `linear`."""
+        if self.lr_scaling == "linear":
+            return self.learning_rate * self.data.batch_size / self.reference_batch
+        return self.learning_rate
+
+    def ema_momentum_for(self, steps_per_epoch: int) -> float:
+        """The average's momentum per optimizer step: from ema_epochs when given, else ema_momentum."""
+        if self.ema_epochs is None:
+            return self.ema_momentum
+        return 1.0 - 1.0 / max(1.0, self.ema_epochs * steps_per_epoch)
 
     def _check_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:

@@ -274,6 +274,7 @@ def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> Plan:
     configs = {}
     for k in folds:
         targs = train.parse_args(fold_argv(passthrough, args.data_dir, args.out, k, False))
+        train.check_flags(targs)  # the training job's own checks that need no TensorFlow
         cfg, _, _ = train.resolve_config(train.config_from_args(targs), manifest)
         configs[k] = cfg
         if not args.overwrite and fold_status(fold_dir(args.out, k)) != NEW:

@@ -493,3 +493,42 @@ def make_eval_dataset(
 
     ds = ds.map(to_tuple, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size or cfg.batch_size).prefetch(AUTOTUNE)
+
+
+def pad_for_replicas(
+    ds: tf.data.Dataset, num_records: int, replicas: int, batch_size: int
+) -> tf.data.Dataset:
+    """An evaluation dataset of full batches only, so that every replica gets its equal, non-empty share.
+
+    A tf.distribute strategy splits each batch between its replicas; a last batch smaller than the global
+    batch may leave a replica an empty batch (MirroredStrategy split a last batch of 4 at batch 8 over 2
+    replicas as [4, 0]), which breaks layers such as BatchNormalization. The records are padded with
+    `-num_records % batch_size` blank ones (all-zero image and labels) and a third element, the sample weight,
+    is added: 0 for a pad, `(num_records + pads) / num_records` for a record. Keras weighs each replica's
+    validation loss by its rows, pads included; this constant makes the epoch's mean loss the mean over the
+    real records, and leaves F1 and AUC (ratios of weighted counts) as without weights. Every record is
+    scored once; nothing is dropped; the number of batches is unchanged.
+
+    Args:
+      ds: batches of (uint8 images, float labels) from `make_eval_dataset`, `num_records` records in all.
+      num_records: records in `ds` (> 0).
+      replicas: replicas in sync; `batch_size` must be a multiple of it.
+      batch_size: the (global) batch size of the result.
+    """
+    if num_records < 1 or batch_size % replicas:
+        raise ValueError(f"need records >= 1 and a batch ({batch_size}) that is a multiple of {replicas}")
+    pads = -num_records % batch_size
+    weight = (num_records + pads) / num_records
+    records = ds.unbatch().map(lambda image, labels: (image, labels, tf.constant(weight, tf.float32)))
+    if pads:
+        image_spec, label_spec, _ = records.element_spec
+        blank = (
+            tf.zeros(image_spec.shape, image_spec.dtype),
+            tf.zeros(label_spec.shape, label_spec.dtype),
+            tf.constant(0.0, tf.float32),
+        )
+        records = records.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pads))
+    batches = records.batch(batch_size, drop_remainder=True)
+    # unbatch() loses the count; Keras under a strategy cut an evaluation of unknown length short.
+    batches = batches.apply(tf.data.experimental.assert_cardinality((num_records + pads) // batch_size))
+    return batches.prefetch(AUTOTUNE)

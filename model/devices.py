@@ -166,7 +166,15 @@ def check_gpus(backbone: str, gpus: int, allow_cpu: bool, cpu_replicas: int | No
         )
 
 
-def resolve_jit(requested: str, gpus: int, local_replicas: int, multiworker: bool = False) -> bool:
+DETERMINISTIC_NO_XLA = (
+    "XLA off under --deterministic: XLA's GPU determinism refuses ops these backbones train with (the "
+    "max-pool gradient, scatters), while TensorFlow's own kernels have deterministic versions"
+)
+
+
+def resolve_jit(
+    requested: str, gpus: int, local_replicas: int, multiworker: bool = False, deterministic: bool = False
+) -> bool:
     """XLA for the whole training step (Keras `jit_compile`) as one explicit choice.
 
     `auto` is on with a GPU and off on a CPU, whatever the strategy (Keras's own `auto` turns XLA off under
@@ -175,10 +183,19 @@ def resolve_jit(requested: str, gpus: int, local_replicas: int, multiworker: boo
     `auto` is off and `on` is an error; one process per GPU (`multiworker`) keeps XLA. XLA has no collective
     ops on CPU devices, so `multiworker` on CPUs cannot use it either.
 
+    Under `deterministic` (op determinism) XLA is off with a GPU: `auto` turns it off (DETERMINISTIC_NO_XLA
+    says why in the run's log) and `on` is an error. On a CPU XLA is off by default anyway.
+
     Raises:
-      ConfigError: `on` with several local replicas, or across CPU workers.
+      ConfigError: `on` with several local replicas, across CPU workers, or with --deterministic on a GPU.
     """
     if requested == "off":
+        return False
+    if deterministic and gpus > 0:
+        if requested == "on":
+            raise ConfigError(
+                f"--jit_compile on does not combine with --deterministic on a GPU ({DETERMINISTIC_NO_XLA})"
+            )
         return False
     if multiworker and gpus == 0:
         if requested == "on":
@@ -291,6 +308,7 @@ class Devices:
     precision: str
     jit_compile: bool
     cluster: Cluster | None
+    note: str = ""
 
     @property
     def is_chief(self) -> bool:
@@ -316,7 +334,7 @@ class Devices:
             f"devices: {', '.join(self.devices)}; strategy {_CLASS_NAMES[self.kind]} "
             f"({self.replicas} replica(s){where}); precision {self.precision}; "
             f"XLA {'on' if self.jit_compile else 'off'}"
-        )
+        ) + (f"\n{self.note}" if self.note else "")
 
 
 def setup(
@@ -326,6 +344,7 @@ def setup(
     cpu_replicas: int | None,
     backbone: str,
     allow_cpu: bool,
+    deterministic: bool = False,
 ) -> Devices:
     """Checks the device flags, then splits the CPU, creates the strategy and sets the dtype policy.
 
@@ -354,8 +373,9 @@ def setup(
         devices=local,
         replicas=int(dist.num_replicas_in_sync),
         precision=policy,
-        jit_compile=resolve_jit(jit_compile, gpus, len(local), kind == "multiworker"),
+        jit_compile=resolve_jit(jit_compile, gpus, len(local), kind == "multiworker", deterministic),
         cluster=cluster if kind == "multiworker" else None,
+        note=DETERMINISTIC_NO_XLA if deterministic and gpus and jit_compile == "auto" else "",
     )
 
 

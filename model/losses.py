@@ -1,5 +1,5 @@
-"""Losses of the training job (binary cross-entropy, focal) and the rare-class factors they and the input
-pipeline share.
+"""Losses of the training job (binary cross-entropy, focal, the Lovasz hinge per class) and the rare-class
+factors they and the input pipeline share.
 
 `class_factors` and `sample_repeats` are plain numpy: a class's factor grows with its rarity,
 `(max count / count) ** power`, clipped to `[1, max_factor]`. The input pipeline repeats a sample by the
@@ -55,19 +55,64 @@ def sample_repeats(labels: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return per.max(axis=1).astype(np.float32) if len(labels) else np.zeros(0, np.float32)
 
 
+KINDS = ("bce", "focal", "lovasz", "focal_lovasz")
+
+
+def lovasz_hinge_per_sample(y_true, y_pred):
+    """The Lovasz hinge of each class over the batch, as per-sample terms [B] whose mean is its class mean.
+
+    For class c the samples' hinge errors e_i = max(0, 1 - z_i s_i) (z the logit, s = +1 for a positive and
+    -1 for a negative) are sorted in decreasing order and weighted by the increments of the Jaccard loss of
+    the growing set of errors (`lovasz_grad`): the Lovasz extension of the Jaccard loss at the errors
+    (Berman, Triki, Blaschko 2018, "The Lovasz-Softmax loss"). Summing sample i's weighted error over the
+    classes (divided by their number) and multiplying by the batch size gives terms whose batch mean is the
+    mean over classes of the per-class loss, so Keras' per-sample reduction and sample weights apply.
+
+    Args:
+      y_true: multi-hot [B, C].
+      y_pred: sigmoid probabilities [B, C] (the logits are recovered from the clipped probabilities).
+    """
+    y_true = ops.cast(y_true, "float32")
+    p = ops.clip(ops.cast(y_pred, "float32"), 1e-6, 1.0 - 1e-6)
+    logits = ops.log(p) - ops.log(1.0 - p)
+    errors = 1.0 - logits * (2.0 * y_true - 1.0)  # [B, C]
+    order = ops.argsort(-ops.stop_gradient(errors), axis=0)
+    errors_sorted = ops.take_along_axis(errors, order, axis=0)
+    grad = lovasz_grad(ops.take_along_axis(y_true, order, axis=0))
+    terms_sorted = ops.relu(errors_sorted) * grad
+    terms = ops.take_along_axis(terms_sorted, ops.argsort(order, axis=0), axis=0)
+    batch = ops.cast(ops.shape(y_true)[0], "float32")
+    return ops.mean(terms, axis=-1) * batch
+
+
+def lovasz_grad(gt_sorted):
+    """Increments of the Jaccard loss along a sorted order: [B, C] multi-hot (sorted by error) -> [B, C].
+
+    Row k holds J(first k+1 errors) - J(first k), where J(M) = 1 - |gt minus M| / |gt union M| is the
+    Jaccard loss when the samples in M are mispredicted.
+    """
+    positives = ops.sum(gt_sorted, axis=0, keepdims=True)
+    intersection = positives - ops.cumsum(gt_sorted, axis=0)
+    union = positives + ops.cumsum(1.0 - gt_sorted, axis=0)
+    jaccard = 1.0 - intersection / union
+    return ops.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]], axis=0)
+
+
 def make_loss(kind: str = "bce", gamma: float = 2.0, positive_weights: np.ndarray | None = None):
     """The training loss.
 
     Args:
-      kind: `bce` (binary cross-entropy) or `focal` (binary focal cross-entropy, Lin et al. 2017).
+      kind: `bce` (binary cross-entropy), `focal` (binary focal cross-entropy, Lin et al. 2017), `lovasz`
+        (the Lovasz hinge per class, Berman et al. 2018) or `focal_lovasz` (their sum, the 1st place's
+        loss).
       gamma: focal loss focusing parameter.
       positive_weights: optional [NUM_CLASSES] weights of each class's positive term (rare-class weighting).
 
     Returns:
       A `keras.losses.Loss` over sigmoid probabilities [B, NUM_CLASSES].
     """
-    if kind not in ("bce", "focal"):
-        raise ValueError(f"loss must be 'bce' or 'focal', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"loss must be one of {KINDS}, got {kind!r}")
     weights = None if positive_weights is None else [float(w) for w in positive_weights]
     if weights is not None and len(weights) != schemas.NUM_CLASSES:
         raise ValueError(f"positive_weights must have {schemas.NUM_CLASSES} values, got {len(weights)}")
@@ -85,18 +130,21 @@ class MultiLabelLoss(keras.losses.Loss):
         self.positive_weights = None if positive_weights is None else list(positive_weights)
 
     def call(self, y_true, y_pred):
+        lovasz = lovasz_hinge_per_sample(y_true, y_pred) if "lovasz" in self.kind else 0.0
+        if self.kind == "lovasz":
+            return lovasz
         y_pred = ops.cast(y_pred, "float32")
         y_true = ops.cast(y_true, "float32")
         eps = keras.config.epsilon()
         p = ops.clip(y_pred, eps, 1.0 - eps)
         pos = -y_true * ops.log(p)
         neg = -(1.0 - y_true) * ops.log(1.0 - p)
-        if self.kind == "focal":
+        if self.kind.startswith("focal"):
             pos = pos * ops.power(1.0 - p, self.gamma)
             neg = neg * ops.power(p, self.gamma)
         if self.positive_weights is not None:
             pos = pos * ops.convert_to_tensor(self.positive_weights, dtype="float32")
-        return ops.mean(pos + neg, axis=-1)
+        return ops.mean(pos + neg, axis=-1) + lovasz
 
     def get_config(self):
         config = super().get_config()

@@ -19,6 +19,11 @@ THIRD = "3rd place (weight averaging, SWA; here its exponential-average form)"
 TOP = "common to the top solutions"
 DEMO = "the demo (run_demo.sh)"
 OURS = "this project's choice (no source gives a value)"
+ESTIMATE = (
+    "a computed estimate, not a GPU measurement: DenseNet121 at 512x512x4 keeps 261 M activation values per "
+    "sample (every layer's output, counted by docs/gpu.md's command), 0.52 GB in 16-bit; with ~1.5x for the "
+    "backward pass and ~2 GB for the CUDA context, weights, Adam state and workspace, 16 fit a 16 GB GPU"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +54,19 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "top-densenet121-512": Preset(
-        "the top solutions' recipe: DenseNet121 at 512 px, focal loss, warm-up + cosine, EMA, oversampling, "
-        "validation TTA 8",
+        "the top solutions' recipe: DenseNet121 at 512 px, 16 per GPU, focal + Lovasz, warm-up + cosine, EMA "
+        "over 2 epochs, oversampling, validation TTA 8",
         {
             "backbone": Setting("densenet121", FIRST),
             "weights": Setting("imagenet", OURS),
             "image_size": Setting(512, FIRST + ": 512-1024 px crops; 28th place: 512 px"),
-            "loss": Setting("focal", FIRST),
+            "loss": Setting("focal_lovasz", FIRST + ": focal + Lovasz (their weights: " + OURS + ", 1:1)"),
+            "batch_per_replica": Setting(16, ESTIMATE),
+            "lr_scaling": Setting("linear", OURS + ": --learning_rate is the rate at batch 32"),
             "lr_schedule": Setting("cosine", FIRST + ": warm-up, then cosine or step"),
             "warmup_epochs": Setting(2, FIRST + " (a warm-up; its length: " + OURS + ")"),
             "ema": Setting(True, THIRD),
+            "ema_epochs": Setting(2.0, THIRD + " over epochs (the horizon, 2 epochs: " + OURS + ")"),
             "rare_class": Setting("oversample", TOP + ": rare-class oversampling"),
             "val_tta": Setting(8, FIRST + ": test-time augmentation (8 flips / rotations)"),
         },
@@ -133,3 +141,21 @@ def apply(
         if dest not in given:
             filled[dest] = setting.value
     return argparse.Namespace(**filled)
+
+
+def name_preset_flags(name: str | None, message: str) -> str:
+    """A config error's message, with the values that preset `name` sets for the flags it names.
+
+    A flag the user never typed but a preset filled in is otherwise a mystery in an error message.
+    """
+    preset = PRESETS.get(name or "")
+    if preset is None:
+        return message
+    named = [
+        f"--{dest} {setting.value}"
+        for dest, setting in preset.settings.items()
+        if f"--{dest} " in message + " "
+    ]
+    if not named:
+        return message
+    return f"{message} (the preset {name} sets {', '.join(named)}; pass the flag to override)"

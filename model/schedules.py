@@ -1,5 +1,6 @@
 """Learning-rate schedules of the training job, built from `keras.optimizers.schedules`.
 
+Every rate is `cfg.scaled_learning_rate()` (the given rate, scaled with the batch under --lr_scaling linear).
 Schedules count optimizer steps (`optimizer.iterations`), so they need the run's steps per epoch; a restarted
 run restores `iterations` from its backup and continues where the schedule was.
 
@@ -62,9 +63,9 @@ def warmup_schedule(cfg: TrainConfig, steps_per_epoch: int):
     if steps == 0:
         return None
     return keras.optimizers.schedules.PolynomialDecay(
-        initial_learning_rate=cfg.learning_rate * WARMUP_START_FACTOR,
+        initial_learning_rate=cfg.scaled_learning_rate() * WARMUP_START_FACTOR,
         decay_steps=steps,
-        end_learning_rate=cfg.learning_rate,
+        end_learning_rate=cfg.scaled_learning_rate(),
         power=1.0,
     )
 
@@ -76,27 +77,29 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int | None):
       ValueError: a schedule without steps_per_epoch.
     """
     if cfg.lr_schedule == LR_PLATEAU:
-        return cfg.learning_rate
+        return cfg.scaled_learning_rate()
     if steps_per_epoch is None or steps_per_epoch < 1:
         raise ValueError(f"lr_schedule {cfg.lr_schedule} needs steps_per_epoch, got {steps_per_epoch}")
     warm = warmup_steps(cfg, steps_per_epoch)
     if cfg.lr_schedule == LR_COSINE:
         decay_steps = (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch
-        alpha = cfg.min_lr / cfg.learning_rate
+        alpha = cfg.min_lr / cfg.scaled_learning_rate()
         if warm == 0:
-            return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps, alpha=alpha)
+            return keras.optimizers.schedules.CosineDecay(
+                cfg.scaled_learning_rate(), decay_steps, alpha=alpha
+            )
         return keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate * WARMUP_START_FACTOR,
+            cfg.scaled_learning_rate() * WARMUP_START_FACTOR,
             decay_steps,
             alpha=alpha,
-            warmup_target=cfg.learning_rate,
+            warmup_target=cfg.scaled_learning_rate(),
             warmup_steps=warm,
         )
     if cfg.lr_schedule == LR_STEP:
         after = keras.optimizers.schedules.PiecewiseConstantDecay(
             # Keras keeps a value up to and including its boundary: the new one from step e * steps.
             boundaries=[e * steps_per_epoch - 1 for e in cfg.lr_steps],
-            values=[cfg.learning_rate * cfg.lr_factor**i for i in range(len(cfg.lr_steps) + 1)],
+            values=[cfg.scaled_learning_rate() * cfg.lr_factor**i for i in range(len(cfg.lr_steps) + 1)],
         )
         if warm == 0:
             return after
@@ -112,9 +115,13 @@ def describe(cfg: TrainConfig) -> str:
         text = f"cosine to {cfg.min_lr:g}"
     else:
         text = f"step (x{cfg.lr_factor} at epochs {', '.join(map(str, cfg.lr_steps))})"
-    text = f"lr {cfg.learning_rate:g}, {text}"
+    rate = cfg.scaled_learning_rate()
+    scaled = f" (= {cfg.learning_rate:g} x batch {cfg.data.batch_size} / {cfg.reference_batch})"
+    text = f"lr {rate:g}{scaled if cfg.lr_scaling == 'linear' else ''}, {text}"
     if cfg.warmup_epochs:
         text += f", linear warm-up over {cfg.warmup_epochs} epoch(s)"
-    if cfg.ema:
+    if cfg.ema and cfg.ema_epochs is not None:
+        text += f"; weights averaged (EMA over ~{cfg.ema_epochs:g} epoch(s))"
+    elif cfg.ema:
         text += f"; weights averaged (EMA, momentum {cfg.ema_momentum})"
     return text

@@ -34,6 +34,7 @@ from model.config import (  # noqa: F401 - the output names are also this module
     INPUT_NORM_CHOICES,
     LOGS_DIR,
     LOSSES,
+    LR_SCALINGS,
     LR_SCHEDULES,
     MODEL_FILE,
     PLOTS_FILE,
@@ -53,6 +54,7 @@ from model.train_steps import (  # noqa: F401 - compiled_model, resolve_config: 
     compiled_model,
     fit,
     make_data,
+    preflight,
     prepare_devices,
     prepare_work_dir,
     resolve_config,
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONES, default=m.backbone)
     p.add_argument(
         "--weights",
-        default=m.weights,
+        default=None,
         help="imagenet (from the Keras cache $KERAS_HOME/models, else downloaded there), none, or a saved "
-        "3/4-channel backbone file",
+        "3/4-channel backbone file (default: imagenet for a keras.applications backbone, none for small)",
     )
     p.add_argument(
         "--input_norm",
@@ -173,7 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
         "for validation, the best checkpoint, model.keras, export/ and val_predictions.npz",
     )
     p.add_argument(
+        "--no_ema", action="store_true", help="no weight averaging, even when --preset turns --ema on"
+    )
+    p.add_argument(
         "--ema_momentum", type=float, default=t.ema_momentum, help="weight of the old average at each step"
+    )
+    p.add_argument(
+        "--ema_epochs",
+        type=float,
+        default=t.ema_epochs,
+        metavar="E",
+        help="the average's horizon in epochs: momentum = 1 - 1 / (E x steps per epoch), in place of "
+        "--ema_momentum",
+    )
+    p.add_argument(
+        "--lr_scaling",
+        choices=LR_SCALINGS,
+        default=t.lr_scaling,
+        help="linear: --learning_rate is the rate at --reference_batch; the run uses it x batch / "
+        "reference_batch (and --min_lr stays as given)",
+    )
+    p.add_argument("--reference_batch", type=int, default=t.reference_batch, help="see --lr_scaling")
+    p.add_argument(
+        "--batch_per_replica",
+        type=int,
+        default=None,
+        metavar="N",
+        help="global batch = N x replicas (instead of --batch_size; a preset's per-GPU batch)",
+    )
+    p.add_argument(
+        "--preflight",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="one training step on blank images at the configured batch before reading data; on "
+        "out-of-memory, say which batch fits (auto: with a GPU)",
     )
     p.add_argument("--early_stopping_patience", type=int, default=t.early_stopping_patience)
     p.add_argument(
@@ -274,7 +309,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Flags -> TrainConfig (raises ConfigError on bad values)."""
+    """Flags -> TrainConfig (raises ConfigError on bad values, naming the values a preset set)."""
+    try:
+        return _config_from_args(args)
+    except ConfigError as e:
+        raise ConfigError(presets.name_preset_flags(args.preset, str(e))) from e
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     data = DataConfig(
         image_size=args.image_size,
         batch_size=args.batch_size,
@@ -293,7 +335,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     model = ModelConfig(
         backbone=args.backbone,
-        weights=args.weights,
+        weights=args.weights,  # None: what the backbone has (config.default_weights)
         dropout=args.dropout,
         small_filters=args.small_filters,
         input_norm=args.input_norm,
@@ -316,13 +358,69 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
         early_stopping_patience=args.early_stopping_patience,
-        ema=args.ema,
+        ema=args.ema and not args.no_ema,
         ema_momentum=args.ema_momentum,
+        ema_epochs=args.ema_epochs,
+        lr_scaling=args.lr_scaling,
+        reference_batch=args.reference_batch,
         val_tta=args.val_tta,
         preset=args.preset,
         data=data,
         model=model,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks of the flags that need no data.
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flag checks that need neither TensorFlow nor data (hpa-folds runs them for every fold first).
+
+    Raises:
+      ConfigError: a bad device flag or TF_CONFIG, a bad combination of batch flags.
+    """
+    import os
+
+    devices_lib.check_flags(args.strategy, args.jit_compile, args.cpu_replicas, os.environ.get("TF_CONFIG"))
+    if args.batch_per_replica is not None and args.batch_per_replica < 1:
+        raise ConfigError(f"--batch_per_replica must be >= 1, got {args.batch_per_replica}")
+
+
+def _global_batch(cfg: TrainConfig, args: argparse.Namespace, argv, replicas: int) -> TrainConfig:
+    """The config with --batch_per_replica x replicas as its global batch (a --batch_size given on the command
+    line wins over a preset's --batch_per_replica)."""
+    import dataclasses
+
+    if args.batch_per_replica is None:
+        return cfg
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = presets.given_flags(build_parser, argv, ["batch_size", "batch_per_replica"])
+    if "batch_size" in given:
+        if "batch_per_replica" in given:
+            raise ConfigError("give --batch_size (global) or --batch_per_replica, not both")
+        return cfg
+    data = dataclasses.replace(cfg.data, batch_size=args.batch_per_replica * replicas)
+    return dataclasses.replace(cfg, data=data)
+
+
+def check_batch(batch_size: int, replicas: int) -> None:
+    """The global batch must split into equal per-replica batches (training drops the last partial one).
+
+    Raises:
+      ConfigError: a batch that is not a multiple of the replicas (some replica would get a smaller or an
+        empty batch).
+    """
+    if batch_size % replicas:
+        fit = max(replicas, batch_size // replicas * replicas)
+        raise ConfigError(
+            f"--batch_size {batch_size} does not split evenly over {replicas} replicas: the global batch is "
+            f"per-replica batch x replicas; use --batch_size {fit}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,9 +434,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
       ConfigError: bad flags or inputs (the message says what to change).
     """
     args = parse_args(argv)
+    check_flags(args)
     cfg = config_from_args(args)
     dev = prepare_devices(args, cfg)  # first: MultiWorkerMirroredStrategy must exist before any other TF op
+    cfg = _global_batch(cfg, args, argv, dev.replicas)
+    check_batch(cfg.data.batch_size, dev.replicas)
     plan = resolve_settings(cfg, dev)
+    preflight(plan, dev, args.preflight)  # before anything is written or read
     work = prepare_work_dir(plan, dev, args.overwrite)
     train_ds, val_ds = make_data(plan, dev, work.initial_epoch)
     model = build_and_compile(plan, dev, train_ds)

@@ -1,7 +1,8 @@
 """The training job's steps, in the order `model.train.run` calls them.
 
 `prepare_devices` (strategy, precision, XLA) -> `resolve_settings` (the config checked against the dataset's
-manifest, cache room, weights, seeds, step counts: a `Plan`) -> `prepare_work_dir` (the chief's model dir or a
+manifest, cache room, weights, seeds, step counts: a `Plan`) -> `preflight` (one step at the batch, on a
+GPU) -> `prepare_work_dir` (the chief's model dir or a
 worker's own, and the epoch a restarted run resumes after) -> `make_data` (tf.data, split between workers) ->
 `build_and_compile` -> `fit` (callbacks, then the best checkpoint) -> `write_outputs` (the chief alone, from a
 copy of the model outside the strategy).
@@ -83,6 +84,15 @@ def resolve_config(cfg: TrainConfig, manifest: dict) -> tuple[TrainConfig, list[
     height, width = (int(v) for v in manifest[schemas.MANIFEST_IMAGE_SIZE])
     if height != width:
         raise ConfigError(f"{cfg.data_dir} holds {height}x{width} images; training needs square images")
+    from model import presets
+
+    preset = presets.PRESETS.get(cfg.preset or "")
+    preset_size = preset.settings.get("image_size") if preset else None
+    if preset_size is not None and cfg.data.image_size == preset_size.value != height:
+        raise ConfigError(
+            f"the preset {cfg.preset} sets --image_size {preset_size.value}; {cfg.data_dir} holds {height} "
+            f"px images: pass --image_size {height} to override (or preprocess at {preset_size.value} px)"
+        )
     if cfg.data.image_size is not None and cfg.data.image_size != height:
         raise ConfigError(
             f"--image_size {cfg.data.image_size} does not match the records of {cfg.data_dir} "
@@ -158,7 +168,13 @@ class WorkDir:
 def prepare_devices(args: argparse.Namespace, cfg: TrainConfig) -> devices_lib.Devices:
     """The strategy, precision and XLA choice of the device flags (checked before any data is read)."""
     return devices_lib.setup(
-        args.strategy, args.jit_compile, cfg.precision, args.cpu_replicas, cfg.model.backbone, args.allow_cpu
+        args.strategy,
+        args.jit_compile,
+        cfg.precision,
+        args.cpu_replicas,
+        cfg.model.backbone,
+        args.allow_cpu,
+        deterministic=cfg.data.deterministic,
     )
 
 
@@ -239,7 +255,9 @@ def _describe(plan: Plan, dev: devices_lib.Devices) -> None:
         )
     )
     _print(
-        f"training: {cfg.epochs} epochs x {plan.steps_per_epoch} steps of batch {cfg.data.batch_size}; "
+        f"training: {cfg.epochs} epochs x {plan.steps_per_epoch} steps of batch {cfg.data.batch_size} "
+        f"({plan.steps_per_epoch * cfg.data.batch_size} samples per epoch; the stream runs on across epochs, "
+        f"so a remainder is seen in the next); "
         f"backbone {cfg.model.backbone} (weights {cfg.model.weights}, input_norm {cfg.model.input_norm}), "
         f"loss {cfg.loss}" + (f"; preset {cfg.preset}" if cfg.preset else "")
     )
@@ -247,6 +265,35 @@ def _describe(plan: Plan, dev: devices_lib.Devices) -> None:
     _print(
         dev.describe() + (f"; tf.data service {cfg.data.tf_data_service}" if cfg.data.tf_data_service else "")
     )
+
+
+def preflight(plan: Plan, dev: devices_lib.Devices, mode: str) -> None:
+    """--preflight (auto: with a GPU): one step of a throwaway model at the configured batch on blank images
+    (model/preflight.py).
+
+    Raises:
+      ConfigError: out of memory; the message names a batch that fits.
+    """
+    if mode == "off" or (mode == "auto" and not any("GPU" in d for d in dev.devices)):
+        return
+    import gc
+
+    import schemas
+    from model import preflight as preflight_lib
+
+    cfg = plan.cfg
+    _print(f"preflight: one training step at batch {cfg.data.batch_size} on blank images ...")
+    step = preflight_lib.model_step(
+        lambda: compiled_model(
+            cfg, plan.stain_stats, None, dev.jit_compile, weights=False, steps_per_epoch=plan.steps_per_epoch
+        ),
+        cfg.data.image_size,
+        schemas.NUM_CLASSES,
+        dev.strategy,
+    )
+    preflight_lib.check_batch_fits(step, cfg.data.batch_size, dev.replicas, ", ".join(dev.devices))
+    del step
+    gc.collect()
 
 
 def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> WorkDir:
@@ -309,6 +356,8 @@ def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
     val_ds = data_lib.make_eval_dataset(
         cfg.data_dir, [cfg.val_fold], cfg.data, cached=True, manifest=plan.manifest
     )
+    if dev.replicas > 1:  # no replica may get an empty last batch: pads of weight 0
+        val_ds = data_lib.pad_for_replicas(val_ds, plan.n_val, dev.replicas, cfg.data.batch_size)
     if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, plan.train_folds))
         train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
@@ -454,10 +503,13 @@ def compiled_model(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(
-            schedules_lib.learning_rate(cfg, steps_per_epoch), use_ema=cfg.ema, ema_momentum=cfg.ema_momentum
+            schedules_lib.learning_rate(cfg, steps_per_epoch),
+            use_ema=cfg.ema,
+            ema_momentum=cfg.ema_momentum_for(steps_per_epoch or 1),
         ),
         loss=losses.make_loss(cfg.loss, cfg.focal_gamma, positive_weights),
-        metrics=[
+        # Weighted: the pads that keep a replica's last validation batch non-empty have weight 0.
+        weighted_metrics=[
             keras.metrics.F1Score(average="macro", threshold=0.5, name=F1_METRIC),
             keras.metrics.AUC(multi_label=True, num_labels=schemas.NUM_CLASSES, name=AUC_METRIC),
         ],

@@ -17,6 +17,9 @@ Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `m
   to resume` on stderr, no traceback (`HPA_TRACEBACK=1` shows it), exit status 130 or 143 (128 + the
   signal). A command names what it is doing with `set_stage` (a text, or a function called at the
   interrupt). Child processes started with `child_env()` leave that line to their parent.
+- every command lets TensorFlow take GPU memory as it needs it (TF_FORCE_GPU_ALLOW_GROWTH=true unless the
+  environment sets it), so several processes can share one GPU (batch prediction's workers, one process per
+  GPU); TensorFlow reads it when it first sets up a GPU, in this process and in the workers it starts.
 
 A command's module follows this pattern:
 
@@ -70,6 +73,7 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
 )
 TRACEBACK_ENV = "HPA_TRACEBACK"
 CHILD_ENV = "HPA_CHILD_OF"  # set for a child process whose parent reports interrupts (the fold driver's)
+GPU_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"  # TensorFlow's own switch; "false" takes the whole GPU again
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}  # 130, 143
 
@@ -245,6 +249,7 @@ def command(prog: str) -> Callable[[Main], Main]:
     def decorate(main: Main) -> Main:
         @functools.wraps(main)
         def entry(argv: Sequence[str] | None = None) -> int:
+            os.environ.setdefault(GPU_GROWTH_ENV, "true")
             if argv is None:  # run as a command, not called from Python
                 quiet_unless_verbose()
             main_thread = threading.current_thread() is threading.main_thread()

@@ -134,6 +134,7 @@ def _bad_input_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
         ),
         "hpa-score": (["--submission", str(no_id), "--answers", str(no_id)], "missing column"),
         "hpa-inspect": (["--data_dir", str(empty), "--model_dir", str(empty), "--out", out], str(empty)),
+        "hpa-doctor": (["--presets", "no-such-preset"], "unknown preset 'no-such-preset'"),
     }
 
 
@@ -165,6 +166,7 @@ WORK = {
     "hpa-batch-predict": "run",
     "hpa-score": "score_files",
     "hpa-inspect": "run",
+    "hpa-doctor": "run",
 }
 
 

@@ -146,6 +146,13 @@ def _fail(argv, capsys, tmp_path) -> str:
         (["--epochs", "many"], "bad training flag"),
         (["--val_tta", "8"], "--tta 2 and --val_tta 8 differ"),
         (["--image_size", "32"], "--image_size 32 does not match"),
+        (["--weights", "imagenet"], "the small backbone has no ImageNet weights: use --weights none"),
+        (["--strategy", "multiworker"], "--strategy multiworker needs TF_CONFIG"),
+        (["--preset", "top-densenet121-512"], "(the preset top-densenet121-512 sets --warmup_epochs 2; pass"),
+        (
+            ["--preset", "top-densenet121-512", "--warmup_epochs", "0"],
+            "the preset top-densenet121-512 sets --image_size 512",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_any_training(data, tmp_path, capsys, extra, message):

@@ -149,3 +149,30 @@ def test_large_backbone_without_gpu_stops_before_reading_data(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("hpa-train: error: no GPU is visible") and "make setup-gpu" in last
     assert "data:" not in proc.stdout and not os.path.exists(model_dir)  # no data read, nothing written
+
+
+def test_deterministic_turns_xla_off_on_a_gpu_with_a_reason():
+    assert devices.resolve_jit("auto", 1, 1, deterministic=True) is False
+    assert devices.resolve_jit("auto", 1, 1, multiworker=True, deterministic=True) is False
+    assert devices.resolve_jit("auto", 0, 1, deterministic=True) is False  # CPU: off anyway
+    with pytest.raises(ConfigError, match="--deterministic on a GPU"):
+        devices.resolve_jit("on", 1, 1, deterministic=True)
+    assert devices.resolve_jit("on", 0, 1, deterministic=True) is True  # only a GPU is refused
+    assert "max-pool gradient" in devices.DETERMINISTIC_NO_XLA
+
+
+def test_every_command_lets_tensorflow_grow_gpu_memory(monkeypatch):
+    from schemas import cli
+
+    monkeypatch.delenv(cli.GPU_GROWTH_ENV, raising=False)
+    seen = {}
+
+    @cli.command("hpa-x")
+    def main(argv=None):
+        seen["growth"] = os.environ.get(cli.GPU_GROWTH_ENV)
+        return 0
+
+    assert main([]) == 0 and seen["growth"] == "true"
+    monkeypatch.setenv(cli.GPU_GROWTH_ENV, "false")  # the user's choice stands
+    main([])
+    assert seen["growth"] == "false"

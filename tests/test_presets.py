@@ -31,7 +31,7 @@ def test_flags_on_the_command_line_win_even_at_their_default_value():
     assert (top.backbone, top.image_size, top.loss, top.lr_schedule, top.ema, top.val_tta) == (
         "densenet121",
         512,
-        "focal",
+        "focal_lovasz",
         "cosine",
         True,
         8,
