@@ -221,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     d = FloorConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of data, folds and training")
-    p.add_argument("--plant", action="append", choices=PLANTS, help="also run with this planted bug (seed: "
-                   "the first of --seeds); repeatable")
+    p.add_argument(
+        "--plant",
+        action="append",
+        choices=PLANTS,
+        help="also run with this planted bug (seed: the first of --seeds); repeatable",
+    )
     p.add_argument("--plants_only", action="store_true", help="run only the planted-bug runs")
     p.add_argument("--work_dir", default=None, help="where runs go (default: a temporary dir, removed)")
     p.add_argument("--num_samples", type=int, default=d.num_samples)
@@ -251,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r["load_before"], r["load_after"] = load_before, _load()
             results.append(r)
-            print(f"RESULT seed {seed} plant {plant or '-'}: held-out macro F1 {r['macro_f1']:.4f}, "
-                  f"{r['epochs_run']} epochs, {r['seconds']['total']:.0f} s, load {load_before} -> "
-                  f"{r['load_after']}", flush=True)
+            print(
+                f"RESULT seed {seed} plant {plant or '-'}: held-out macro F1 {r['macro_f1']:.4f}, "
+                f"{r['epochs_run']} epochs, {r['seconds']['total']:.0f} s, load {load_before} -> "
+                f"{r['load_after']}",
+                flush=True,
+            )
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -264,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         verdict = "pass" if r["macro_f1"] >= FLOOR else "FAIL"
-        print(f"| {r['seed']} | {r['plant'] or '-'} | {r['macro_f1']:.4f} | {verdict} | {r['epochs_run']} | "
-              f"{r['seconds']['train']:.0f} | {r['seconds']['total']:.0f} | {r['cpu_seconds']:.0f} | "
-              f"{r['load_before']} |")
+        print(
+            f"| {r['seed']} | {r['plant'] or '-'} | {r['macro_f1']:.4f} | {verdict} | {r['epochs_run']} | "
+            f"{r['seconds']['train']:.0f} | {r['seconds']['total']:.0f} | {r['cpu_seconds']:.0f} | "
+            f"{r['load_before']} |"
+        )
     clean = [r["macro_f1"] for r in results if r["plant"] is None]
     if clean:
         lo, mid, hi = min(clean), statistics.median(clean), max(clean)

@@ -27,6 +27,7 @@ from model.config import (
     TrainConfig,
 )
 from model.schedules import warmup_schedule, warmup_steps
+from schemas import cli
 
 MONITOR = "val_loss"
 LEARNING_RATE = "learning_rate"  # history.csv's column: the rate of the epoch's last step
@@ -86,6 +87,95 @@ class LogLearningRate(keras.callbacks.Callback):
         logs[LEARNING_RATE] = float(keras.ops.convert_to_numpy(rate))
 
 
+class InterruptStage(keras.callbacks.Callback):
+    """Keeps the command's interrupt line current: `interrupted during epoch 4 of 30` (schemas/cli.py)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        cli.set_stage(f"epoch {epoch + 1} of {self.epochs}")
+
+    def on_train_end(self, logs=None):
+        cli.set_stage("writing the outputs")
+
+
+class AtomicBestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose weight file is written beside its name and renamed in (never half-written).
+
+    Overrides Keras' private `_save_model` (with its `_get_file_path`, `_should_save_model`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        keras_compat.check_version("AtomicBestCheckpoint")
+        super().__init__(*args, **kwargs)
+
+    def _save_model(self, epoch, batch, logs):
+        logs = logs or {}
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            fileio.save_file(
+                filepath, lambda tmp: self.model.save_weights(tmp, overwrite=True), suffix=".weights.h5"
+            )
+
+
+RNG_STATES = "rng_states"  # a backup record's states of the model's random generators, in variable order
+
+
+def _rng_variables(model) -> list:
+    """The states of the model's `keras.random.SeedGenerator`s (augmentation, dropout).
+
+    Keras' weight files leave them out, so a resumed run would draw its first epoch's transforms again;
+    the backup keeps them so that a resumed `--deterministic` run equals the uninterrupted one.
+    """
+    return [v for v in model.variables if "seed_generator_state" in v.path]
+
+
+class TwoSlotBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose backup survives a kill at any instant of its save (docs/interrupts.md).
+
+    Each epoch's weights and optimizer state go to their own slot (`epoch-N.weights.h5`, written beside and
+    renamed in), then its record (size, SHA-256) and Keras' `training_metadata.json`; the slot before it is
+    kept until the next one is whole. On resume the newest whole slot is loaded (`rundir.find_backup`): one
+    cut short or corrupt falls back to the previous one, which the job reports in one line. The record also
+    holds the random generators' states, which Keras' weight files leave out.
+    """
+
+    def __init__(self, work_dir: str):
+        keras_compat.check_version("TwoSlotBackup (Keras' private _load_model, _save_model)")
+        super().__init__(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
+        self.work_dir = work_dir
+
+    def _load_model(self):
+        from model import rundir
+
+        found = rundir.find_backup(self.work_dir)
+        if found is None or found.weights is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(fileio.local_copy(found.weights))
+        states = rundir.read_backup_record(found.weights).get(RNG_STATES)
+        variables = _rng_variables(self.model)
+        if states is not None and len(states) == len(variables):
+            for variable, state in zip(variables, states, strict=True):
+                variable.assign(keras.ops.convert_to_tensor(state, dtype=variable.dtype))
+        self.model._initial_epoch = found.epoch  # what Keras' own BackupAndRestore sets  # noqa: SLF001
+
+    def _save_model(self):
+        from model import rundir
+
+        fileio.makedirs(self.backup_dir)
+        weights = fileio.join(self.backup_dir, rundir.backup_slot(self._current_epoch)[0])
+        fileio.save_file(
+            weights, lambda tmp: self.model.save_weights(tmp, overwrite=True), suffix=".weights.h5"
+        )
+        states = [keras.ops.convert_to_numpy(v).tolist() for v in _rng_variables(self.model)]
+        rundir.record_backup(self.work_dir, self._current_epoch, {RNG_STATES: states})
+
+
 def _replay_callback(rows: list[dict[str, str]], keep_lr: bool):
     """A callback restoring ReduceLROnPlateau / EarlyStopping counters from the logged epochs on resume."""
 
@@ -129,7 +219,7 @@ def make_callbacks(
       warn: prints a warning line.
     """
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
-    callbacks: list = [LogLearningRate(schedule)]
+    callbacks: list = [InterruptStage(cfg.epochs), LogLearningRate(schedule)]
     replayed: list = []
     if cfg.lr_schedule == LR_PLATEAU:
         reduce_lr = PlateauAfterWarmup(
@@ -148,7 +238,7 @@ def make_callbacks(
     replayed.append(early)
     callbacks += [early, _replay_callback(history_rows, cfg.lr_schedule == LR_PLATEAU)(replayed)]
     best_so_far = min((float(r[MONITOR]) for r in history_rows), default=None)
-    checkpoint = keras.callbacks.ModelCheckpoint(
+    checkpoint = AtomicBestCheckpoint(
         fileio.join(work_dir, BEST_WEIGHTS),
         monitor=MONITOR,
         save_best_only=True,
@@ -167,7 +257,5 @@ def make_callbacks(
             "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
         )
     # Last, so an epoch counts as done only once every other callback has handled it.
-    callbacks.append(
-        keras.callbacks.BackupAndRestore(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
-    )
+    callbacks.append(TwoSlotBackup(work_dir))
     return callbacks

@@ -22,6 +22,7 @@ than the training set's, a missing Id list), and fold dirs holding a run with ot
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -43,10 +44,8 @@ from model.config import (
     VAL_PREDICTIONS_FILE,
     ConfigError,
     TrainConfig,
-    config_from_dict,
-    config_to_dict,
 )
-from schemas import cli
+from schemas import cli, locks, paths
 
 EVAL_DIR = "eval"
 SUBMISSION_FILE = "submission.csv"
@@ -108,15 +107,17 @@ def fold_status(model_dir: str) -> str:
     return INTERRUPTED
 
 
-def check_same_run(model_dir: str, cfg: TrainConfig) -> None:
-    """Raises ConfigError when model_dir's config.json is not the config this fold would train with."""
+def check_same_run(model_dir: str, cfg: TrainConfig, data_id: str | None = None) -> None:
+    """Raises ConfigError when model_dir's config.json is not the config this fold would train with.
+
+    Paths count by what they point to, and a data folder moved elsewhere by its manifest (`data_id`).
+    """
     path = fileio.join(model_dir, CONFIG_FILE)
     try:
-        previous = config_from_dict(json.loads(fileio.read_text(path)))
+        diff = rundir.config_difference(json.loads(fileio.read_text(path)), cfg, data_id)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"{path} is not a training config ({e}); use another --out") from e
-    if previous != cfg:
-        diff = rundir.dict_diff(config_to_dict(previous), config_to_dict(cfg))
+    if diff is not None:
         raise ConfigError(
             f"{model_dir} holds a run with other settings ({diff}); "
             "rerun with the same flags, use another --out, or --overwrite to retrain every fold"
@@ -277,7 +278,7 @@ def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> Plan:
         cfg, _, _ = train.resolve_config(train.config_from_args(targs), manifest)
         configs[k] = cfg
         if not args.overwrite and fold_status(fold_dir(args.out, k)) != NEW:
-            check_same_run(fold_dir(args.out, k), cfg)
+            check_same_run(fold_dir(args.out, k), cfg, rundir.dataset_id(manifest))
     from model import data as data_lib
 
     # One cache serves every fold: room for the whole dataset, checked once before the first fold.
@@ -344,7 +345,7 @@ def train_fold(argv: Sequence[str]) -> int:
     Ended with the driver: on an exception (Ctrl-C, SIGTERM) the subprocess is terminated first.
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
+    env = cli.child_env()  # the driver, not the fold's process, reports an interrupt
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     sys.stdout.flush()
     proc = subprocess.Popen(
@@ -378,6 +379,52 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+DRIVER_FILE = "driver.json"  # R/driver.json: the invocation the driver runs, the folds it began, finished
+
+
+def invocation(args: argparse.Namespace, p: Plan) -> dict:
+    """What makes two runs of the driver the same command (paths by what they point to)."""
+    return {
+        "data_dir": paths.normalise(args.data_dir),
+        "folds": p.folds,
+        "test_data_dir": paths.normalise(p.test_dir) if p.test_dir else None,
+        "ids_csv": paths.normalise(args.ids_csv) if args.ids_csv else None,
+        "training_flags": p.passthrough,
+    }
+
+
+def read_driver_record(out: str) -> dict | None:
+    path = fileio.join(out, DRIVER_FILE)
+    if not fileio.exists(path):
+        return None
+    try:
+        return json.loads(fileio.read_text(path))
+    except ValueError:
+        return None
+
+
+def folds_to_replace(args: argparse.Namespace, p: Plan) -> set[int]:
+    """The folds --overwrite retrains from scratch: all, except those this same command already began in an
+    interrupted run (R/driver.json says so): the same command rerun never redoes its own finished work."""
+    if not args.overwrite:
+        return set()
+    record = read_driver_record(args.out)
+    if record and record.get("overwrite") and not record.get("finished"):
+        if record.get("invocation") == invocation(args, p):
+            return set(p.folds) - set(record.get("started", []))
+    return set(p.folds)
+
+
+def _write_driver_record(out: str, args, p: Plan, started, finished: bool) -> None:
+    record = {
+        "invocation": invocation(args, p),
+        "overwrite": bool(args.overwrite),
+        "started": sorted(started),
+        "finished": finished,
+    }
+    fileio.write_text(fileio.join(out, DRIVER_FILE), json.dumps(record, indent=1) + "\n")
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the fold driver with command-line flags; returns the summary (also written to R/summary.json).
 
@@ -389,6 +436,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args.data_dir = args.data_dir.rstrip("/")
     args.out = args.out.rstrip("/")
     p = plan(args, passthrough)
+    locks.acquire(args.out, PROG)
+    replace = folds_to_replace(args, p)
+    record = read_driver_record(args.out)
+    started = set() if replace == set(p.folds) else set((record or {}).get("started", []))
+    _write_driver_record(args.out, args, p, started, finished=False)
     n = len(p.folds)
     tta = p.configs[p.folds[0]].val_tta
     _print(
@@ -400,7 +452,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     rows = []
     for i, k in enumerate(p.folds, 1):
         d = fold_dir(args.out, k)
-        status = NEW if args.overwrite else fold_status(d)
+        status = NEW if k in replace else fold_status(d)
         head = f"fold {i}/{n} (validation fold {k})"
         if status == FINISHED:
             _print(f"{head}: skipped (finished) {d}")
@@ -412,7 +464,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
         else:
             _print(f"{head}: training -> {d}")
         t0 = time.time()
-        rc = train_fold(fold_argv(p.passthrough, args.data_dir, args.out, k, args.overwrite))
+        started.add(k)
+        _write_driver_record(args.out, args, p, started, finished=False)
+        done = [f for f in p.folds[: i - 1]]
+        cli.set_stage(functools.partial(_fold_stage, d, k, done))
+        rc = train_fold(fold_argv(p.passthrough, args.data_dir, args.out, k, k in replace))
+        if (
+            rc in cli.EXIT_INTERRUPTED.values()
+        ):  # the fold's process was stopped by a signal: so is the driver
+            raise cli.Terminated() if rc == cli.EXIT_INTERRUPTED[signal.SIGTERM] else KeyboardInterrupt()
         if rc != 0:
             raise FoldFailed(k, rc)
         dt = time.time() - t0
@@ -422,6 +482,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from model import evaluate
     from model import thresholds as thr
     from model.config import THRESHOLDS_FILE
+
+    cli.set_stage(f"the evaluation after all {n} folds finished")
 
     dirs = [fold_dir(args.out, k) for k in p.folds]
     eval_dir = fileio.join(args.out, EVAL_DIR)
@@ -462,7 +524,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
         result.update(_predict(args, p, dirs, tta))
     result["seconds_this_run"] = time.time() - t_all
     _write_summary(args.out, result)
+    _write_driver_record(args.out, args, p, started, finished=True)
+    locks.release(args.out)
     return result
+
+
+def _fold_stage(model_dir: str, fold: int, done: list[int]) -> str:
+    """`epoch 4 of fold 2 (folds 0, 1 finished)`: the interrupt line's stage while a fold trains."""
+    epoch = (rundir.backup_epoch(model_dir) or 0) + 1
+    finished = f" (folds {', '.join(map(str, done))} finished)" if done else ""
+    return f"epoch {epoch} of fold {fold}{finished}"
 
 
 def _predict(args: argparse.Namespace, p: Plan, dirs: list[str], tta: int) -> dict:
@@ -522,8 +593,7 @@ def _write_summary(out: str, result: dict) -> None:
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors with exit status 2 for bad input, a failed fold's status otherwise."""
-    # SIGTERM ends the driver through SystemExit, so the running fold's subprocess is terminated first.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # cli.command turns SIGTERM into an exception, so the running fold's subprocess is terminated first.
     try:
         run(argv)
     except ConfigError as e:
@@ -534,8 +604,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return e.returncode if e.returncode > 0 else 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

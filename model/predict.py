@@ -62,6 +62,7 @@ import numpy as np
 import schemas
 from model import fileio
 from model import prediction_outputs as outputs
+from model import submission as submission_lib
 from model.config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -437,16 +438,17 @@ def run(cfg: PredictConfig, log: Callable[[str], None] = _log) -> dict:
     dirs = [_inspect_model_dir(d) for d in cfg.model_dirs]
     thresholds, thresholds_source = resolve_thresholds(cfg.model_dirs, cfg.thresholds)
     image_size = common_image_size(dirs)
-    rejected_path = fileio.join(fileio.dirname(cfg.out) or ".", schemas.REJECTED_FILE)
+    rejected_path = submission_lib.rejected_path(cfg.out)
     source = cfg.input_dir or cfg.data_dir
     rejected: list[tuple[str, str, str]] = []
     if cfg.input_dir is not None:
         dataset, num_records, listed = _folder_input(cfg, wanted, image_size, rejected, log)
     else:
-        if _same_path(rejected_path, fileio.join(cfg.data_dir, schemas.REJECTED_FILE)):
+        beside_out = fileio.join(fileio.dirname(cfg.out) or ".", schemas.REJECTED_FILE)
+        if _same_path(beside_out, fileio.join(cfg.data_dir, schemas.REJECTED_FILE)):
             raise PredictError(
-                f"--out {cfg.out} lies in --data_dir, where its {schemas.REJECTED_FILE} would replace the "
-                "preprocessing job's: write the submission elsewhere"
+                f"--out {cfg.out} lies in --data_dir, beside the preprocessing job's outputs: write the "
+                "submission outside the dataset"
             )
         dataset, num_records = _shard_input(cfg, image_size)
         listed = wanted

@@ -25,6 +25,7 @@ __all__ = [
     "probabilities_bytes",
     "read_id_list",
     "rejected_csv",
+    "rejected_path",
     "submission_rows",
 ]
 
@@ -125,6 +126,18 @@ def probabilities_bytes(path: str, ids: np.ndarray, scores: np.ndarray) -> bytes
     for sid, row in zip(ids, scores, strict=True):
         w.writerow([sid, *(f"{v:.6f}" for v in row)])
     return text.getvalue().encode("utf-8")
+
+
+REJECTED_SUFFIX = ".rejected.csv"
+
+
+def rejected_path(out: str) -> str:
+    """The rejected Ids' file of the submission `out`: `submission.csv` -> `submission.rejected.csv`.
+
+    One per submission, so two submissions written into one folder keep their own.
+    """
+    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    return stem + REJECTED_SUFFIX
 
 
 def rejected_csv(rejected: Sequence[tuple[str, str, str]], source: str) -> bytes:

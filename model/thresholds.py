@@ -514,9 +514,7 @@ def load_thresholds(path: str) -> ThresholdFit:
     try:
         text = fileio.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} not found: tune thresholds first (hpa-evaluate)"
-        ) from None
+        raise FileNotFoundError(f"{path} not found: tune thresholds first (hpa-evaluate)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

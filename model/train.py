@@ -23,7 +23,7 @@ import sys
 from typing import Sequence
 
 from model import devices as devices_lib
-from model import presets
+from model import presets, rundir
 from model.config import (  # noqa: F401 - the output names are also this module's (train.MODEL_FILE, ...)
     BACKBONES,
     BACKUP_DIR,
@@ -469,7 +469,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--cache_info" in argv:
         return cli.run_or_bad_input(PROG, ConfigError, lambda: _cache_info(argv))
-    return cli.run_or_bad_input(PROG, ConfigError, lambda: run(argv))
+    return cli.run_or_bad_input(PROG, ConfigError, lambda: _run_unless_finished(argv))
+
+
+def _run_unless_finished(argv: list[str]) -> None:
+    """run(), where a model dir holding this same command's finished run is done, not an error: a rerun
+    after a kill that landed once the outputs were written ends with exit 0 (docs/interrupts.md)."""
+    try:
+        run(argv)
+    except rundir.AlreadyFinished as e:
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

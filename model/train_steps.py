@@ -23,6 +23,7 @@ from model import fileio, rundir
 from model.config import (
     BACKUP_DIR,
     BEST_WEIGHTS,
+    CACHE_NONE,
     EXPORT_DIR,
     F1_METRIC,
     HISTORY_FILE,
@@ -40,6 +41,7 @@ from model.config import (
     tta_transforms,
 )
 from model.rundir import plot_history, read_history, truncate_history
+from schemas import locks
 
 AUC_METRIC = "auc"
 
@@ -306,6 +308,7 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
 
     cfg = plan.cfg
     run_facts = {**dev.facts(), "tensorflow": tf.__version__, "keras": keras.__version__}
+    run_facts[rundir.DATASET_ID] = rundir.dataset_id(plan.manifest)  # a moved data folder is the same data
     if dev.is_chief:
         path = cfg.model_dir
         initial_epoch = rundir.prepare_model_dir(cfg, overwrite, run_facts)
@@ -320,6 +323,8 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
         path = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
         initial_epoch = rundir.prepare_worker_dir(cfg, path, overwrite)
     devices_lib.check_same_epoch(dev, initial_epoch)
+    for line in rundir.backup_notes(path):
+        _print(line)
     if initial_epoch:
         _print(f"resuming {path} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(path, HISTORY_FILE), initial_epoch)
@@ -330,7 +335,8 @@ def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
     """(training, validation) tf.data datasets, split between the workers of a multi-worker run.
 
     With a cache the training order of epoch e is a function of (seed, e): a run resumed after
-    `initial_epoch` epochs reads the orders the uninterrupted run would have.
+    `initial_epoch` epochs reads the orders the uninterrupted run would have. Without a cache, a resumed
+    `--deterministic` run skips the batches of the finished epochs in the one seeded stream.
     """
     from model import data as data_lib
 
@@ -357,6 +363,10 @@ def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
         train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
+    if cfg.data.deterministic and initial_epoch and cfg.data.cache == CACHE_NONE:
+        # Without a cache the training stream is one seeded sequence of batches: a resumed reproducible
+        # run takes up where its epoch begins, at the cost of reading the finished epochs' batches.
+        train_ds = train_ds.skip(initial_epoch * plan.steps_per_epoch)
     return train_ds, val_ds
 
 
@@ -389,14 +399,17 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
-    callbacks = callbacks_lib.make_callbacks(
-        cfg,
-        work.path,
-        work.history_rows,
-        plan.steps_per_epoch,
-        _schedule(cfg, plan.steps_per_epoch),
-        warn=_print,
-    ) + progress.progress_callbacks()
+    callbacks = (
+        callbacks_lib.make_callbacks(
+            cfg,
+            work.path,
+            work.history_rows,
+            plan.steps_per_epoch,
+            _schedule(cfg, plan.steps_per_epoch),
+            warn=_print,
+        )
+        + progress.progress_callbacks()
+    )
     with keras_compat.scalar_mean_across_workers(dev.cluster is not None):
         model.fit(
             train_ds,
@@ -443,8 +456,11 @@ def write_outputs(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, ro
     )
     _copy_state(model, plain)
     _print(f"writing outputs to {cfg.model_dir} ...")
-    plain.save(fileio.join(cfg.model_dir, MODEL_FILE))
-    model_lib.export_serving(plain, fileio.join(cfg.model_dir, EXPORT_DIR), cfg.data.image_size)
+    fileio.save_file(fileio.join(cfg.model_dir, MODEL_FILE), plain.save)  # all or nothing
+    fileio.replace_dir(
+        fileio.join(cfg.model_dir, EXPORT_DIR),
+        lambda d: model_lib.export_serving(plain, d, cfg.data.image_size),
+    )
     val_ids_ds = data_lib.make_eval_dataset(cfg.data_dir, [cfg.val_fold], cfg.data, with_ids=True)
     ids, y_true, scores = model_lib.predict_with_ids(plain, val_ids_ds, tta_transforms(cfg.val_tta))
     _save_npz(
@@ -453,6 +469,7 @@ def write_outputs(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, ro
     )
     plot_history(rows, fileio.join(cfg.model_dir, PLOTS_FILE))
     fileio.rmtree(fileio.join(cfg.model_dir, BACKUP_DIR))  # last: the run is complete
+    locks.release(cfg.model_dir)
     _print(f"done: {len(rows)} epochs; outputs in {cfg.model_dir}")
     return summary
 

@@ -97,8 +97,10 @@ def _has_images_signature(export_dir: str) -> bool:
 
 
 def rejected_path(out: str) -> str:
-    """The rejected.csv written beside --out."""
-    return posixpath.join(posixpath.dirname(out), schemas.REJECTED_FILE)
+    """The rejected Ids' file of the submission --out (`submission.csv` -> `submission.rejected.csv`)."""
+    from model import submission
+
+    return submission.rejected_path(out)
 
 
 def check_inputs(cfg: JobConfig, log=print) -> Inputs:
@@ -110,7 +112,8 @@ def check_inputs(cfg: JobConfig, log=print) -> Inputs:
     """
     from model import fileio
 
-    if _same_file(rejected_path(cfg.out), posixpath.join(cfg.source, schemas.REJECTED_FILE)):
+    beside_out = posixpath.join(posixpath.dirname(cfg.out), schemas.REJECTED_FILE)
+    if _same_file(beside_out, posixpath.join(cfg.source, schemas.REJECTED_FILE)):
         raise PredictError(
             f"--out {cfg.out} lies in {cfg.source}, where its {schemas.REJECTED_FILE} would replace the "
             "preprocessing job's or an input: write the submission elsewhere"

@@ -65,7 +65,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 import schemas
 from pipelines import beam_options, progress_files, rate_limit
-from schemas import cli
+from schemas import cli, locks
 from schemas import labels as labels_lib
 from schemas import stains as stains_lib
 
@@ -100,6 +100,7 @@ class DownloadConfig:
     limit: int | None = None
     concurrency: int = 16
     connect_timeout: float = 10.0
+    allow_failed: int = 0
     read_timeout: float = 60.0
     retries: int = 5
     backoff: float = 1.0
@@ -210,10 +211,16 @@ def check_present(data: bytes, stain: str, image_size: int | None) -> str | None
 def _describe_error(e: BaseException) -> str:
     reason = getattr(e, "reason", None) if isinstance(e, urllib3.exceptions.MaxRetryError) else None
     e = reason or e
-    if isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)):
-        kind = "timeout"
+    # urllib3's NewConnectionError is a ConnectTimeoutError (for compatibility): test it before timeouts.
+    if isinstance(e, ConnectionRefusedError) or (
+        isinstance(e, urllib3.exceptions.NewConnectionError)
+        and (isinstance(e.__cause__ or e.__context__, ConnectionRefusedError) or "refused" in str(e).lower())
+    ):
+        kind = "connection refused"
     elif isinstance(e, (urllib3.exceptions.NewConnectionError, ConnectionError)):
         kind = "connection error"
+    elif isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        kind = "timeout"
     elif isinstance(e, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
         kind = "broken response"
     else:
@@ -636,6 +643,14 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         "--progress_seconds", type=float, default=d.progress_seconds, help="progress print interval"
     )
     parser.add_argument(
+        "--allow_failed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit 0 although up to N stain files could not be fetched (any status but downloaded or "
+        "present); beyond N the job exits 1 after writing its report (a rerun fetches only those)",
+    )
+    parser.add_argument(
         "--max_requests_per_second",
         type=float,
         default=None,
@@ -659,6 +674,8 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
             parser.error(f"--{name} must be at least {8 if name == 'image_size' else 1}")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.allow_failed < 0:
+        parser.error("--allow_failed must be >= 0")
     if args.retries < 0 or min(args.connect_timeout, args.read_timeout) <= 0 or args.backoff < 0:
         parser.error("--retries and --backoff must be >= 0 and the timeouts > 0")
     if args.max_requests_per_second is not None and args.max_requests_per_second <= 0:
@@ -677,6 +694,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, list[str]]:
         backoff=args.backoff,
         backoff_max=args.backoff_max,
         progress_seconds=args.progress_seconds,
+        allow_failed=args.allow_failed,
         max_requests_per_second=args.max_requests_per_second,
         processes=rate_limit.processes_of_job(beam_args)[0],
         dry_run=args.dry_run,
@@ -779,6 +797,13 @@ def dry_run(cfg: DownloadConfig, ids: list[str], beam_args: list[str]) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     """Runs the job. Returns the summary (see `summarise`); raises on bad input or a broken invariant."""
     cfg, beam_args = parse_args(argv)
+    try:
+        return _run(cfg, beam_args)
+    finally:
+        locks.release(cfg.output_dir)  # a killed run leaves it, for the next one to take over
+
+
+def _run(cfg: DownloadConfig, beam_args: list[str]) -> dict:
     t0 = time.time()
     ids, repeats = read_ids(cfg.labels_csv, cfg.limit)
     out = cfg.output_dir
@@ -787,6 +812,7 @@ def run(argv: list[str] | None = None) -> dict:
     if "://" not in out:
         os.makedirs(out, exist_ok=True)
     partial_dir = posixpath.join(out, PARTIAL_DIR)
+    locks.acquire(out, PROG)  # before .partial/ is cleared: it may be another live run's
     cleared = _clear_partial(partial_dir)
     options, local = beam_options.beam_pipeline_options(beam_args)
     _log(
@@ -817,7 +843,22 @@ def run(argv: list[str] | None = None) -> dict:
     _clear_partial(partial_dir)
     summary = summarise(rows, len(ids), time.time() - t0)
     _log(summary_line(summary))
+    summary["allow_failed"] = cfg.allow_failed
+    summary["report"] = posixpath.join(out, schemas.DOWNLOAD_REPORT_FILE)
     return summary
+
+
+def not_fetched_error(summary: dict) -> str | None:
+    """The exit line when more stain files than --allow_failed could not be fetched (None otherwise)."""
+    missing = {s: n for s, n in summary.get("by_status", {}).items() if s not in _USABLE}
+    if sum(missing.values()) <= summary.get("allow_failed", 0):
+        return None
+    counts = ", ".join(f"{n} {s}" for s, n in missing.items())
+    return (
+        f"{sum(missing.values())} stain file(s) could not be fetched ({counts}; --allow_failed "
+        f"{summary.get('allow_failed', 0)}): see {summary['report']}; "
+        "rerun the same command to fetch only those"
+    )
 
 
 def _log(msg: str) -> None:
@@ -827,7 +868,13 @@ def _log(msg: str) -> None:
 @cli.command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: one-line errors (exit 2 for bad input) instead of tracebacks."""
-    return cli.run_or_bad_input(PROG, labels_lib.LabelFileError, lambda: run(argv))
+    summary: dict = {}
+    status = cli.run_or_bad_input(PROG, labels_lib.LabelFileError, lambda: summary.update(run(argv)))
+    error = not_fetched_error(summary) if status == cli.EXIT_OK else None
+    if error:  # more stain files than --allow_failed could not be fetched: a script must see it
+        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        return cli.EXIT_FAILED
+    return status
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from pipelines.transforms.rows import CheckRows, DropDuplicateIds, ReadLabelRows
 from pipelines.transforms.shards import WRITE_PHASE, PlanShards, WriteShards
 from pipelines.transforms.stats import StainStatistics, read_stain_stats
 from pipelines.transforms.summary import SUMMARY_FILE, Summarise
-from schemas import cli
+from schemas import cli, locks, paths
 from schemas import labels as labels_lib
 
 INCOMPLETE_DIR = publish.INCOMPLETE_DIR
@@ -362,7 +362,7 @@ def _finish(cfg: JobConfig, beam_args, row_counts, t0: float, local_transform: s
     _check_groups(summary, work)
     height, width = publish.check_summary(summary, input_rows, work)
     stain_stats = read_stain_stats(local_transform or posixpath.join(work, schemas.TRANSFORM_DIR))
-    shards = publish.move_into_place(out, work, (schemas.DUPLICATES_FILE,))
+    shards = publish.shard_names(work)
     folds = cfg.num_folds
     manifest = {
         schemas.MANIFEST_SCHEMA_VERSION: schemas.SCHEMA_VERSION,
@@ -390,8 +390,7 @@ def _finish(cfg: JobConfig, beam_args, row_counts, t0: float, local_transform: s
         "package_versions": _versions(),
         "wall_time_s": round(time.time() - t0, 2),
     }
-    publish.write_manifest(out, manifest)  # last: marks completion
-    storage.delete(work)
+    publish.publish(out, work, manifest, (schemas.DUPLICATES_FILE,))  # manifest.json last: marks completion
     d = summary["duplicates"] or {}
     _log(
         f"done in {manifest['wall_time_s']:.1f} s ({input_rows / max(manifest['wall_time_s'], 1e-9):.1f} "
@@ -411,14 +410,32 @@ def run(argv: list[str] | None = None):
     Returns the PipelineResult (None when it only published); raises on bad input or a broken invariant.
     """
     cfg, beam_args = parse_args(argv)
+    try:
+        return _run(cfg, beam_args)
+    finally:
+        locks.release(cfg.output_dir)  # a killed run leaves it, for the next one to take over
+
+
+def _run(cfg: JobConfig, beam_args: list[str]):
     t0 = time.time()
     out = cfg.output_dir
     work = publish.work_dir(out)
+    if publish.read_journal(work) is not None:  # a publication was interrupted: finish it first
+        locks.acquire(out, PROG)
+        _log(f"finishing the publication of the dataset in {work} (interrupted)")
+        manifest = publish.finish_publication(out, work)
+        if _identity_of(manifest.get("arguments", {})) == _identity(cfg):
+            _log(f"done: {out} holds this command's dataset")
+            return None
+    if publish.exists_dataset(out) and _published_identity(out) == _identity(cfg) and not cfg.overwrite:
+        _log(f"{out} already holds this command's dataset: nothing to do (--overwrite to make it again)")
+        return None
     if publish.exists_dataset(out) and not cfg.overwrite:
         raise FileExistsError(
             f"{out} already holds a dataset (manifest.json or tfrecords/); pass --overwrite"
         )
     row_counts = _read_inputs(cfg)
+    locks.acquire(out, PROG)  # before anything is written: a second process on out stops here
     input_rows = sum(n for _, n in row_counts)
     previous = publish.read_job(work)
     if cfg.publish_only:
@@ -489,9 +506,37 @@ def _check_groups(summary: dict, work: str) -> None:
 
 
 def _identity(cfg: JobConfig) -> dict:
+    """What decides the output, as stored (tuples become lists), local paths resolved (docs/interrupts.md)."""
     import json
 
-    return json.loads(json.dumps(cfg.job_identity()))  # as stored: tuples become lists
+    identity = json.loads(json.dumps(cfg.job_identity()))
+    for key in ("labels_csv", "input_dir", "groups_csv"):
+        value = identity.get(key)
+        if isinstance(value, list):
+            identity[key] = [paths.normalise(v) for v in value]
+        elif isinstance(value, str):
+            identity[key] = paths.normalise(value)
+    return identity
+
+
+def _identity_of(arguments: dict) -> dict:
+    """The identity of the command that made a manifest (its `arguments`)."""
+    known = {f.name for f in dataclasses.fields(JobConfig)}
+    try:
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items() if k in known}
+        return _identity(JobConfig(**values))
+    except TypeError:
+        return {}
+
+
+def _published_identity(out: str) -> dict:
+    import json
+
+    try:
+        manifest = json.loads(storage.read_bytes(posixpath.join(out, schemas.MANIFEST_FILE)).decode("utf-8"))
+    except Exception:  # no manifest, or not one of ours: not this command's dataset
+        return {}
+    return _identity_of(manifest.get("arguments", {}))
 
 
 def _diff(a: dict, b: dict) -> str:

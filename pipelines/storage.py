@@ -9,6 +9,8 @@ import shutil
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from schemas import atomic
+
 
 class ReadError(OSError):
     """A file that cannot be read (the message names it)."""
@@ -34,11 +36,16 @@ def read_text(path: str, what: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Writes a whole file (local folders are created)."""
-    if "://" not in path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
+    """Writes a whole file, all or nothing (local folders are created).
+
+    Locally the bytes go to a temporary name beside the target, then are renamed over it; an object store's
+    object appears only when its upload completes.
+    """
+    if "://" in path:
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
+        return
+    atomic.write_bytes(path, data)
 
 
 def exists(path: str) -> bool:

@@ -13,6 +13,10 @@ Every step is an installed command (setup.py's `COMMANDS`, in .venv/bin after `m
   (`did you mean --epochs?`), and every usage error is that line plus `see hpa-x --help` (`ArgumentParser`).
 - run as a command (`argv=None`), the libraries' start-up and deprecation lines are silenced
   (schemas/console.py); `-v`/`--verbose` or HPA_LOG=debug brings them back.
+- interrupted by SIGINT (Ctrl-C) or SIGTERM: one line `hpa-x: interrupted during STAGE; rerun the same command
+  to resume` on stderr, no traceback (`HPA_TRACEBACK=1` shows it), exit status 130 or 143 (128 + the
+  signal). A command names what it is doing with `set_stage` (a text, or a function called at the
+  interrupt). Child processes started with `child_env()` leave that line to their parent.
 - every command lets TensorFlow take GPU memory as it needs it (TF_FORCE_GPU_ALLOW_GROWTH=true unless the
   environment sets it), so several processes can share one GPU (batch prediction's workers, one process per
   GPU); TensorFlow reads it when it first sets up a GPU, in this process and in the workers it starts.
@@ -50,11 +54,13 @@ import difflib
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
-from schemas import console
+from schemas import console, locks
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -66,8 +72,124 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
     IsADirectoryError,
 )
 TRACEBACK_ENV = "HPA_TRACEBACK"
+CHILD_ENV = "HPA_CHILD_OF"  # set for a child process whose parent reports interrupts (the fold driver's)
 GPU_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"  # TensorFlow's own switch; "false" takes the whole GPU again
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}  # 130, 143
+
+Stage = Union[str, Callable[[], str], None]
+_stage: list[Stage] = [None]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so the same cleanup runs (`finally`, children)."""
+
+    signum = signal.SIGTERM
+
+
+def set_stage(stage: Stage) -> None:
+    """What the command is doing now, for its interrupt line (`epoch 4 of 30`); a function is called then."""
+    _stage[0] = stage
+
+
+def stage_text() -> str:
+    """The current stage's text (empty when none was set or it cannot be told)."""
+    stage = _stage[0]
+    try:
+        return (stage() if callable(stage) else stage) or ""
+    except Exception:  # the line must come out whatever the state
+        return ""
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The environment for a child command whose interrupts this process reports (one line, not two)."""
+    return {**(os.environ if env is None else env), CHILD_ENV: str(os.getpid())}
+
+
+def interrupted(prog: str, error: KeyboardInterrupt) -> int:
+    """Reports an interrupt in one line (after its traceback with HPA_TRACEBACK=1); returns 130 or 143."""
+    signum = getattr(error, "signum", signal.SIGINT)
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    if not os.environ.get(CHILD_ENV):
+        stage = stage_text()
+        where = f" during {stage}" if stage else ""
+        print(f"{prog}: interrupted{where}; rerun the same command to resume", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED[signum]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_children() -> None:
+    """SIGTERMs every process this one started (Beam's SDK workers, a fold's training), so that the
+    cleanup that waits for them ends: children stop with their parent."""
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+_received: list[int] = []  # the signals this command's handlers got (a library may wrap their exception)
+
+
+def _raise_terminated(signum, frame):
+    _received.append(signum)
+    stop_children()
+    raise Terminated()
+
+
+def _raise_interrupt(signum, frame):
+    _received.append(signum)
+    stop_children()
+    raise KeyboardInterrupt()
+
+
+def _startup_interrupt(signum, frame):  # pragma: no cover - runs in a command's own process
+    name = os.path.basename(sys.argv[0]) if os.path.basename(sys.argv[0]).startswith("hpa-") else "hpa"
+    print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED[signum])
+
+
+def handle_startup_interrupts() -> None:
+    """In a command's own process, SIGINT / SIGTERM while its modules load end it with one line too.
+
+    Called by the `model` and `pipelines` packages when they are imported; acts only when the process runs
+    an `hpa-*` command or `python -m` (not when a library user or pytest imports them). `command` puts the
+    usual handling in place once `main` runs.
+    """
+    launcher = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if not (launcher.startswith("hpa-") or launcher == "-m") or os.environ.get(TRACEBACK_ENV, "") not in (
+        "",
+        "0",
+    ):
+        return
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+                signal.signal(signum, _startup_interrupt)
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
@@ -120,7 +242,8 @@ def command(prog: str) -> Callable[[Main], Main]:
 
     Returns:
       A decorator; the decorated `main` returns main's own status, 2 for BAD_INPUT (and TensorFlow's
-      NotFoundError) and 1 for any other exception; argparse's SystemExit (help, bad usage) passes through.
+      NotFoundError), 130 / 143 for SIGINT / SIGTERM (one line, see the module docstring) and 1 for any
+      other exception; argparse's SystemExit (help, bad usage) passes through.
     """
 
     def decorate(main: Main) -> Main:
@@ -129,14 +252,35 @@ def command(prog: str) -> Callable[[Main], Main]:
             os.environ.setdefault(GPU_GROWTH_ENV, "true")
             if argv is None:  # run as a command, not called from Python
                 quiet_unless_verbose()
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+            previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
+            if previous_int in (signal.default_int_handler, _startup_interrupt):
+                signal.signal(signal.SIGINT, _raise_interrupt)
+            if previous is _startup_interrupt:
+                previous = signal.SIG_DFL
+            set_stage(None)
+            _received.clear()
             try:
                 return main(argv)
+            except KeyboardInterrupt as e:
+                return interrupted(prog, e)
             except _bad_input_types() as e:
                 return bad_input(prog, e)
-            except Exception:
+            except Exception as e:
+                if _received:  # TensorFlow turned the interrupt into its own error (inside a tf.data step)
+                    error = Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+                    error.__cause__ = e
+                    return interrupted(prog, error)
                 traceback.print_exc()
                 sys.stderr.flush()
                 return EXIT_FAILED
+            finally:
+                locks.release_all()
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous)
+                    if previous_int in (signal.default_int_handler, _startup_interrupt):
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         entry.prog = prog  # type: ignore[attr-defined]
         return entry

@@ -52,8 +52,10 @@ _WARNING_SOURCE = re.compile(r"^\s{2,}\S")
 # Loggers of the libraries, set to errors; the project prints its own messages.
 LIBRARY_LOGGERS = ("absl", "tensorflow", "keras", "apache_beam", "tensorflow_transform", "tfx_bsl", "h5py")
 # Modules whose warnings (deprecations, "instance dicts"...) are not the user's business.
-LIBRARY_MODULES = r"(tensorflow|keras|tf_keras|apache_beam|tensorflow_transform|tfx_bsl|google|absl|h5py|" \
+LIBRARY_MODULES = (
+    r"(tensorflow|keras|tf_keras|apache_beam|tensorflow_transform|tfx_bsl|google|absl|h5py|"
     r"jax|numpy|pyarrow|proto|grpc|hdfs|matplotlib|sklearn|ml_dtypes|pkg_resources|setuptools)(\.|$)"
+)
 
 _state: dict = {"filter": None, "quiet": None}
 

@@ -110,8 +110,12 @@ def test_beam_job_gives_model_predicts_submission_and_probabilities(setup, tmp_p
     # The models differ, and averaging them and their transforms is what both jobs did.
     assert not np.allclose(got[predict.PROB_SCORES][:, 0], got[predict.PROB_SCORES][0, 0])
     assert any("wrote" in line for line in lines)
-    assert sorted(os.listdir(beam_dir)) == ["probs.npz", "rejected.csv", "submission.csv"]  # no work folder
-    assert _read_rows(beam_dir / "rejected.csv") == [list(schemas.REJECTED_COLUMNS)]
+    assert sorted(os.listdir(beam_dir)) == [
+        "probs.npz",
+        "submission.csv",
+        "submission.rejected.csv",
+    ]  # no work folder
+    assert _read_rows(beam_dir / "submission.rejected.csv") == [list(schemas.REJECTED_COLUMNS)]
 
 
 def _read_rows(path) -> list[list[str]]:
@@ -136,7 +140,7 @@ def test_listed_ids_without_a_record_go_to_rejected_csv_with_their_reason(setup,
 
     rows = _read_rows(out_dir / "submission.csv")
     assert [r[0] for r in rows] == [schemas.CSV_ID, "c", "a"]
-    assert _read_rows(out_dir / schemas.REJECTED_FILE) == [
+    assert _read_rows(out_dir / "submission.rejected.csv") == [
         list(schemas.REJECTED_COLUMNS),
         ["gone", "corrupt_image", "rejected by preprocessing: red cannot be read", data_dir],
         ["absent", "no_record", f"no record in {data_dir}", data_dir],
@@ -227,7 +231,7 @@ def test_an_image_folder_gives_the_shards_predictions_and_lists_every_rejected_i
     assert [r[0] for r in submission[1:]] == [*setup["ids"][::-1], "big"]
     ref_rows = dict(map(tuple, _read_rows(ref / "submission.csv")[1:]))
     assert all(ref_rows[sid] == pred for sid, pred in submission[1:-1])
-    rejected = _read_rows(out / schemas.REJECTED_FILE)
+    rejected = _read_rows(out / "submission.rejected.csv")
     assert [(r[0], r[1]) for r in rejected[1:]] == [
         ("absent", "missing_stain"),
         ("three", "missing_stain"),

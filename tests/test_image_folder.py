@@ -150,8 +150,8 @@ def test_folder_and_shard_predictions_and_submissions_agree(world, tmp_path):
     assert scores_f.std(axis=0).max() > 1e-3  # the models tell the samples apart: the check means something
     assert _read(tmp_path / "f" / "submission.csv") == _read(tmp_path / "s" / "submission.csv")
     # Every listed Id is predicted or rejected, with the same reason on both paths.
-    rej_f = {r[0]: r[1] for r in _read(tmp_path / "f" / schemas.REJECTED_FILE)[1:]}
-    rej_s = {r[0]: r[1] for r in _read(tmp_path / "s" / schemas.REJECTED_FILE)[1:]}
+    rej_f = {r[0]: r[1] for r in _read(tmp_path / "f" / "submission.rejected.csv")[1:]}
+    rej_s = {r[0]: r[1] for r in _read(tmp_path / "s" / "submission.rejected.csv")[1:]}
     assert rej_f == rej_s == {**BAD_IDS, **ABSENT_IDS}
     assert (folder["rows"], folder["rejected"]) == (shards["rows"], shards["rejected"]) == (8, 5)
     rows = [r[0] for r in _read(tmp_path / "f" / "submission.csv")[1:]]
@@ -162,7 +162,7 @@ def test_without_id_list_every_id_with_a_file(world, tmp_path):
     summary = _run(world, str(tmp_path), input_dir=world["folder"], ids_csv=None)
     rows = [r[0] for r in _read(tmp_path / "submission.csv")[1:]]
     assert rows == sorted(GOOD_IDS)
-    rejected = _read(tmp_path / schemas.REJECTED_FILE)
+    rejected = _read(tmp_path / "submission.rejected.csv")
     assert rejected[0] == list(schemas.REJECTED_COLUMNS)
     assert {r[0]: r[1] for r in rejected[1:]} == BAD_IDS
     assert "yellow" in {r[0]: r[2] for r in rejected[1:]}["three"]
@@ -204,7 +204,7 @@ def test_whole_run_problems_stop_with_one_line(world, tmp_path):
     only_bad = _write_ids(str(tmp_path / "bad.csv"), ["three", "ghost"])
     with pytest.raises(predict.PredictError, match="none of the 2 listed Id"):
         run(ids_csv=only_bad)
-    assert {r[0] for r in _read(tmp_path / schemas.REJECTED_FILE)[1:]} == {"three", "ghost"}
+    assert {r[0] for r in _read(tmp_path / "s.rejected.csv")[1:]} == {"three", "ghost"}
     assert not os.path.exists(tmp_path / "s.csv")  # no submission on error
     with pytest.raises(predict.PredictError, match="either --data_dir"):
         predict.PredictConfig(data_dir="d", input_dir="i", model_dirs=("m",), out="o")
@@ -248,7 +248,7 @@ def test_remote_folder_through_gfile(world, tmp_path):
     ids_r, scores_r = _npz(tmp_path / "r" / "p.npz")
     ids_l, scores_l = _npz(tmp_path / "l" / "p.npz")
     assert ids_r == ids_l and np.array_equal(scores_r, scores_l)
-    rej = _read(tmp_path / "r" / schemas.REJECTED_FILE)[1:]
+    rej = _read(tmp_path / "r" / "submission.rejected.csv")[1:]
     assert {r[0] for r in rej} == {*BAD_IDS, *ABSENT_IDS} and all(r[3] == remote for r in rej)
 
 

@@ -51,8 +51,10 @@ def _imported_packages(path: str, module: str) -> set[tuple[str, int]]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against the module's own package
-                base = module.split(".")[: -node.level] if not path.endswith("__init__.py") else (
-                    module.split(".")[: len(module.split(".")) - node.level + 1]
+                base = (
+                    module.split(".")[: -node.level]
+                    if not path.endswith("__init__.py")
+                    else (module.split(".")[: len(module.split(".")) - node.level + 1])
                 )
                 names = [".".join(base + ([node.module] if node.module else []))]
             else:
@@ -70,8 +72,14 @@ MODULES = _modules()
 
 
 def test_the_three_packages_are_found():
-    assert {"schemas.record", "schemas.cli", "schemas.labels", "schemas.stains", "model.train",
-            "pipelines.preprocess"} <= set(MODULES)
+    assert {
+        "schemas.record",
+        "schemas.cli",
+        "schemas.labels",
+        "schemas.stains",
+        "model.train",
+        "pipelines.preprocess",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -389,7 +389,7 @@ def test_ids_missing_from_the_shards_are_rejected_rows(setup, tmp_path):
         os.remove(os.path.join(setup["data_dir"], schemas.REJECTED_FILE))
     assert (summary["rows"], summary["rejected"]) == (NUM_TEST, 2)
     assert [r[0] for r in _read_csv(tmp_path / "submission.csv")[1:]] == setup["ids"]
-    rejected = _read_csv(tmp_path / schemas.REJECTED_FILE)
+    rejected = _read_csv(tmp_path / "submission.rejected.csv")
     assert rejected[0] == list(schemas.REJECTED_COLUMNS)
     assert [r[:2] for r in rejected[1:]] == [["ghost1", predict.NO_RECORD], ["ghost2", "missing_stain"]]
     assert "no yellow" in rejected[2][2] and "preprocessing" in rejected[2][2]
@@ -399,7 +399,7 @@ def test_ids_missing_from_the_shards_are_rejected_rows(setup, tmp_path):
     out = str(tmp_path / "none" / "submission.csv")
     with pytest.raises(predict.PredictError, match="none of the 1 listed Id"):
         _run(setup, tmp_path, ids_csv=only_ghosts, out=out)
-    assert not os.path.exists(out) and os.path.exists(tmp_path / "none" / schemas.REJECTED_FILE)
+    assert not os.path.exists(out) and os.path.exists(tmp_path / "none" / "submission.rejected.csv")
     # The submission may not sit beside the preprocessing job's own rejected.csv.
     with pytest.raises(predict.PredictError, match="lies in --data_dir"):
         _run(setup, tmp_path, out=os.path.join(setup["data_dir"], "submission.csv"))

@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ import schemas
 from pipelines.synthetic.labels import BALANCES, TEMPERED_POWER, draw_label_sets, read_label_sets
 from pipelines.synthetic.png import encode_png
 from pipelines.synthetic.render import MIN_IMAGE_SIZE, RenderConfig, render_stains, sample_seed
-from schemas import cli
+from schemas import atomic, cli
 
 PROGRESS_SECONDS = 10.0
 PROG = "hpa-synthetic"
@@ -97,16 +98,24 @@ def sample_id(seed: int, index: int, test: bool = False) -> str:
 def _write_one(task) -> int:
     seed, index, test, sid, labels, image_size, image_dir, render = task
     stains = render_stains(sample_seed(seed, index, test), labels, image_size, render)
-    for stain in schemas.STAINS:
-        with open(os.path.join(image_dir, f"{sid}_{stain}.png"), "wb") as f:
-            f.write(encode_png(stains[stain]))
+    for stain in schemas.STAINS:  # renamed into place: a kill leaves no half-written image
+        atomic.write_bytes(
+            os.path.join(image_dir, f"{sid}_{stain}.png"), encode_png(stains[stain]), sync=False
+        )
     return index
 
 
 def _prepare_output(cfg: GeneratorConfig) -> None:
     targets = [TRAIN_DIR, TEST_DIR, TRAIN_CSV, TEST_LABELS_CSV, SUBMISSION_CSV, CONFIG_JSON]
     existing = [t for t in targets if os.path.exists(os.path.join(cfg.output_dir, t))]
-    if existing and not cfg.overwrite:
+    config_path = os.path.join(cfg.output_dir, CONFIG_JSON)
+    previous = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f)
+    # config.json is written last: without it the folder holds an interrupted run, which the same command
+    # (or any other) finishes; a complete dataset of the same settings is written again (the same bytes).
+    if existing and previous is not None and previous != _resolved(cfg) and not cfg.overwrite:
         raise FileExistsError(
             f"{cfg.output_dir!r} already holds a dataset ({', '.join(existing)}); "
             "pick a new directory or pass --overwrite"
@@ -119,16 +128,27 @@ def _prepare_output(cfg: GeneratorConfig) -> None:
                     os.remove(os.path.join(path, name))
         else:
             os.remove(path)
+    for name in (TRAIN_DIR, TEST_DIR):  # what a killed run was writing
+        atomic.remove_temporaries(os.path.join(cfg.output_dir, name))
     os.makedirs(os.path.join(cfg.output_dir, TRAIN_DIR), exist_ok=True)
     if cfg.test_samples:
         os.makedirs(os.path.join(cfg.output_dir, TEST_DIR), exist_ok=True)
 
 
 def _write_csv(path: str, header: tuple[str, str], rows) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic.write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def _resolved(cfg: GeneratorConfig) -> dict:
+    """config.json's content: what decides the bytes (not where or how the run went)."""
+    resolved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in ("output_dir", "workers", "overwrite"):
+        resolved.pop(key)
+    return resolved
 
 
 def generate(cfg: GeneratorConfig, log=print) -> dict:
@@ -204,11 +224,8 @@ def generate(cfg: GeneratorConfig, log=print) -> dict:
             (schemas.CSV_ID, schemas.CSV_PREDICTED),
             [(sid, "0") for sid, _ in test_rows],
         )
-    resolved = dataclasses.asdict(cfg)
-    for key in ("output_dir", "workers", "overwrite"):  # where and how it ran does not change the bytes
-        resolved.pop(key)
-    with open(os.path.join(cfg.output_dir, CONFIG_JSON), "w") as f:
-        json.dump(resolved, f, indent=2)
+    text = json.dumps(_resolved(cfg), indent=2)  # last: marks a complete dataset
+    atomic.write_bytes(os.path.join(cfg.output_dir, CONFIG_JSON), text.encode("utf-8"))
     summary = {
         "train_samples": cfg.num_samples,
         "test_samples": cfg.test_samples,

@@ -138,7 +138,7 @@ class _WriteShardFn(beam.DoFn):
                     fold=shard.fold,
                     source=sample.source,
                 )
-                tfrecord.write_record(out, schemas.to_example(record).SerializeToString())
+                tfrecord.write_record(out, schemas.to_example(record).SerializeToString(deterministic=True))
                 self._progress.add(done=1)
                 self._written.inc()
                 notes = tuple(n for n in notes if n)
