@@ -227,6 +227,10 @@ def open_store(path: str) -> Store:
 Source = Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
+# A progress line at most this often while the cache fills (and one when it is full).
+PROGRESS_SECONDS = 10.0
+
+
 def fill_arrays(
     write: Callable[[int, np.ndarray], None], source: Source, num_samples: int, log: Log = print
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -238,8 +242,7 @@ def fill_arrays(
     """
     labels, folds, ids = [], [], []
     n = 0
-    every = max(1, num_samples // 10)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     for batch_images, batch_labels, batch_folds, batch_ids in source:
         b = len(batch_images)
         if n + b > num_samples:
@@ -248,10 +251,11 @@ def fill_arrays(
         labels.append(np.asarray(batch_labels, np.uint8))
         folds.append(np.asarray(batch_folds, np.int16))
         ids.append(np.asarray(batch_ids, np.bytes_))
-        if (n + b) // every > n // every:
-            rate = (n + b) / max(time.perf_counter() - start, 1e-9)
-            log(f"cache: {n + b} / {num_samples} samples decoded ({rate:.0f}/s)")
         n += b
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS and n < num_samples:
+            last = now
+            log(f"cache: {n} / {num_samples} samples decoded ({n / (now - start):.0f}/s)")
     if n != num_samples:
         raise ConfigError(f"the shards hold {n} labelled records, the manifest says {num_samples}")
     return np.concatenate(labels), np.concatenate(folds), np.concatenate(ids)
@@ -269,7 +273,10 @@ def memory_store(source: Source, num_samples: int, image_size: int, log: Log = p
     def write(first: int, batch: np.ndarray) -> None:
         images[first : first + len(batch)] = batch
 
+    start = time.perf_counter()
     labels, folds, ids = fill_arrays(write, source, num_samples, log)
+    seconds = time.perf_counter() - start
+    log(f"cache: {num_samples} samples decoded in {seconds:.1f} s ({num_samples / max(seconds, 1e-9):.0f}/s)")
     return Store(images=images, labels=labels, folds=folds, ids=ids)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 
 import keras
+import numpy as np
 
 from model import fileio, keras_compat
 from model.config import (
@@ -42,7 +43,15 @@ class PlateauAfterWarmup(keras.callbacks.ReduceLROnPlateau):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch >= self.warmup_epochs:
+            before = float(np.array(self.model.optimizer.learning_rate))
             super().on_epoch_end(epoch, logs)
+            after = float(np.array(self.model.optimizer.learning_rate))
+            if after < before:  # Keras' own message (verbose=1) prints the rate's float32 digits
+                print(
+                    f"Epoch {epoch + 1}: learning rate {before:.3g} -> {after:.3g} ({self.monitor} did not "
+                    f"improve for {self.patience} epochs)",
+                    flush=True,
+                )
 
 
 class LinearWarmup(keras.callbacks.Callback):
@@ -228,7 +237,7 @@ def make_callbacks(
             factor=cfg.lr_factor,
             patience=cfg.lr_patience,
             min_lr=cfg.min_lr,
-            verbose=1,
+            verbose=0,  # PlateauAfterWarmup says it in one line
         )
         callbacks.append(reduce_lr)
         replayed.append(reduce_lr)

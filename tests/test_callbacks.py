@@ -164,3 +164,16 @@ def test_ema_with_cosine_under_mirrored_over_two_cpu_replicas(dataset, tmp_path)
     np.testing.assert_allclose(rates, _cosine_rates(0.01, 2, 1, 2), rtol=1e-5)
     exported = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
     assert exported.optimizer.use_ema and int(exported.optimizer.iterations.numpy()) == 4
+
+
+def test_plateau_says_a_reduction_in_one_line_with_readable_rates(capsys):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.003), loss="mse")
+    cb = callbacks_lib.PlateauAfterWarmup(1, monitor="val_loss", factor=0.3, patience=2, verbose=0)
+    cb.set_model(model)
+    cb.on_train_begin()
+    for epoch, loss in enumerate([1.0, 0.5, 0.6, 0.7, 0.8]):  # epoch 0 is warm-up; no progress after 0.5
+        cb.on_epoch_end(epoch, {"val_loss": loss})
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["Epoch 4: learning rate 0.003 -> 0.0009 (val_loss did not improve for 2 epochs)"]
+    assert float(np.array(model.optimizer.learning_rate)) == pytest.approx(0.0009)
