@@ -202,3 +202,25 @@ def test_an_interrupt_while_a_command_ends_is_one_line_or_nothing_never_a_traceb
         assert proc.returncode == 130 and err == "hpa-x: interrupted while exiting, after its work ended\n"
     else:  # the last moments of the process: the signal is ignored, the command's status stands
         assert proc.returncode == 0 and err == ""
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_batch_predict_with_worker_processes_ends_with_one_line_and_130(tmp_path):
+    import numpy as np
+
+    import schemas
+    from model import model as model_lib
+    from model.config import EXPORT_DIR
+    from tests.test_predict import _ids, write_model_dir, write_test_set
+
+    data_dir, model_dir = str(tmp_path / "data"), str(tmp_path / "model")
+    write_test_set(data_dir, _ids(8), size=16)
+    model = write_model_dir(model_dir, seed=0, size=16, thresholds=np.full(schemas.NUM_CLASSES, 0.5))
+    model_lib.export_serving(model, os.path.join(model_dir, EXPORT_DIR), 16)
+    argv = ["hpa-batch-predict", "--data_dir", data_dir, "--model_dir", model_dir]
+    argv += ["--out", str(tmp_path / "submission.csv"), "--direct_num_workers", "2"]
+    argv += ["--progress_seconds", "60"]
+    status, err, sent = ctrl_c_when(argv, _workers_up)
+    assert sent, err[-3000:]
+    _assert_one_line("hpa-batch-predict", status, err)
+    assert not os.path.exists(tmp_path / "submission.csv")
