@@ -434,58 +434,82 @@ class Ended:
     statuses: list[int] = dataclasses.field(default_factory=list)
 
 
-def _start(job: Job, d: str) -> list[subprocess.Popen]:
-    """The job's processes, each in its own session (its own process group, as a shell's job is)."""
-    return [
-        subprocess.Popen(
-            argv,
-            env={**_env(), **extra},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_default_signals,
-            start_new_session=True,
-        )
-        for argv, extra in job.processes(d)
-    ]
+def _popen(argv: list[str], extra: dict) -> subprocess.Popen:
+    """A process of a job in its own session (its own process group, as a shell's job is)."""
+    return subprocess.Popen(
+        argv,
+        env={**_env(), **extra},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_default_signals,
+        start_new_session=True,
+    )
 
 
-def _collect(procs: list[subprocess.Popen], ceiling: float) -> tuple[list[str], list[str]]:
-    """Waits for every process (at most `ceiling` s in all, then SIGKILLs its group); their outputs."""
-    import threading
+class Running:
+    """The processes of one run of a job, their outputs read as they come (threads)."""
 
-    outs: list = [None] * len(procs)
+    def __init__(self, job: Job, d: str, only: list[int] | None = None, keep: Running | None = None):
+        """Starts the job's processes (`only` these indices; the others are `keep`'s, still running)."""
+        import threading
 
-    def read(i, p):
-        outs[i] = p.communicate()
+        commands = job.processes(d)
+        self.t0 = time.time()
+        self.procs: list = [None] * len(commands)
+        self.outs: list = [None] * len(commands)
+        self.threads: list = [None] * len(commands)
+        for i, (argv, extra) in enumerate(commands):
+            if only is not None and i not in only:
+                self.procs[i], self.threads[i] = keep.procs[i], keep.threads[i]
+                continue
+            self.procs[i] = _popen(argv, extra)
+            self.threads[i] = threading.Thread(target=self._read, args=(self.outs, i, self.procs[i]))
+            self.threads[i].start()
+        self.kept = [i for i in range(len(commands)) if only is not None and i not in only]
+        self.keep = keep
 
-    threads = [threading.Thread(target=read, args=(i, p)) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    deadline = time.time() + ceiling
-    for t in threads:
-        t.join(max(0.1, deadline - time.time()))
-    for p in procs:
-        if p.poll() is None:
+    @staticmethod
+    def _read(outs, i, proc):
+        outs[i] = [x.decode(errors="replace") for x in proc.communicate()]
+
+    def alive(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p.poll() is None]
+
+    def wait(self, seconds: float, which: list[int] | None = None) -> bool:
+        """Waits until the processes `which` (default: all) ended, at most `seconds`; whether they did."""
+        deadline = time.time() + seconds
+        for i in range(len(self.procs)) if which is None else which:
+            self.threads[i].join(max(0.1, deadline - time.time()))
+        return not [i for i in self.alive() if which is None or i in which]
+
+    def stop(self) -> None:
+        """SIGKILLs what still runs (a run that hit its ceiling: status -999)."""
+        for i in self.alive():
             with contextlib.suppress(OSError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.returncode = -999 if p.wait() == -signal.SIGKILL else p.returncode
-    for t in threads:
-        t.join()
-    return [o[0].decode(errors="replace") for o in outs], [o[1].decode(errors="replace") for o in outs]
+                os.killpg(self.procs[i].pid, signal.SIGKILL)
+            self.procs[i].wait()
+            self.procs[i].returncode = -999
+        for t in self.threads:
+            t.join()
+
+    def ended(self, finished_in: float | None = None) -> Ended:
+        for i in self.kept:  # a kept process' output is read by the run that started it
+            self.threads[i].join()
+            self.outs[i] = self.keep.outs[i]
+        statuses = [p.returncode for p in self.procs]
+        status = next((c for c in statuses if c != 0), 0)
+        outs = [self.outs[i] or ["", ""] for i in range(len(self.procs))]
+        output = "".join(o + e for o, e in outs)
+        took = time.time() - self.t0 if finished_in is None else finished_in
+        return Ended(status, output, [e for _, e in outs], took, statuses)
 
 
-def _ended(procs, stdouts, stderrs, finished_in) -> Ended:
-    statuses = [p.returncode for p in procs]
-    status = next((c for c in statuses if c != 0), 0)
-    output = "".join(o + e for o, e in zip(stdouts, stderrs))
-    return Ended(status, output, stderrs, finished_in, statuses)
-
-
-def _run(job: Job, d: str, timeout: float) -> Ended:
-    t0 = time.time()
-    procs = _start(job, d)
-    stdouts, stderrs = _collect(procs, timeout)
-    return _ended(procs, stdouts, stderrs, time.time() - t0)
+def _run(job: Job, d: str, timeout: float, only=None, keep: Running | None = None) -> Ended:
+    """Runs the job (or its processes `only`, beside `keep`'s still running) until all ended."""
+    run = Running(job, d, only, keep)
+    if not run.wait(timeout):
+        run.stop()
+    return run.ended()
 
 
 def _signal(p: subprocess.Popen, signum: int) -> None:
@@ -498,27 +522,48 @@ def _signal(p: subprocess.Popen, signum: int) -> None:
             os.killpg(p.pid, signum)
 
 
+SURVIVOR_GRACE = 60.0  # seconds a worker whose peer was killed may take to end before it is left running
+
+
 def _run_and_kill(
     job: Job, d: str, after: float | None, signum: int, victims: list[int], ceiling: float = 600
-) -> Ended:
+) -> tuple[Ended, Running | None]:
     """Runs the job, sends `signum` to its processes `victims` after `after` s (None: when `job.trigger`
-    holds); `finished_in` is >= 0 when every process ended before the signal."""
-    t0 = time.time()
-    procs = _start(job, d)
-    deadline = t0 + (ceiling if after is None else after)
+    holds); `finished_in` is >= 0 when every process ended before the signal.
+
+    Returns the run's end and, when a process that was not signalled still runs `SURVIVOR_GRACE` s after
+    its peers ended (a worker waiting for a peer that never joined the cluster), the run holding it: the
+    rerun then starts only the ended processes' commands, as one restarts a lost worker.
+    """
+    run = Running(job, d)
+    deadline = run.t0 + (ceiling if after is None else after)
     fired = False
-    while time.time() < deadline and any(p.poll() is None for p in procs):
+    while time.time() < deadline and run.alive():
         if after is None and job.trigger(d):
             break
         time.sleep(0.01)
-    if any(p.poll() is None for p in procs):
+    if run.alive():
         for i in victims:
-            if procs[i].poll() is None:
-                _signal(procs[i], signum)
+            if run.procs[i].poll() is None:
+                _signal(run.procs[i], signum)
                 fired = True
-    finished_in = -1.0 if fired else time.time() - t0
-    stdouts, stderrs = _collect(procs, ceiling)  # a surviving worker ends when its peer is gone
-    return _ended(procs, stdouts, stderrs, finished_in)
+    finished_in = -1.0 if fired else time.time() - run.t0
+    if not run.wait(ceiling, victims):
+        run.stop()
+        return run.ended(finished_in), None
+    if run.wait(SURVIVOR_GRACE) or not fired:
+        if run.alive():
+            run.stop()
+        return run.ended(finished_in), None
+    survivors = run.alive()
+    ended = Ended(1, "", [""] * len(run.procs), finished_in, [p.poll() or 0 for p in run.procs])
+    for i in range(len(run.procs)):
+        if i not in survivors:
+            out, err = run.outs[i] or ["", ""]
+            ended.output += out + err
+            ended.stderr[i] = err
+            ended.statuses[i] = run.procs[i].returncode
+    return ended, run
 
 
 def _clean_interrupt(ended: Ended, victims: list[int], signum: int) -> bool:
@@ -564,7 +609,7 @@ def campaign(
         at_trigger = job.trigger is not None and (k // len(signals)) % 2 == 0
         for _ in range(4):  # the machine's load varies: a run that ended before its instant is not a kill
             after = None if at_trigger else rng.uniform(0, duration)
-            ended = _run_and_kill(job, d, after, signum, victims)
+            ended, survivors = _run_and_kill(job, d, after, signum, victims)
             if ended.finished_in < 0:
                 break
             duration = ended.finished_in  # draw the next instant over this run's wall time
@@ -599,9 +644,19 @@ def campaign(
         finished = not interrupted
         reruns = 0
         rerun_out = ""
+        if survivors is not None:
+            tally.notes.append(
+                f"kill {k}: process(es) {survivors.alive()} still ran {SURVIVOR_GRACE:.0f} s after the "
+                "others ended: only the others' commands were rerun"
+            )
         while not finished and reruns < max_reruns:
             reruns += 1
-            rerun = _run(job, d, timeout=max(600, 6 * ref_seconds))
+            if survivors is not None:  # restart the ended workers beside the one waiting for them
+                only = [i for i in range(n_procs) if i not in survivors.alive()]
+                rerun = _run(job, d, max(600, 6 * ref_seconds), only, survivors)
+                survivors = None
+            else:
+                rerun = _run(job, d, timeout=max(600, 6 * ref_seconds))
             rerun_out = rerun.output
             finished = rerun.status == 0
             if not finished:
@@ -631,7 +686,8 @@ def campaign(
                 tally.close += 1
                 verdict = f"close, not identical ({', '.join(differ[:6])})"
             tally.notes.append(f"kill {k}: {verdict}")
-        log(f"  kill {k}: {what} ({done_note}), {reruns} rerun(s), {verdict}")
+        left = f", work left by the kill: {progress}" if progress is not None else ""
+        log(f"  kill {k}: {what} ({done_note}{left}), {reruns} rerun(s), {verdict}")
     return tally, ref_seconds
 
 
