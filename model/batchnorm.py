@@ -81,6 +81,13 @@ class Recompute:
     def __init__(self, model):
         self.model = model
         self._forward = None
+        self._traced_for: tuple[int, ...] = ()  # the layers the forward pass was traced with
+
+    def _batch_statistics(self, images, layers):
+        """One training-mode pass; every layer's batch mean and variance (its moving ones), as one vector."""
+        self.model(images, training=True)
+        parts = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+        return keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(v, "float32"), (-1,)) for v in parts])
 
     def __call__(self, batches: Iterable, say: Callable[[str], None] | None = None) -> int:
         """Sets the moving statistics of `layers_of(model)` to the mean of their per-batch statistics.
@@ -101,20 +108,19 @@ class Recompute:
         momenta = [layer.momentum for layer in layers]
         states = [(v, keras.ops.convert_to_numpy(v)) for v in _random_states(model)]
         before = statistics(model)
-        sums = [np.zeros(v.shape, np.float64) for v in before]
+        total = np.zeros(sum(v.size for v in before), np.float64)
         start, count, samples = time.monotonic(), 0, 0
         try:
             for layer in layers:
                 layer.momentum = 0.0  # a training-mode call leaves its batch's statistics in the layer
-            if self._forward is None:  # traced with momentum 0, which every call sets again
+            if self._traced_for != tuple(map(id, layers)):  # traced with momentum 0, set again each call
+                self._traced_for = tuple(map(id, layers))
                 self._forward = tf.function(
-                    lambda x: model(x, training=True), jit_compile=False, reduce_retracing=True
+                    lambda x: self._batch_statistics(x, layers), jit_compile=False, reduce_retracing=True
                 )
             for batch in batches:
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                self._forward(images)
-                for total, value in zip(sums, statistics(model), strict=True):
-                    total += value  # the running mean with momentum k / (k + 1) is this sum / count
+                total += self._forward(images).numpy()  # / count: the running mean, momentum k / (k + 1)
                 count += 1
                 samples += int(images.shape[0])
         finally:
@@ -122,7 +128,10 @@ class Recompute:
                 layer.momentum = momentum
             for variable, state in states:
                 variable.assign(state)
-        set_statistics(model, [total / count for total in sums] if count else before)
+        if count:
+            ends = np.cumsum([v.size for v in before])[:-1]
+            means = np.split(total / count, ends)
+            set_statistics(model, [m.reshape(v.shape) for m, v in zip(means, before, strict=True)])
         if say is not None:
             say(
                 f"BatchNorm statistics of the averaged weights: {len(layers)} layers recomputed over {count} "
