@@ -125,6 +125,7 @@ def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset,
                 seen["rate"] = float(optimizer.learning_rate.numpy())
                 seen["average"] = _averages(self.model)
                 seen["weights"] = _trainable(self.model)
+                seen["statistics"] = batchnorm.statistics(self.model)
 
     make = callbacks_lib.make_callbacks
     monkeypatch.setattr(callbacks_lib, "make_callbacks", lambda *a, **k: [*make(*a, **k), Probe()])
@@ -141,6 +142,9 @@ def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset,
     assert any(
         not np.allclose(a, w) for a, w in zip(seen["average"], seen["weights"], strict=True)
     )  # ... apart
+    # The backup held the raw weights' BatchNorm statistics, not those recomputed for the average.
+    averaged = batchnorm.statistics(reference)
+    assert any(not np.allclose(a, r) for a, r in zip(averaged, seen["statistics"], strict=True))
 
 
 def test_ema_with_cosine_under_mirrored_over_two_cpu_replicas(dataset, tmp_path):
