@@ -215,7 +215,8 @@ def test_sigkill_mid_training_then_same_command_resumes(written, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     metadata = os.path.join(model_dir, train.BACKUP_DIR, rundir.BACKUP_METADATA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    sigkill_when(proc, lambda: rundir.backup_epoch(model_dir) == 1)
+    # The slot's record comes before Keras' metadata file: wait for both (a loaded machine showed the gap).
+    sigkill_when(proc, lambda: rundir.backup_epoch(model_dir) == 1 and os.path.exists(metadata))
     first_out = proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-training:\n{first_out[-3000:]}"
     with open(metadata) as f:
