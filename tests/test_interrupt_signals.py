@@ -224,3 +224,25 @@ def test_ctrl_c_of_batch_predict_with_worker_processes_ends_with_one_line_and_13
     assert sent, err[-3000:]
     _assert_one_line("hpa-batch-predict", status, err)
     assert not os.path.exists(tmp_path / "submission.csv")
+
+
+def test_the_start_up_handler_is_in_place_before_numpy_loads():
+    """A Ctrl-C while numpy loaded (1.3 s into a command on a loaded machine) printed numpy's ImportError."""
+    code = """
+import signal, sys
+sys.argv[0] = "/usr/bin/hpa-x"
+seen = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            seen.append(getattr(signal.getsignal(signal.SIGINT), "__name__", "?"))
+
+sys.meta_path.insert(0, Spy())
+import schemas
+print(seen[0])
+"""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(cli.TRACEBACK_ENV, None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "_startup_interrupt", done.stdout + done.stderr
