@@ -54,6 +54,7 @@ import atexit
 import contextlib
 import difflib
 import functools
+import logging
 import os
 import re
 import signal
@@ -185,8 +186,9 @@ def _keep_stopping_children() -> None:
 
 def _on_signal(signum: int) -> None:
     _received.append(signum)
-    if not _traceback_wanted():
+    if not _traceback_wanted():  # what libraries report of the interrupt is noise beside the one line
         threading.excepthook = _quiet_thread_error
+        logging.disable(logging.CRITICAL)  # Beam logs the KeyboardInterrupt inside a DoFn with a traceback
     _keep_stopping_children()
 
 
@@ -336,6 +338,7 @@ def command(prog: str) -> Callable[[Main], Main]:
                     atexit.register(_ignore_signals_at_exit)  # runs first of the exit handlers
                 elif main_thread:
                     threading.excepthook = thread_hook
+                    logging.disable(logging.NOTSET)
                     signal.signal(signal.SIGTERM, previous)
                     if previous_int in (signal.default_int_handler, _startup_interrupt):
                         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -134,7 +134,7 @@ def test_ctrl_c_of_download_with_worker_processes_ends_with_one_line_and_130(tmp
 
 
 _COMMAND = """
-import atexit, os, signal, sys, threading, time
+import atexit, logging, os, signal, sys, threading, time
 from schemas import cli
 
 mode = sys.argv[1]
@@ -142,6 +142,10 @@ go = threading.Event()
 
 def background():  # a library's thread that fails once the command is interrupted (Beam's run_worker)
     go.wait()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:  # as Beam logs it, from a DoFn interrupted in the main thread
+        logging.getLogger("apache_beam.runners.common").exception("KeyboardInterrupt [while running 'Fetch']")
     raise RuntimeError("Worker subprocess exited with return code -15")
 
 @cli.command("hpa-x")
