@@ -400,7 +400,8 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
     callbacks = (
-        callbacks_lib.make_callbacks(
+        replica_callbacks(dev)
+        + callbacks_lib.make_callbacks(
             cfg,
             work.path,
             work.history_rows,
@@ -424,6 +425,16 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
     if fileio.exists(best):
         model.load_weights(fileio.local_copy(best))
     return read_history(fileio.join(work.path, HISTORY_FILE))
+
+
+def replica_callbacks(dev: devices_lib.Devices) -> list:
+    """With several replicas, the callback that keeps BatchNormalization's statistics the same on all of
+    them (model/replica_stats.py); first, before the callbacks that save weights."""
+    if dev.replicas == 1:
+        return []
+    from model import replica_stats
+
+    return [replica_stats.AverageReplicaStatistics(dev.strategy)]
 
 
 def write_outputs(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, rows: list[dict]) -> dict:
