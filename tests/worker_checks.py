@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -107,6 +108,7 @@ def _weights(model) -> dict[str, str]:
 
 
 def main(data_dir: str, model_root: str, spec: str) -> dict:
+    started = time.monotonic()
     from model import train, train_steps
 
     runs = [(int(f), c) for f, c in (item.split(":") for item in spec.split(","))]
@@ -132,9 +134,11 @@ def main(data_dir: str, model_root: str, spec: str) -> dict:
         "replicas": dev.replicas,
         "local_replicas": len(dev.devices),
         "runs": [],
+        "seconds": {"setup": round(time.monotonic() - started, 1), "runs": []},  # where a cluster's time goes
     }
     model = None
     for fold, cache in runs:
+        run_started = time.monotonic()
         plan = plan_of(fold, cache, dev)
         cfg = plan.cfg
         train_ds, val_ds = train_steps.make_data(plan, dev)
@@ -167,6 +171,7 @@ def main(data_dir: str, model_root: str, spec: str) -> dict:
             run["predicted_ids"] = model_lib.predict_with_ids(plain, with_ids)[0].tolist()
         run["weights"] = _weights(model)
         out["runs"].append(run)
+        out["seconds"]["runs"].append(round(time.monotonic() - run_started, 1))
     return out
 
 
