@@ -69,11 +69,11 @@ def _ids(samples: dict) -> dict[str, str]:
 
 
 def _runs(workers: list[dict]):
-    """(run index, worker 0's run, worker 1's run) of a cluster."""
+    """(worker 0's run, worker 1's run) of each run of a cluster."""
     assert [w["task"] for w in workers] == ["worker_0", "worker_1"]
     assert [w["replicas"] for w in workers] == [WORKERS, WORKERS]
     assert [w["local_replicas"] for w in workers] == [1, 1]
-    return list(enumerate(zip(workers[0]["runs"], workers[1]["runs"], strict=True)))
+    return list(zip(workers[0]["runs"], workers[1]["runs"], strict=True))
 
 
 def _check_full(steps: list[list[dict]]) -> None:
@@ -86,7 +86,7 @@ def _check_full(steps: list[list[dict]]) -> None:
 def test_training_batches_are_full_and_an_epoch_sees_steps_x_batch_records(cluster_runs):
     samples, runs = cluster_runs
     ids = _ids(samples)
-    for _, (w0, w1) in _runs(runs["A"]):
+    for w0, w1 in _runs(runs["A"]):
         fold = w0["fold"]
         train_ids = {sid for sid, s in samples.items() if s["fold"] != fold}
         steps = (len(samples) - PER_FOLD[fold]) // GLOBAL_BATCH
@@ -114,7 +114,7 @@ def test_training_batches_are_full_and_an_epoch_sees_steps_x_batch_records(clust
 def test_validation_scores_every_record_once_and_as_on_one_device(cluster_runs):
     samples, runs = cluster_runs
     ids = _ids(samples)
-    for _, (w0, w1) in _runs(runs["A"]):
+    for w0, w1 in _runs(runs["A"]):
         fold = w0["fold"]
         n = PER_FOLD[fold]
         val_ids = sorted(sid for sid, s in samples.items() if s["fold"] == fold)
