@@ -8,7 +8,8 @@ done only once every other callback has handled it and the backup holds the raw 
 With `--ema` the optimizer keeps an exponential moving average of the weights (`use_ema`);
 `keras.callbacks.SwapEMAWeights` puts it in the model for each validation, and `SwapEMAAtEpochEnd` around
 ModelCheckpoint, so validation loss, early stopping, the plateau and the best checkpoint all see the average
-(`model/keras_compat.py`'s `ema_around_checkpoint`: that order, and why).
+(`model/keras_compat.py`'s `ema_around_checkpoint`: that order, and why), with BatchNorm statistics
+recomputed for it (`model/batchnorm.py`, `--ema_bn_batches`).
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def make_callbacks(
     steps_per_epoch: int,
     schedule=None,
     warn=print,
+    bn_batches=None,
 ) -> list:
     """The Keras callbacks of a run, in the order they must see each epoch's end.
 
@@ -225,7 +227,9 @@ def make_callbacks(
       history_rows: the epochs already logged (a resumed run), replayed into the plateau and early stopping.
       steps_per_epoch: optimizer steps per epoch (the warm-up's length).
       schedule: the optimizer's learning-rate schedule (None for `plateau`).
-      warn: prints a warning line.
+      warn: prints a line (a warning; the BatchNorm recompute's progress).
+      bn_batches: with `cfg.ema`, the training batches over which BatchNorm's statistics are recomputed for
+        the averaged weights (`model/batchnorm.py`); None: the raw weights' statistics are used with them.
     """
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
     callbacks: list = [InterruptStage(cfg.epochs), LogLearningRate(schedule)]
@@ -255,7 +259,10 @@ def make_callbacks(
         initial_value_threshold=best_so_far,
     )
     if cfg.ema:
-        callbacks += keras_compat.ema_around_checkpoint(checkpoint)  # the order the average needs
+        from model import batchnorm
+
+        averaged = None if bn_batches is None else batchnorm.AveragedStatistics(bn_batches, warn).callbacks()
+        callbacks += keras_compat.ema_around_checkpoint(checkpoint, averaged)  # the order the average needs
     else:
         callbacks.append(checkpoint)
     callbacks.append(keras.callbacks.CSVLogger(fileio.join(work_dir, HISTORY_FILE), append=True))

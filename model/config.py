@@ -278,6 +278,10 @@ class TrainConfig:
       ema_momentum: the average's momentum (weight of the old average at each step).
       ema_epochs: the average's horizon in epochs (None: ema_momentum as given); the momentum is then
         1 - 1 / (ema_epochs x steps per epoch), resolved by `ema_momentum_for`.
+      ema_bn_batches: with ema, the training batches (of the per-replica batch) over which BatchNorm's moving
+        statistics are recomputed for the averaged weights whenever those are validated or saved
+        (`model/batchnorm.py`); None: about 2,048 samples (`batchnorm.default_batches`); 0: off (the
+        statistics of the last raw weights).
       lr_scaling: `linear` (learning_rate is the rate at reference_batch; the run uses learning_rate x
         global batch / reference_batch, the linear scaling rule of Goyal et al. 2017) or `none`.
       reference_batch: the global batch learning_rate is given for under `linear`.
@@ -308,6 +312,7 @@ class TrainConfig:
     ema: bool = False
     ema_momentum: float = 0.99
     ema_epochs: float | None = None
+    ema_bn_batches: int | None = None
     lr_scaling: str = "none"
     reference_batch: int = 32
     val_tta: int = 1
@@ -334,6 +339,8 @@ class TrainConfig:
             raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.ema_epochs is not None and self.ema_epochs <= 0:
             raise ConfigError(f"--ema_epochs must be > 0, got {self.ema_epochs}")
+        if self.ema_bn_batches is not None and self.ema_bn_batches < 0:
+            raise ConfigError(f"--ema_bn_batches must be >= 0 (0: off), got {self.ema_bn_batches}")
         if self.lr_scaling not in LR_SCALINGS:
             raise ConfigError(f"--lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
         if self.reference_batch < 1:

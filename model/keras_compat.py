@@ -140,7 +140,7 @@ class SwapEMAAtEpochEnd(keras.callbacks.SwapEMAWeights):
         pass
 
 
-def ema_around_checkpoint(checkpoint) -> list:
+def ema_around_checkpoint(checkpoint, batchnorm: tuple | None = None) -> list:
     """The EMA callbacks and `checkpoint` in the one order that works; put them before BackupAndRestore.
 
     Keras calls the callbacks in list order, and the EMA wiring depends on it:
@@ -150,8 +150,24 @@ def ema_around_checkpoint(checkpoint) -> list:
     3. `checkpoint` (ModelCheckpoint) saves it as the best weights,
     4. a second `SwapEMAAtEpochEnd` puts the raw weights back,
     so that every later callback, BackupAndRestore above all, sees the raw weights with their average.
+
+    `batchnorm`: the (validation, before checkpoint, after checkpoint) callbacks of
+    `model.batchnorm.AveragedStatistics`, or None. The first comes after 1 (its statistics are recomputed
+    from the averaged weights, which must be in the model by then), the second between 2 and 3, the third
+    after 4.
     """
-    return [keras.callbacks.SwapEMAWeights(), SwapEMAAtEpochEnd(), checkpoint, SwapEMAAtEpochEnd()]
+    if batchnorm is None:
+        return [keras.callbacks.SwapEMAWeights(), SwapEMAAtEpochEnd(), checkpoint, SwapEMAAtEpochEnd()]
+    at_validation, before, after = batchnorm
+    return [
+        keras.callbacks.SwapEMAWeights(),
+        at_validation,
+        SwapEMAAtEpochEnd(),
+        before,
+        checkpoint,
+        SwapEMAAtEpochEnd(),
+        after,
+    ]
 
 
 def average_into_optimizer(model) -> None:

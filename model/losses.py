@@ -58,7 +58,7 @@ def sample_repeats(labels: np.ndarray, factors: np.ndarray) -> np.ndarray:
 KINDS = ("bce", "focal", "lovasz", "focal_lovasz")
 
 
-def lovasz_hinge_per_sample(y_true, y_pred):
+def lovasz_hinge_per_sample(y_true, y_pred, rows=None):
     """The Lovasz hinge of each class over the batch, as per-sample terms [B] whose mean is its class mean.
 
     For class c the samples' hinge errors e_i = max(0, 1 - z_i s_i) (z the logit, s = +1 for a positive and
@@ -71,17 +71,26 @@ def lovasz_hinge_per_sample(y_true, y_pred):
     Args:
       y_true: multi-hot [B, C].
       y_pred: sigmoid probabilities [B, C] (the logits are recovered from the clipped probabilities).
+      rows: optional bool [B], False for a row that is not a sample (a pad that keeps a replica's last
+        validation batch non-empty). Such rows sort after every error > 0 and count as correct (error 0),
+        so they change neither the ranking nor the Jaccard increments of the real rows: the real rows' terms
+        are those of the batch without the pads (the multiplier is the number of real rows), a pad's is 0.
     """
     y_true = ops.cast(y_true, "float32")
     p = ops.clip(ops.cast(y_pred, "float32"), 1e-6, 1.0 - 1e-6)
     logits = ops.log(p) - ops.log(1.0 - p)
     errors = 1.0 - logits * (2.0 * y_true - 1.0)  # [B, C]
+    batch = ops.cast(ops.shape(y_true)[0], "float32")
+    if rows is not None:
+        real = ops.expand_dims(ops.cast(rows, "bool"), -1)
+        y_true = ops.where(real, y_true, 0.0)  # a pad is a negative ...
+        errors = ops.where(real, errors, -1.0)  # ... ranked after every positive error, contributing 0
+        batch = ops.sum(ops.cast(rows, "float32"))
     order = ops.argsort(-ops.stop_gradient(errors), axis=0)
     errors_sorted = ops.take_along_axis(errors, order, axis=0)
     grad = lovasz_grad(ops.take_along_axis(y_true, order, axis=0))
     terms_sorted = ops.relu(errors_sorted) * grad
     terms = ops.take_along_axis(terms_sorted, ops.argsort(order, axis=0), axis=0)
-    batch = ops.cast(ops.shape(y_true)[0], "float32")
     return ops.mean(terms, axis=-1) * batch
 
 
@@ -119,6 +128,17 @@ def make_loss(kind: str = "bce", gamma: float = 2.0, positive_weights: np.ndarra
     return MultiLabelLoss(kind=kind, gamma=gamma, positive_weights=weights)
 
 
+class _Terms(keras.losses.Loss):
+    """Keras' reduction and sample weighting of per-sample terms computed beforehand (passed as y_pred)."""
+
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+def _weighted_mean(terms, sample_weight, reduction: str, name: str):
+    return _Terms(name=name, reduction=reduction)(terms, terms, sample_weight)
+
+
 @keras.saving.register_keras_serializable(package="hpa")
 class MultiLabelLoss(keras.losses.Loss):
     """Mean over classes of per-class binary (focal) cross-entropy, with optional positive-term weights."""
@@ -129,8 +149,19 @@ class MultiLabelLoss(keras.losses.Loss):
         self.gamma = float(gamma)
         self.positive_weights = None if positive_weights is None else list(positive_weights)
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """Keras' Loss call; the rows of weight 0 (pads) are also kept out of the Lovasz ranking."""
+        if sample_weight is None or "lovasz" not in self.kind:
+            return super().__call__(y_true, y_pred, sample_weight)
+        rows = ops.reshape(ops.greater(ops.convert_to_tensor(sample_weight), 0), (-1,))
+        terms = self._per_sample(y_true, y_pred, rows)
+        return _weighted_mean(terms, sample_weight, self.reduction, self.name)
+
     def call(self, y_true, y_pred):
-        lovasz = lovasz_hinge_per_sample(y_true, y_pred) if "lovasz" in self.kind else 0.0
+        return self._per_sample(y_true, y_pred, None)
+
+    def _per_sample(self, y_true, y_pred, rows):
+        lovasz = lovasz_hinge_per_sample(y_true, y_pred, rows) if "lovasz" in self.kind else 0.0
         if self.kind == "lovasz":
             return lovasz
         y_pred = ops.cast(y_pred, "float32")

@@ -21,16 +21,11 @@ import tensorflow as tf
 
 
 def moving_statistics(model: keras.Model) -> list:
-    """The moving mean and variance of every BatchNormalization layer that trains (a frozen one never
-    updates them)."""
-    out = []
-    for layer in getattr(model, "layers", []):  # a backbone is a model nested in the classifier
-        if isinstance(layer, keras.layers.BatchNormalization):
-            if layer.trainable and layer.built:
-                out += [layer.moving_mean, layer.moving_variance]
-        else:
-            out += moving_statistics(layer)
-    return out
+    """The moving mean and variance of every BatchNormalization layer that trains (`batchnorm.layers_of`: a
+    frozen one never updates them)."""
+    from model import batchnorm
+
+    return [v for layer in batchnorm.layers_of(model) for v in (layer.moving_mean, layer.moving_variance)]
 
 
 def averager(strategy, variables: list):

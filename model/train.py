@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema_momentum",
     )
     p.add_argument(
+        "--ema_bn_batches",
+        type=int,
+        default=t.ema_bn_batches,
+        metavar="N",
+        help="with --ema: recompute BatchNorm's moving statistics for the averaged weights (a training-mode "
+        "forward pass over N training batches of the per-replica batch) before each validation and "
+        "checkpoint; default: about 2048 samples (every training sample when fewer); 0: off",
+    )
+    p.add_argument(
         "--lr_scaling",
         choices=LR_SCALINGS,
         default=t.lr_scaling,
@@ -361,6 +370,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema=args.ema and not args.no_ema,
         ema_momentum=args.ema_momentum,
         ema_epochs=args.ema_epochs,
+        ema_bn_batches=args.ema_bn_batches,
         lr_scaling=args.lr_scaling,
         reference_batch=args.reference_batch,
         val_tta=args.val_tta,

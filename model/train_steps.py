@@ -399,6 +399,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
 
     cfg = plan.cfg
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
+    bn_batches = batchnorm_batches(plan, dev)
     callbacks = (
         replica_callbacks(dev)
         + callbacks_lib.make_callbacks(
@@ -408,6 +409,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
             plan.steps_per_epoch,
             _schedule(cfg, plan.steps_per_epoch),
             warn=_print,
+            bn_batches=bn_batches,
         )
         + progress.progress_callbacks()
     )
@@ -423,7 +425,11 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
         )
     best = fileio.join(work.path, BEST_WEIGHTS)
     if fileio.exists(best):
-        model.load_weights(fileio.local_copy(best))
+        model.load_weights(fileio.local_copy(best))  # with --ema: the average and its BatchNorm statistics
+    elif bn_batches is not None:  # no checkpoint: Keras left the average in the model, with raw statistics
+        from model import batchnorm
+
+        batchnorm.recompute(model, bn_batches, _print)
     return read_history(fileio.join(work.path, HISTORY_FILE))
 
 
@@ -435,6 +441,27 @@ def replica_callbacks(dev: devices_lib.Devices) -> list:
     from model import replica_stats
 
     return [replica_stats.AverageReplicaStatistics(dev.strategy)]
+
+
+def batchnorm_batches(plan: Plan, dev: devices_lib.Devices):
+    """The training batches BatchNorm's statistics are recomputed over for the averaged weights, or None.
+
+    `--ema_bn_batches` batches (default `batchnorm.default_batches`) of the per-replica batch, the size each
+    replica's BatchNormalization computed its batch statistics over in training, read in the one fixed order
+    of the training folds (every worker reads the same). None without `--ema` or with `--ema_bn_batches 0`.
+    """
+    from model import batchnorm
+    from model import data as data_lib
+
+    cfg = plan.cfg
+    if not cfg.ema or cfg.ema_bn_batches == 0:
+        return None
+    per_replica = max(1, cfg.data.batch_size // dev.replicas)
+    count = cfg.ema_bn_batches or batchnorm.default_batches(plan.n_train, per_replica)
+    ds = data_lib.make_eval_dataset(
+        cfg.data_dir, plan.train_folds, cfg.data, batch_size=per_replica, cached=True, manifest=plan.manifest
+    )
+    return ds.map(lambda images, labels: images).take(count)
 
 
 def write_outputs(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, rows: list[dict]) -> dict:

@@ -13,9 +13,10 @@ import keras
 import numpy as np
 import pytest
 
+from model import batchnorm, rundir, train
 from model import callbacks as callbacks_lib
-from model import rundir, train
-from model.config import BEST_WEIGHTS, WARMUP_START_FACTOR
+from model.config import BEST_WEIGHTS, WARMUP_START_FACTOR, DataConfig
+from model.data import make_eval_dataset
 from tests.fixtures import sigkill_when
 from tests.test_data import write_dataset
 from tests.test_strategies import _check_outputs, _cmd, _env, _finish, _start
@@ -124,6 +125,7 @@ def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset,
                 seen["rate"] = float(optimizer.learning_rate.numpy())
                 seen["average"] = _averages(self.model)
                 seen["weights"] = _trainable(self.model)
+                seen["statistics"] = batchnorm.statistics(self.model)
 
     make = callbacks_lib.make_callbacks
     monkeypatch.setattr(callbacks_lib, "make_callbacks", lambda *a, **k: [*make(*a, **k), Probe()])
@@ -140,6 +142,9 @@ def test_sigkill_then_rerun_keeps_the_schedule_position_and_the_average(dataset,
     assert any(
         not np.allclose(a, w) for a, w in zip(seen["average"], seen["weights"], strict=True)
     )  # ... apart
+    # The backup held the raw weights' BatchNorm statistics, not those recomputed for the average.
+    averaged = batchnorm.statistics(reference)
+    assert any(not np.allclose(a, r) for a, r in zip(averaged, seen["statistics"], strict=True))
 
 
 def test_ema_with_cosine_under_mirrored_over_two_cpu_replicas(dataset, tmp_path):
@@ -156,7 +161,7 @@ def test_ema_with_cosine_under_mirrored_over_two_cpu_replicas(dataset, tmp_path)
         "--lr_schedule",
         "cosine",
     ]
-    cmd += ["--warmup_epochs", "1", "--ema"]
+    cmd += ["--warmup_epochs", "1", "--ema", "--no_augment"]
     (log,) = _finish([_start(cmd, _env(), str(tmp_path / "mirrored.log"))], 240)
     assert "MirroredStrategy (2 replica(s)" in log, log[-3000:]
     _check_outputs(model_dir, samples, "MirroredStrategy", 2)  # val_predictions.npz = model.keras
@@ -164,6 +169,13 @@ def test_ema_with_cosine_under_mirrored_over_two_cpu_replicas(dataset, tmp_path)
     np.testing.assert_allclose(rates, _cosine_rates(0.01, 2, 1, 2), rtol=1e-5)
     exported = keras.saving.load_model(os.path.join(model_dir, train.MODEL_FILE))
     assert exported.optimizer.use_ema and int(exported.optimizer.iterations.numpy()) == 4
+    # BatchNorm statistics recomputed under the strategy for the average: 16 training samples in batches of
+    # the per-replica 2, in every replica's copy; model.keras holds what the same recompute gives here.
+    assert log.count("layers recomputed over 8 batches (16 samples)") == 2, log[-3000:]
+    saved = batchnorm.statistics(exported)
+    batchnorm.recompute(exported, make_eval_dataset(data_dir, [1, 2], DataConfig(batch_size=2)))
+    for x, y in zip(saved, batchnorm.statistics(exported), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_plateau_says_a_reduction_in_one_line_with_readable_rates(capsys):

@@ -81,3 +81,39 @@ def test_focal_lovasz_is_the_sum_and_perfect_margins_cost_nothing():
     assert both == pytest.approx(focal + lovasz, rel=1e-5)
     sure = np.where(y > 0, 0.99, 0.01).astype(np.float32)  # logits of +-4.6: every margin beyond 1
     assert float(ops.convert_to_numpy(losses.make_loss("lovasz")(y, sure))) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lovasz", "focal_lovasz"])
+@pytest.mark.parametrize("seed", range(3))
+def test_pads_of_weight_zero_do_not_change_the_lovasz_loss_of_the_records(kind, seed):
+    """A padded last validation batch (pads: blank rows of weight 0, data.pad_for_replicas) against the
+    batch without its pads, and the unmasked call to show that the pads did enter the ranking before."""
+    rng = np.random.default_rng(10 + seed)
+    records, pads, classes = int(rng.integers(2, 5)), int(rng.integers(1, 4)), 3
+    y = (rng.random((records, classes)) < 0.4).astype(np.float32)
+    p = rng.random((records, classes)).astype(np.float32)
+    pad_p = rng.uniform(0.6, 0.99, (pads, classes)).astype(np.float32)  # confident, wrong on blank pads
+    y_pad = np.concatenate([y, np.zeros((pads, classes), np.float32)])
+    p_pad = np.concatenate([p, pad_p])
+    weight = (records + pads) / records  # the constant pad_for_replicas gives every record
+    w_pad = np.array([weight] * records + [0.0] * pads, np.float32)
+    rows = w_pad > 0
+
+    terms = ops.convert_to_numpy(losses.lovasz_hinge_per_sample(y_pad, p_pad, rows))
+    alone = ops.convert_to_numpy(losses.lovasz_hinge_per_sample(y, p))
+    np.testing.assert_allclose(terms[:records], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(terms[records:], 0.0)
+    # The records' Lovasz term is still the brute-force Lovasz extension of the batch without the pads.
+    errors = _hinge_errors(y.astype(np.float64), p.astype(np.float64))
+    per_class = [choquet(y[:, c], errors[:, c]) for c in range(classes)]
+    assert terms[:records].mean() == pytest.approx(np.mean(per_class), rel=1e-4, abs=1e-5)
+
+    # Through the Keras loss, with the sample weights: the weighted sum over the padded batch is the
+    # unpadded batch's (Keras divides by the rows, pads included, which the weight constant undoes).
+    loss = losses.make_loss(kind)
+    padded = float(ops.convert_to_numpy(loss(y_pad, p_pad, sample_weight=w_pad))) * (records + pads)
+    unpadded = float(ops.convert_to_numpy(loss(y, p, sample_weight=w_pad[:records]))) * records
+    assert padded == pytest.approx(unpadded, rel=1e-5, abs=1e-6)
+    # Before the fix the pads took part in the ranking: the loss of the same weights differs.
+    unmasked = ops.convert_to_numpy(losses.lovasz_hinge_per_sample(y_pad, p_pad))
+    assert float((unmasked * w_pad).sum()) != pytest.approx(float((alone * weight).sum()), rel=1e-3)
