@@ -250,21 +250,31 @@ def open_cache(data_dir: str, cfg: DataConfig, manifest: dict | None = None) -> 
     return _STORES[memo]
 
 
-def _gather(store: cache_lib.Store):
+def _gather(store: cache_lib.Store, block: int):
     labels = store.labels
 
     def gather(idx: np.ndarray):
-        # A batch's records in ascending position: reads go forward through the file. Which records share
-        # a batch is the epoch order's; their order within it changes nothing.
-        idx = np.sort(idx)
+        # Each block's records in ascending position: reads go forward through the file. Which records share
+        # a block is the epoch order's; their order within it changes nothing.
+        idx = _sorted_blocks(idx, block)
         return store.read(idx), labels[idx].astype(np.float32)
 
     return gather
 
 
-def _read_batches(indices: tf.data.Dataset, store: cache_lib.Store, batch_size: int, full: bool):
-    """Batches of (images, labels) read from the store at the positions `indices` yields."""
-    gather = _gather(store)
+def _sorted_blocks(idx: np.ndarray, block: int) -> np.ndarray:
+    """idx sorted within each run of `block` positions (all of it when it does not split into blocks)."""
+    if len(idx) % block:
+        return np.sort(idx)
+    return np.sort(idx.reshape(-1, block), axis=1).reshape(-1)
+
+
+def _read_batches(
+    indices: tf.data.Dataset, store: cache_lib.Store, batch_size: int, full: bool, block: int | None = None
+):
+    """Batches of (images, labels) read from the store at the positions `indices` yields, each run of `block`
+    positions (default: the batch) read in ascending order."""
+    gather = _gather(store, block or batch_size)
     shape = store.images.shape[1:]
 
     @tf.autograph.experimental.do_not_convert
@@ -362,7 +372,12 @@ def _cached_training(
         return idx
 
     epochs = tf.data.Dataset.range(initial_epoch, 2**62).map(indices_of).unbatch()
-    return _read_batches(epochs, store, batch, full=True)
+    # A worker's part of an epoch (steps x batch / workers) need not fill its last batch, which then holds
+    # the next epoch's first records; tf.distribute hands the batch out in per-replica pieces, one a step, in
+    # order. Sorting across the pieces would move records between steps and epochs (a record seen twice in
+    # an epoch, another not at all, tests/test_workers.py), so only each piece is sorted.
+    block = batch // split.replicas if own else batch
+    return _read_batches(epochs, store, batch, full=True, block=block)
 
 
 def make_dataset(

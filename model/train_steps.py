@@ -412,7 +412,8 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")  # our datasets shuffle themselves
     bn_batches = batchnorm_batches(plan, dev)
     callbacks = (
-        callbacks_lib.make_callbacks(
+        replica_callbacks(dev)
+        + callbacks_lib.make_callbacks(
             cfg,
             work.path,
             work.history_rows,
@@ -441,6 +442,16 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
 
         batchnorm.recompute(model, bn_batches, _print)
     return read_history(fileio.join(work.path, HISTORY_FILE))
+
+
+def replica_callbacks(dev: devices_lib.Devices) -> list:
+    """With several replicas, the callback that keeps BatchNormalization's statistics the same on all of
+    them (model/replica_stats.py); first, before the callbacks that save weights."""
+    if dev.replicas == 1:
+        return []
+    from model import replica_stats
+
+    return [replica_stats.AverageReplicaStatistics(dev.strategy)]
 
 
 def batchnorm_batches(plan: Plan, dev: devices_lib.Devices):

@@ -5,7 +5,8 @@ object: for validation sets whose size leaves remainders 0, 1 and REPLICAS - 1 o
 loss / F1 / AUC of `model.evaluate` under MirroredStrategy on the padded set (remainder = replicas too: a
 last batch that a strategy may still hand to one replica alone) (`data.pad_for_replicas`) beside
 the same weights evaluated on one device without padding; whether the unpadded set fails under the strategy;
-and the augmentation each replica drew from the same images.
+the augmentation each replica drew from the same images; and how many distinct copies of BatchNormalization's
+moving statistics the replicas hold after a training step without and with `AverageReplicaStatistics`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,30 @@ def main(replicas: int) -> dict:
         per_replica = [t.numpy() for t in strategy.experimental_local_results(step())]
         draws.append([hashlib.sha1(r.tobytes()).hexdigest() for r in per_replica])
     out["draws"] = draws
+    out["statistics_copies"] = _statistics_copies(mirrored, strategy, batch, rng)
+    return out
+
+
+def _statistics_copies(model, strategy, batch: int, rng) -> dict[str, int]:
+    """The most distinct per-replica values of one BatchNormalization variable after one training step
+    without the averaging callback, then after one with it."""
+    import tensorflow as tf
+
+    import schemas
+    from model import replica_stats
+
+    images = rng.integers(0, 256, (batch, 16, 16, 4), dtype=np.uint8)  # each replica its own half
+    labels = (rng.random((batch, schemas.NUM_CLASSES)) < 0.3).astype(np.float32)
+    ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    variables = replica_stats.moving_statistics(model)
+
+    def copies() -> int:
+        return max(len({v.numpy().tobytes() for v in var.value.values}) for var in variables)
+
+    out = {}
+    for name, callbacks in (("without", []), ("with", [replica_stats.AverageReplicaStatistics(strategy)])):
+        model.fit(ds, epochs=1, steps_per_epoch=1, callbacks=callbacks, verbose=0)
+        out[name] = copies()
     return out
 
 

@@ -150,9 +150,35 @@ def test_workers_read_disjoint_parts_of_one_epoch_order(tmp_path):
         assert data_lib.training_shard_policy(cfg, 4, split) == "OFF"
         ds = data_lib.make_dataset(data_dir, [0], cfg, training=True, steps_per_epoch=4, split=split)
         parts.append(_images(ds, 2))  # one epoch: 4 global steps x 2 records per worker and step
-    assert parts[0] + parts[1] == single  # disjoint, together exactly the epoch's order
+    # Disjoint, together exactly the epoch's records (each worker's per-replica pieces are read sorted,
+    # one device's whole batches).
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(single)
     odd = data_lib.WorkerSplit(index=0, count=2, replicas=2)
     assert data_lib.training_shard_policy(DataConfig(batch_size=3, cache="memory"), 4, odd) == "DATA"
+
+
+def test_a_workers_part_that_leaves_a_partial_batch_keeps_epochs_apart_and_resumes_exactly(tmp_path):
+    """3 steps of global batch 4 over 2 workers: each worker's part of an epoch is 6 records, so its third
+    batch of 4 holds 2 records of the next epoch. tf.distribute hands a worker's batch out in per-replica
+    pieces of 2, one a step, in order (tests/test_workers.py checks that over two workers)."""
+    data_dir = str(tmp_path / "data")
+    samples = write_dataset(data_dir, per_fold=(12, 4))
+    fold0 = sorted(v["image"].tobytes() for v in samples.values() if v["fold"] == 0)
+    cfg = DataConfig(batch_size=4, cache="memory", seed=3, deterministic=True)
+
+    def steps(worker: int, initial: int, epochs: int) -> list[bytes]:
+        split = data_lib.WorkerSplit(index=worker, count=2, replicas=2)
+        ds = data_lib.make_dataset(
+            data_dir, [0], cfg, training=True, initial_epoch=initial, steps_per_epoch=3, split=split
+        )
+        return _images(ds, -(-epochs * 6 // 4))[: epochs * 6]  # the pieces the worker's steps take
+
+    runs = [steps(w, 0, 3) for w in range(2)]
+    for e in range(3):
+        parts = [r[e * 6 : (e + 1) * 6] for r in runs]
+        assert sorted(parts[0] + parts[1]) == fold0, e  # every record once in each epoch
+    for w in range(2):
+        assert steps(w, 1, 2) == runs[w][6:]  # resumed after epoch 1: what the uninterrupted run read
 
 
 _FILL = """
@@ -297,7 +323,7 @@ with open(out, "w") as f:
 def test_two_loopback_workers_split_each_epoch_and_the_validation_fold_exactly(tmp_path):
     import hashlib
 
-    from tests.test_strategies import _cluster, _env, _finish, _free_ports, _start
+    from tests import loopback
 
     data_dir, cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
     samples = write_dataset(data_dir, per_fold=(7, 8, 8))  # validation: 7 records = batches of 4 and 3
@@ -306,17 +332,16 @@ def test_two_loopback_workers_split_each_epoch_and_the_validation_fold_exactly(t
     val_set = sorted(digest[s] for s, v in samples.items() if v["fold"] == 0)
     outs = [str(tmp_path / f"w{i}.json") for i in range(2)]
     procs = [
-        _start(
+        loopback.start(
             [sys.executable, "-c", _WORKER, data_dir, cache_dir, outs[i]],
-            _env(conf),
+            loopback.env(conf),
             str(tmp_path / f"w{i}.log"),
         )
-        for i, conf in enumerate(_cluster(_free_ports(2)))
+        for i, conf in enumerate(loopback.cluster_configs(loopback.free_ports(2)))
     ]
-    logs = _finish(procs, 240)
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    assert sum("decoding 23 samples" in log for log in logs) == 1  # one host, one fill
+    outcomes = loopback.finish(procs, 600)
+    assert all(o.returncode == 0 for o in outcomes), loopback.report(outcomes)
+    assert sum("decoding 23 samples" in o.log for o in outcomes) == 1  # one host, one fill
     got = []
     for out in outs:
         with open(out) as f:

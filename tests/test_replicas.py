@@ -1,6 +1,7 @@
 """Any dataset size on any number of replicas (MirroredStrategy over logical CPUs, one fresh process each):
 validation sets leaving remainders 0, 1 and replicas - 1 of the global batch are scored exactly as on one
-device; each replica draws its own augmentation. The training job's own remainder checks are in
+device; each replica draws its own augmentation; BatchNormalization's statistics are averaged over the
+replicas. The training job's own remainder checks are in
 test_train.py (batch sizes) and test_strategies.py (the issue's recipe end to end).
 """
 
@@ -50,3 +51,5 @@ def test_every_record_scored_once_and_each_replica_draws_its_own(replicas):
     for step in out["draws"]:
         assert len(set(step)) == replicas, "two replicas drew the same transforms"
     assert out["draws"][0] != out["draws"][1]
+    # Each replica updates its own BatchNormalization statistics; the callback makes them one again.
+    assert out["statistics_copies"] == {"without": replicas, "with": 1}

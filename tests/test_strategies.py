@@ -7,12 +7,9 @@ against the saved model applied under the default strategy, one row per validati
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -32,11 +29,12 @@ from model.config import (
     RUN_SECTION,
     VAL_PREDICTIONS_FILE,
 )
+from tests import loopback
 from tests.test_data import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--backbone", "small", "--weights", "none", "--small_filters", "4", "--verbose", "2"]
-TIMEOUT = 240  # seconds for one training process; it is killed after that
+TIMEOUT = 600  # seconds for one training run (polled; a cluster stops at once when a worker fails)
 
 
 @pytest.fixture(scope="module")
@@ -61,50 +59,12 @@ def _cmd(data_dir: str, model_dir: str, *extra: str) -> list[str]:
     ]
 
 
-def _env(tf_config: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
+_start, _env = loopback.start, loopback.env  # test_callbacks.py imports these names
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on the loopback interface."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def _start(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115 - closed by _finish
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log
-    proc.log_path = log_path
-    return proc
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Waits for every process (killing all after `timeout`); returns their logs."""
-    deadline = time.time() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            p.log.close()
-    logs = []
-    for p in procs:
-        with open(p.log_path) as f:
-            logs.append(f.read())
-    return logs
+def _finish(procs, timeout: float) -> list[str]:
+    """Waits for every process (stopping all once one fails or `timeout` passes); returns their logs."""
+    return [o.log for o in loopback.finish(procs, timeout)]
 
 
 def _check_outputs(model_dir: str, samples: dict, strategy: str, replicas: int, tta: int = 1) -> dict:
@@ -137,7 +97,7 @@ def test_mirrored_over_two_cpu_replicas_end_to_end(dataset, tmp_path):
     model_dir = str(tmp_path / "mirrored")
     cmd = _cmd(data_dir, model_dir, "--strategy", "mirrored", "--cpu_replicas", "2")
     cmd += ["--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "4", "--val_tta", "2"]
-    (log,) = _finish([_start(cmd, _env(), str(tmp_path / "mirrored.log"))], TIMEOUT)
+    (log,) = _finish([loopback.start(cmd, loopback.env(), str(tmp_path / "mirrored.log"))], TIMEOUT)
     assert "MirroredStrategy (2 replica(s)" in log, log[-3000:]
     run = _check_outputs(model_dir, samples, "MirroredStrategy", 2, tta=2)
     compiled = keras.saving.load_model(os.path.join(model_dir, MODEL_FILE))
@@ -148,21 +108,16 @@ def test_mirrored_over_two_cpu_replicas_end_to_end(dataset, tmp_path):
     ]
 
 
-def _cluster(ports: list[int]) -> list[dict]:
-    workers = [f"127.0.0.1:{p}" for p in ports]
-    return [
-        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}} for i in range(len(ports))
-    ]
-
-
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_and_only_the_chief_writes(dataset, tmp_path):
     data_dir, samples = dataset
     dirs = [str(tmp_path / f"host{i}") for i in range(2)]  # as on two machines without a shared disk
     procs = []
-    for i, conf in enumerate(_cluster(_free_ports(2))):
+    for i, conf in enumerate(loopback.cluster_configs(loopback.free_ports(2))):
         cmd = _cmd(data_dir, dirs[i], "--cpu_replicas", "1", "--epochs", "2", "--steps_per_epoch", "3")
-        procs.append(_start(cmd + ["--batch_size", "4"], _env(conf), str(tmp_path / f"w{i}.log")))
+        procs.append(
+            loopback.start(cmd + ["--batch_size", "4"], loopback.env(conf), str(tmp_path / f"w{i}.log"))
+        )
     logs = _finish(procs, TIMEOUT)
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
@@ -181,14 +136,15 @@ def test_two_workers_killed_after_epoch_one_resume_with_the_same_commands(datase
     data_dir, samples = dataset
     model_dir = str(tmp_path / "shared")  # one directory for both, as on gs://
     work_dirs = [model_dir, rundir.worker_dir(model_dir, "worker_1")]
-    confs = _cluster(_free_ports(2))
+    confs = loopback.cluster_configs(loopback.free_ports(2))
     cmds = [
         _cmd(data_dir, model_dir, "--cpu_replicas", "1", "--epochs", "2", "--steps_per_epoch", "30")
         + ["--batch_size", "4"]
         for _ in confs
     ]
     procs = [
-        _start(c, _env(conf), str(tmp_path / f"first{i}.log")) for i, (c, conf) in enumerate(zip(cmds, confs))
+        loopback.start(c, loopback.env(conf), str(tmp_path / f"first{i}.log"))
+        for i, (c, conf) in enumerate(zip(cmds, confs))
     ]
     try:
         deadline = time.time() + TIMEOUT
@@ -206,7 +162,7 @@ def test_two_workers_killed_after_epoch_one_resume_with_the_same_commands(datase
     assert [len(r) for r in first_rows] == [1, 1]
 
     procs = [
-        _start(c, _env(conf), str(tmp_path / f"second{i}.log"))
+        loopback.start(c, loopback.env(conf), str(tmp_path / f"second{i}.log"))
         for i, (c, conf) in enumerate(zip(cmds, confs))
     ]
     logs = _finish(procs, TIMEOUT)
