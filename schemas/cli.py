@@ -221,7 +221,8 @@ def _ignore_signals_at_exit() -> None:  # pragma: no cover - runs in a command's
 
 def _startup_interrupt(signum, frame):  # pragma: no cover - runs in a command's own process
     name = os.path.basename(sys.argv[0]) if os.path.basename(sys.argv[0]).startswith("hpa-") else "hpa"
-    print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
+    if not os.environ.get(CHILD_ENV):  # a fold's training process leaves the line to the fold driver
+        print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED[signum])
 
 

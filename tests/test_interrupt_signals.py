@@ -250,3 +250,25 @@ print(seen[0])
     env.pop(cli.TRACEBACK_ENV, None)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "_startup_interrupt", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_an_interrupt_during_start_up_is_one_line_and_a_fold_childs_is_silent(child):
+    """The fold driver's training process got the terminal's SIGINT while it loaded: its line, beside the
+    driver's own, made two (campaign, `folds`)."""
+    code = "import os, signal, sys; sys.argv[0] = '/usr/bin/hpa-x'; import schemas; os.kill(os.getpid(), 2)"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(cli.TRACEBACK_ENV, None)
+    env.pop(cli.CHILD_ENV, None)
+    if child:
+        env[cli.CHILD_ENV] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=_default_signals,
+    )
+    assert done.returncode == 130
+    assert done.stderr == ("" if child else "hpa-x: interrupted during start-up; rerun the same command\n")
