@@ -358,15 +358,26 @@ def make_data(plan: Plan, dev: devices_lib.Devices, initial_epoch: int = 0):
     )
     if dev.replicas > 1:  # no replica may get an empty last batch: pads of weight 0
         val_ds = data_lib.pad_for_replicas(val_ds, plan.n_val, dev.replicas, cfg.data.batch_size)
+    policy = None
     if split is not None:
         files = len(data_lib.list_shards(cfg.data_dir, plan.train_folds))
-        train_ds = devices_lib.shard_by(train_ds, data_lib.training_shard_policy(cfg.data, files, split))
+        policy = data_lib.training_shard_policy(cfg.data, files, split)
+        train_ds = devices_lib.shard_by(train_ds, policy)
         # Every worker reads the fold in the same order: an exact split.
         val_ds = devices_lib.shard_by(val_ds, "DATA")
     if cfg.data.deterministic and initial_epoch and cfg.data.cache == CACHE_NONE:
         # Without a cache the training stream is one seeded sequence of batches: a resumed reproducible
         # run takes up where its epoch begins, at the cost of reading the finished epochs' batches.
-        train_ds = train_ds.skip(initial_epoch * plan.steps_per_epoch)
+        steps = initial_epoch * plan.steps_per_epoch
+        batch = cfg.data.batch_size
+        if policy == "FILE" and batch % split.replicas == 0:
+            # Each worker reads its own files, and tf.distribute cuts every global batch of that stream into
+            # per-replica pieces: a step takes 1/workers of a batch from it, not a whole one (skipping whole
+            # batches made a resumed two-worker run differ from the uninterrupted one: bench/chaos.py).
+            train_ds = train_ds.unbatch().skip(steps * (batch // split.count))
+            train_ds = train_ds.batch(batch, drop_remainder=True)
+        else:  # one stream (one worker, or the DATA policy: every worker makes it and takes its pieces)
+            train_ds = train_ds.skip(steps)
     return train_ds, val_ds
 
 

@@ -328,6 +328,7 @@ def run(argv: list[str] | None = None, log=None) -> dict:
     start = time.perf_counter()
     stage = tempfile.mkdtemp(prefix="hpa-batch-predict-") if local else None
     try:
+        cli.set_stage("the Beam job (a rerun runs it again)")
         p = beam.Pipeline(options=options)
         progress_dir = os.path.join(stage, "progress") if stage else None
         if progress_dir:

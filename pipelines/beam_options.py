@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 from typing import Sequence
 
 from schemas import cli
@@ -66,6 +67,8 @@ def beam_pipeline_options(beam_args: Sequence[str], local_workers: int | None = 
             direct.direct_num_workers = local_workers
         if direct.direct_num_workers > 1 and "--direct_running_mode" not in given:
             direct.direct_running_mode = "multi_processing"
+        if direct.direct_running_mode == "multi_processing":
+            sdk_workers_in_their_own_session()
     else:
         setup = options.view_as(SetupOptions)
         if not setup.setup_file:
@@ -73,6 +76,34 @@ def beam_pipeline_options(beam_args: Sequence[str], local_workers: int | None = 
                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"
             )
     return options, local
+
+
+class _SessionSubprocess:
+    """`subprocess` as Beam's local job service sees it: its worker processes start in their own session."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 - subprocess' own name
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def sdk_workers_in_their_own_session() -> None:
+    """Starts the SDK worker processes of a local multi-process run outside the terminal's process group.
+
+    A terminal's Ctrl-C signals every process of its foreground group: Beam's workers (`sh -c python -m
+    apache_beam.runners.worker.sdk_worker_main`, started by `local_job_service.SubprocessSdkWorker`) died
+    of it on their own, and Beam's thread that waits for each one printed `RuntimeError: Worker subprocess
+    exited` tracebacks beside the command's one interrupt line. In their own session only the command gets
+    the signal; its handler stops them (`cli.stop_children`). A SIGKILLed command's workers end by
+    themselves when its gRPC channel closes (within seconds, measured).
+    """
+    from apache_beam.runners.portability import local_job_service
+
+    if not isinstance(local_job_service.subprocess, _SessionSubprocess):
+        local_job_service.subprocess = _SessionSubprocess()
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")

@@ -824,6 +824,7 @@ def _run(cfg: DownloadConfig, beam_args: list[str]) -> dict:
     )
     progress_dir = tempfile.mkdtemp(prefix="hpa-download-") if local else None
     try:
+        cli.set_stage("the download (a rerun fetches only the missing files)")
         p = beam.Pipeline(options=options)
         build_pipeline(p, cfg, partial_dir, progress_dir)
         if progress_dir:  # a local run may only return from run() when it is finished

@@ -350,6 +350,7 @@ def _finish(cfg: JobConfig, beam_args, row_counts, t0: float, local_transform: s
     `local_transform`: a local copy of the transform output to read the statistics from (TensorFlow reads
     it; a local run writing to an object store has one in its staging folder).
     """
+    cli.set_stage("publishing (a rerun finishes it)")
     out, work = cfg.output_dir, publish.work_dir(cfg.output_dir)
     input_rows = sum(n for _, n in row_counts)
     missing = publish.missing_parts(work)
@@ -423,6 +424,7 @@ def _run(cfg: JobConfig, beam_args: list[str]):
     if publish.read_journal(work) is not None:  # a publication was interrupted: finish it first
         locks.acquire(out, PROG)
         _log(f"finishing the publication of the dataset in {work} (interrupted)")
+        cli.set_stage("publishing (a rerun finishes it)")
         manifest = publish.finish_publication(out, work)
         if _identity_of(manifest.get("arguments", {})) == _identity(cfg):
             _log(f"done: {out} holds this command's dataset")
@@ -470,6 +472,7 @@ def _run(cfg: JobConfig, beam_args: list[str]):
         f"duplicates {cfg.duplicates})"
     )
     try:
+        cli.set_stage("the Beam job (a rerun runs it again)")
         p = beam.Pipeline(options=options)
         progress_dir = os.path.join(stage, _PROGRESS_DIR) if local else None
         if progress_dir:

@@ -50,13 +50,17 @@ below both jobs, beside the record and input-file contracts.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import difflib
 import functools
+import logging
 import os
 import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Callable, Iterable, Sequence, Union
 
@@ -109,7 +113,7 @@ def child_env(env: dict | None = None) -> dict:
 def interrupted(prog: str, error: KeyboardInterrupt) -> int:
     """Reports an interrupt in one line (after its traceback with HPA_TRACEBACK=1); returns 130 or 143."""
     signum = getattr(error, "signum", signal.SIGINT)
-    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    if _traceback_wanted():
         traceback.print_exc()
     if not os.environ.get(CHILD_ENV):
         stage = stage_text()
@@ -153,23 +157,72 @@ def stop_children() -> None:
 
 
 _received: list[int] = []  # the signals this command's handlers got (a library may wrap their exception)
+_own_process: list[bool] = []  # non-empty: `main` runs as the process' command (not called from Python)
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _quiet_thread_error(args) -> None:
+    """threading.excepthook once the command is interrupted: a library's background thread that fails
+    because its worker processes were stopped (Beam's `Worker subprocess exited with return code -15`)
+    prints nothing; the command's one line says what happened."""
+
+
+def _keep_stopping_children() -> None:
+    """Stops the command's child processes now and every half second until it exits: a library may start
+    one more while it winds down (Beam starts SDK workers per stage), and its cleanup waits for them."""
+    stop_children()
+    if _own_process and not any(t.name == "hpa-stop-children" for t in threading.enumerate()):
+
+        def loop():
+            while True:
+                time.sleep(0.5)
+                stop_children()
+
+        threading.Thread(target=loop, name="hpa-stop-children", daemon=True).start()
+
+
+def _on_signal(signum: int) -> None:
+    _received.append(signum)
+    if not _traceback_wanted():  # what libraries report of the interrupt is noise beside the one line
+        threading.excepthook = _quiet_thread_error
+        logging.disable(logging.CRITICAL)  # Beam logs the KeyboardInterrupt inside a DoFn with a traceback
+    _keep_stopping_children()
 
 
 def _raise_terminated(signum, frame):
-    _received.append(signum)
-    stop_children()
+    _on_signal(signum)
     raise Terminated()
 
 
 def _raise_interrupt(signum, frame):
-    _received.append(signum)
-    stop_children()
+    _on_signal(signum)
     raise KeyboardInterrupt()
+
+
+def _ending_interrupt(prog: str, signum, frame):  # pragma: no cover - runs in a command's own process
+    """A signal after `main` returned, while Python joins threads and runs its exit handlers: one line and
+    130 / 143, not Python's default death by SIGINT (status -2)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    print(f"{prog}: interrupted while exiting, after its work ended", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED[signum])
+
+
+def _ignore_signals_at_exit() -> None:  # pragma: no cover - runs in a command's own process
+    """The last moments of a command's process: Python then puts its handlers back to the system's default
+    (a SIGINT killed the process, status -2, while TensorFlow's libraries unloaded); the work is done and
+    the process ends in a moment with its own status, so SIGINT and SIGTERM are ignored (SIGKILL is not)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _startup_interrupt(signum, frame):  # pragma: no cover - runs in a command's own process
     name = os.path.basename(sys.argv[0]) if os.path.basename(sys.argv[0]).startswith("hpa-") else "hpa"
-    print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
+    if not os.environ.get(CHILD_ENV):  # a fold's training process leaves the line to the fold driver
+        print(f"{name}: interrupted during start-up; rerun the same command", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED[signum])
 
 
@@ -252,6 +305,7 @@ def command(prog: str) -> Callable[[Main], Main]:
             os.environ.setdefault(GPU_GROWTH_ENV, "true")
             if argv is None:  # run as a command, not called from Python
                 quiet_unless_verbose()
+                _own_process[:] = [True]
             main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
             previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
@@ -261,6 +315,7 @@ def command(prog: str) -> Callable[[Main], Main]:
                 previous = signal.SIG_DFL
             set_stage(None)
             _received.clear()
+            thread_hook = threading.excepthook
             try:
                 return main(argv)
             except KeyboardInterrupt as e:
@@ -277,7 +332,14 @@ def command(prog: str) -> Callable[[Main], Main]:
                 return EXIT_FAILED
             finally:
                 locks.release_all()
-                if main_thread:
+                if main_thread and argv is None and not _traceback_wanted():  # a command's own process
+                    for signum in (signal.SIGINT, signal.SIGTERM):
+                        if signal.getsignal(signum) in (_raise_interrupt, _raise_terminated):
+                            signal.signal(signum, functools.partial(_ending_interrupt, prog))
+                    atexit.register(_ignore_signals_at_exit)  # runs first of the exit handlers
+                elif main_thread:
+                    threading.excepthook = thread_hook
+                    logging.disable(logging.NOTSET)
                     signal.signal(signal.SIGTERM, previous)
                     if previous_int in (signal.default_int_handler, _startup_interrupt):
                         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -105,10 +105,15 @@ def make_dataset(
     return csv_path, image_dir, labels
 
 
-def sigkill_when(proc, ready, timeout: float = 120.0, poll: float = 0.02) -> bool:
+WAIT_CEILING = 600.0  # seconds: how long a test waits for an event of a subprocess before giving up
+
+
+def sigkill_when(proc, ready, timeout: float = WAIT_CEILING, poll: float = 0.02, children=None) -> bool:
     """SIGKILLs a running subprocess as soon as `ready()` is true; returns whether it was killed so.
 
-    Always leaves the process ended (killed at the deadline if it still runs).
+    Waits for the event, not for a fixed time: `timeout` is only a ceiling (generous, for a loaded machine).
+    `children`, a list, receives the pids of the processes it had started at the kill (see `wait_gone`).
+    Always leaves the process ended (killed at the ceiling if it still runs).
     """
     import signal
     import time
@@ -118,15 +123,36 @@ def sigkill_when(proc, ready, timeout: float = 120.0, poll: float = 0.02) -> boo
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None:
             if ready():
+                if children is not None:
+                    from schemas import cli
+
+                    children.extend(cli._descendants(proc.pid))
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break
             time.sleep(poll)
-        proc.wait(timeout=30)
+        proc.wait(timeout=WAIT_CEILING)
     finally:
         if proc.poll() is None:
             proc.kill()
     return killed
+
+
+def wait_gone(pids, ceiling: float = WAIT_CEILING) -> bool:
+    """Waits until none of `pids` runs (zombies count as gone), at most `ceiling` s; whether they are gone."""
+    import time
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + ceiling
+    while time.time() < deadline and any(running(p) for p in pids):
+        time.sleep(0.1)
+    return not any(running(p) for p in pids)
 
 
 def save_thresholds(path: str, values, num_samples: int = 0) -> None:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import pytest
 import schemas
 from model import config, cv, evaluate, predict, rundir
 from model import thresholds as thr
-from tests.fixtures import sigkill_when
+from tests.fixtures import WAIT_CEILING, sigkill_when, wait_gone
 from tests.test_data import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +53,11 @@ def test_kill_then_rerun_skips_the_finished_fold_resumes_the_other_and_ensembles
     fold0, fold1 = cv.fold_dir(out, 0), cv.fold_dir(out, 1)
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    children = []
     killed = sigkill_when(
-        proc, lambda: cv.fold_status(fold0) == cv.FINISHED and rundir.backup_epoch(fold1) == 1
+        proc,
+        lambda: cv.fold_status(fold0) == cv.FINISHED and rundir.backup_epoch(fold1) == 1,
+        children=children,
     )
     first = proc.stdout.read().decode()
     assert killed and proc.returncode == -signal.SIGKILL, first[-3000:]
@@ -63,11 +65,11 @@ def test_kill_then_rerun_skips_the_finished_fold_resumes_the_other_and_ensembles
         "fold 1/2 (validation fold 0): training" in first
         and "fold 2/2 (validation fold 1): training" in first
     )
-    time.sleep(2)  # the fold's subprocess died with the driver: it does not go on to finish epoch 2
-    assert cv.fold_status(fold1) == cv.INTERRUPTED and rundir.backup_epoch(fold1) == 1
+    assert children and wait_gone(children)  # the fold's subprocess dies with the driver ...
+    assert cv.fold_status(fold1) == cv.INTERRUPTED and rundir.backup_epoch(fold1) == 1  # ... mid-epoch 2
     fold0_model = os.path.getmtime(os.path.join(fold0, config.MODEL_FILE))
 
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3 * WAIT_CEILING)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "fold 1/2 (validation fold 0): skipped (finished)" in second.stdout
     assert "fold 2/2 (validation fold 1): resumed after epoch 1" in second.stdout

@@ -436,8 +436,8 @@ def test_chaos_slice_download_killed_and_rerun_ends_identical(tmp_path, capsys):
     row = [line for line in out.splitlines() if line.startswith("| download |")]
     assert code == 0, out
     cells = [c.strip() for c in row[0].split("|")[1:-1]]
-    # kills, recovered, identical, looks complete but is not, stuck, lost
-    assert cells[2:8] == ["2", "2", "2", "0", "0", "0"], out
+    # kills, recovered, identical, close, looks complete but is not, stuck, lost, SIGINTs, of them clean
+    assert cells[2:11] == ["2", "2", "2", "0", "0", "0", "0", "1", "1"], out
 
 
 def test_the_processes_a_command_started_are_found_to_be_stopped_with_it():
