@@ -152,15 +152,18 @@ class TwoSlotBackup(keras.callbacks.BackupAndRestore):
     holds the random generators' states, which Keras' weight files leave out.
     """
 
-    def __init__(self, work_dir: str):
+    def __init__(self, work_dir: str, resume_epoch: int | None = None):
+        """resume_epoch: the epoch the run resumes from (None: the newest whole backup); later slots are
+        passed over (the workers of a multi-worker run agree on an epoch they all hold)."""
         keras_compat.check_version("TwoSlotBackup (Keras' private _load_model, _save_model)")
         super().__init__(fileio.join(work_dir, BACKUP_DIR), delete_checkpoint=False)
         self.work_dir = work_dir
+        self.resume_epoch = resume_epoch
 
     def _load_model(self):
         from model import rundir
 
-        found = rundir.find_backup(self.work_dir)
+        found = rundir.find_backup(self.work_dir, at_most=self.resume_epoch)
         if found is None or found.weights is None:
             return
         optimizer = self.model.optimizer
@@ -218,6 +221,7 @@ def make_callbacks(
     schedule=None,
     warn=print,
     bn_batches=None,
+    resume_epoch: int | None = None,
 ) -> list:
     """The Keras callbacks of a run, in the order they must see each epoch's end.
 
@@ -230,6 +234,7 @@ def make_callbacks(
       warn: prints a line (a warning; the BatchNorm recompute's progress).
       bn_batches: with `cfg.ema`, the training batches over which BatchNorm's statistics are recomputed for
         the averaged weights (`model/batchnorm.py`); None: the raw weights' statistics are used with them.
+      resume_epoch: the backup epoch the run resumes from (None: the newest whole one; see TwoSlotBackup).
     """
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, patience=cfg.early_stopping_patience, verbose=1)
     callbacks: list = [InterruptStage(cfg.epochs), LogLearningRate(schedule)]
@@ -273,5 +278,5 @@ def make_callbacks(
             "warning: the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)"
         )
     # Last, so an epoch counts as done only once every other callback has handled it.
-    callbacks.append(TwoSlotBackup(work_dir))
+    callbacks.append(TwoSlotBackup(work_dir, resume_epoch))
     return callbacks

@@ -379,26 +379,42 @@ def setup(
     )
 
 
-def check_same_epoch(dev: Devices, epoch: int) -> None:
-    """Makes every worker of a multi-worker run agree on the epoch it resumes from (a collective op).
+def agree_on_epoch(epoch: int, newest_at_most, epochs_of_all) -> int:
+    """The epoch every worker resumes from: the newest one all of them hold a whole backup of.
 
-    Raises:
-      ConfigError: the workers' backups reached different epochs (a worker killed between two backups);
-        training on would hang or mix epochs.
+    A worker killed between two backups leaves the workers one epoch apart; each keeps two slots
+    (`rundir.BACKUP_SLOTS_KEPT`), so they can all go back to the older one. Rounds: every worker proposes its
+    newest whole backup no later than the lowest proposal so far, until all proposals are equal (0: no
+    common backup, the run starts over). Every worker sees the same proposals, so all take the same rounds.
+
+    Args:
+      epoch: this worker's newest whole backup (0: none).
+      newest_at_most: bound -> this worker's newest whole backup no later than bound (0: none).
+      epochs_of_all: this worker's proposal -> every worker's proposal (a collective op in a cluster).
     """
+    proposals = epochs_of_all(epoch)
+    while min(proposals) != max(proposals):
+        proposals = epochs_of_all(newest_at_most(min(proposals)))
+    return proposals[0]
+
+
+def agree_on_backup_epoch(dev: Devices, epoch: int, newest_at_most, max_epoch: int) -> int:
+    """`agree_on_epoch` over the workers of a multi-worker run (the epoch itself on one worker)."""
     if dev.cluster is None:
-        return
+        return epoch
     import tensorflow as tf
 
-    def values():
-        return tf.constant([1.0, float(epoch), float(epoch) ** 2])
+    def epochs_of_all(mine: int) -> list[int]:
+        """Every worker's proposal, as counts per epoch summed over the replicas (a SUM all-reduce)."""
+        index = min(max(mine, 0), max_epoch)
 
-    n, total, squares = dev.strategy.reduce("SUM", dev.strategy.run(values), axis=None).numpy().tolist()
-    if n * squares != total**2:
-        raise ConfigError(
-            f"the workers' backups reached different epochs (this task: {epoch}, mean {total / n:g}); "
-            "restart with --overwrite, or restore the workers' backup dirs of one epoch"
-        )
+        def one_hot():
+            return tf.one_hot(index, max_epoch + 1, dtype=tf.float32)
+
+        counts = dev.strategy.reduce("SUM", dev.strategy.run(one_hot), axis=None).numpy()
+        return [e for e, c in enumerate(counts.tolist()) for _ in range(int(round(c)))]
+
+    return agree_on_epoch(epoch, newest_at_most, epochs_of_all)
 
 
 def shard_by(dataset, policy: str):

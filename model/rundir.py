@@ -62,13 +62,14 @@ class Backup:
     damaged: tuple[str, ...] = ()
 
 
-def find_backup(work_dir: str, verify: bool = True) -> Backup | None:
+def find_backup(work_dir: str, verify: bool = True, at_most: int | None = None) -> Backup | None:
     """The newest whole backup of work_dir (None when there is no backup at all).
 
     A slot is whole when its record (`epoch-N.json`, written after the weights) exists and the weights'
     size and SHA-256 match it. A damaged newest slot falls back to the one before it; when no slot is whole
     the run starts from epoch 0 (Backup(0, None, ...)), never a loop of failing resumes. `verify=False`
-    skips the checksum (sizes only): cheap enough for status queries in a loop.
+    skips the checksum (sizes only): cheap enough for status queries in a loop. `at_most`: slots of later
+    epochs are passed over (the workers of a multi-worker run resume from an epoch they all have).
     """
     directory = fileio.join(work_dir, BACKUP_DIR)
     if not fileio.exists(directory):
@@ -83,6 +84,8 @@ def find_backup(work_dir: str, verify: bool = True) -> Backup | None:
         },
         reverse=True,
     )
+    if at_most is not None:
+        epochs = [e for e in epochs if e <= at_most]
     damaged = []
     for epoch in epochs:
         weights, record = (fileio.join(directory, n) for n in backup_slot(epoch))
@@ -94,7 +97,9 @@ def find_backup(work_dir: str, verify: bool = True) -> Backup | None:
     meta = fileio.join(directory, BACKUP_METADATA)
     if not epochs and fileio.exists(legacy) and fileio.exists(meta):
         try:
-            return Backup(int(json.loads(fileio.read_text(meta))["epoch"]), legacy)
+            legacy_epoch = int(json.loads(fileio.read_text(meta))["epoch"])
+            if at_most is None or legacy_epoch <= at_most:
+                return Backup(legacy_epoch, legacy)
         except (ValueError, KeyError, TypeError):
             damaged.append(f"{meta} is unreadable")
     if not epochs and not damaged:
@@ -162,13 +167,13 @@ def backup_notes(work_dir: str) -> list[str]:
     return [f"warning: {'; '.join(found.damaged)}: {start}"]
 
 
-def backup_epoch(work_dir: str, verify: bool = False) -> int | None:
+def backup_epoch(work_dir: str, verify: bool = False, at_most: int | None = None) -> int | None:
     """Epochs finished according to the newest whole backup in work_dir, or None without a backup.
 
     Without `verify` a slot counts when its record is there and its size matches (no checksum): the
-    training job itself resumes with `verify=True`.
+    training job itself resumes with `verify=True`. `at_most`: as in `find_backup`.
     """
-    found = find_backup(work_dir, verify)
+    found = find_backup(work_dir, verify, at_most)
     return None if found is None else found.epoch
 
 

@@ -300,8 +300,7 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
     """The chief's model dir (config.json, run_info.json written) or a worker's own dir; the resume epoch.
 
     Raises:
-      ConfigError: a model dir of another or a finished run (without --overwrite); workers resuming from
-        different epochs.
+      ConfigError: a model dir of another or a finished run (without --overwrite).
     """
     import keras
     import tensorflow as tf
@@ -322,9 +321,18 @@ def prepare_work_dir(plan: Plan, dev: devices_lib.Devices, overwrite: bool) -> W
     else:
         path = rundir.worker_dir(cfg.model_dir, dev.cluster.task_name)
         initial_epoch = rundir.prepare_worker_dir(cfg, path, overwrite)
-    devices_lib.check_same_epoch(dev, initial_epoch)
     for line in rundir.backup_notes(path):
         _print(line)
+    own = initial_epoch
+    initial_epoch = devices_lib.agree_on_backup_epoch(
+        dev, own, lambda bound: rundir.backup_epoch(path, verify=True, at_most=bound) or 0, cfg.epochs
+    )
+    if initial_epoch < own:
+        _print(
+            f"the workers' backups reached different epochs: this worker resumes from its backup after "
+            f"epoch {initial_epoch}, the newest one every worker holds (its backup after epoch {own} is "
+            "passed over)"
+        )
     if initial_epoch:
         _print(f"resuming {path} after epoch {initial_epoch} (backup found)")
     history_rows = truncate_history(fileio.join(path, HISTORY_FILE), initial_epoch)
@@ -421,6 +429,7 @@ def fit(model, plan: Plan, dev: devices_lib.Devices, work: WorkDir, train_ds, va
             _schedule(cfg, plan.steps_per_epoch),
             warn=_print,
             bn_batches=bn_batches,
+            resume_epoch=work.initial_epoch,
         )
         + progress.progress_callbacks()
     )

@@ -481,3 +481,76 @@ def test_the_same_command_on_its_finished_run_has_nothing_to_do(tmp_path):
     fileio.write_bytes(os.path.join(cfg.model_dir, train.MODEL_FILE), b"model")  # finished: no backup left
     with pytest.raises(rundir.AlreadyFinished, match="nothing to do"):  # hpa-train exits 0 with that line
         rundir.prepare_model_dir(cfg, False, {rundir.DATASET_ID: "abc"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers killed between two backups: they agree on an epoch every one of them holds.
+
+
+def _agree_in_threads(slots_per_worker: list[set[int]]) -> list[int]:
+    """Runs `devices.agree_on_epoch` in one thread per worker, their proposals gathered at a barrier (the
+    all-reduce of a cluster: every worker sees every proposal of the same round)."""
+    import threading
+
+    from model import devices
+
+    n = len(slots_per_worker)
+    barrier = threading.Barrier(n)
+    rounds: list[list[int | None]] = []
+    lock = threading.Lock()
+    results: list[int | None] = [None] * n
+
+    def newest_at_most(slots, bound):
+        return max((e for e in slots if bound is None or e <= bound), default=0)
+
+    def worker(i):
+        slots = slots_per_worker[i]
+        seen = {"round": 0}
+
+        def epochs_of_all(mine):
+            r = seen["round"]
+            with lock:
+                if len(rounds) <= r:
+                    rounds.append([None] * n)
+                rounds[r][i] = mine
+            barrier.wait(timeout=30)
+            proposals = list(rounds[r])
+            barrier.wait(timeout=30)  # every worker has read this round before the next one is written
+            seen["round"] += 1
+            return proposals
+
+        results[i] = devices.agree_on_epoch(
+            newest_at_most(slots, None), lambda b: newest_at_most(slots, b), epochs_of_all
+        )
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize(
+    "slots, agreed",
+    [
+        ([{2, 3}, {2, 3}], 3),  # in step: the newest
+        ([{2, 3}, {1, 2}], 2),  # worker 1 killed before its epoch-3 backup: both resume after epoch 2
+        ([{1}, set()], 0),  # the campaign's stuck case: worker 1 had no backup yet: both start over
+        ([{3}, {1, 2}, {2, 3}], 0),  # worker 0's slot 2 is damaged: no epoch every worker holds
+        ([{4, 5}, {4, 5}, {3, 4}], 4),
+    ],
+)
+def test_workers_one_backup_apart_agree_on_the_newest_epoch_they_all_hold(slots, agreed):
+    assert _agree_in_threads(slots) == [agreed] * len(slots)
+
+
+def test_find_backup_passes_over_slots_after_the_agreed_epoch(tmp_path):
+    run = str(tmp_path / "run")
+    _fake_backup(run, 2)
+    _fake_backup(run, 3)
+    assert rundir.find_backup(run).epoch == 3
+    found = rundir.find_backup(run, at_most=2)
+    assert found.epoch == 2 and found.weights.endswith(rundir.backup_slot(2)[0]) and not found.damaged
+    assert rundir.find_backup(run, at_most=1) is None  # nothing that early: start over
+    assert rundir.backup_epoch(run, verify=True, at_most=5) == 3
