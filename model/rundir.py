@@ -301,7 +301,9 @@ def prepare_worker_dir(cfg: TrainConfig, work_dir: str, overwrite: bool) -> int:
     """A non-chief worker's check of its own dir; returns the epoch its backup has reached (0 without).
 
     Raises:
-      ConfigError: the chief's outputs say the run is finished (visible when model_dir is shared).
+      AlreadyFinished: the chief's outputs say this same run is finished (visible when model_dir is shared):
+        a worker rerun after a kill that came once the chief was done has nothing left to do.
+      ConfigError: model_dir holds another run, finished.
     """
     locks.acquire(work_dir, "hpa-train")
     if overwrite:
@@ -310,6 +312,16 @@ def prepare_worker_dir(cfg: TrainConfig, work_dir: str, overwrite: bool) -> int:
         fileio.join(cfg.model_dir, BACKUP_DIR)
     )
     if finished and not overwrite:
+        config_path = fileio.join(cfg.model_dir, CONFIG_FILE)
+        try:
+            same = config_difference(json.loads(fileio.read_text(config_path)), cfg, None) is None
+        except (OSError, ValueError, ConfigError):
+            same = False
+        if same:
+            raise AlreadyFinished(
+                f"{cfg.model_dir} holds this command's finished run: nothing to do "
+                "(another --model_dir, or --overwrite to train it again)"
+            )
         raise ConfigError(f"{cfg.model_dir} holds a finished run; use another --model_dir or --overwrite")
     fileio.makedirs(work_dir)
     return backup_epoch(work_dir, verify=True) or 0

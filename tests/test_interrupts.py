@@ -6,6 +6,7 @@ identity by data rather than path spelling, directory locks, and the one-line in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import schemas
 from model import callbacks as callbacks_lib
 from model import fileio, rundir, train
-from schemas import atomic
+from schemas import atomic, locks
 from tests.test_data import write_dataset
 
 SMALL = ["--backbone", "small", "--weights", "none", "--verbose", "0", "--batch_size", "4"]
@@ -554,3 +555,23 @@ def test_find_backup_passes_over_slots_after_the_agreed_epoch(tmp_path):
     assert found.epoch == 2 and found.weights.endswith(rundir.backup_slot(2)[0]) and not found.damaged
     assert rundir.find_backup(run, at_most=1) is None  # nothing that early: start over
     assert rundir.backup_epoch(run, verify=True, at_most=5) == 3
+
+
+def test_a_worker_rerun_on_the_chiefs_finished_run_has_nothing_to_do(tmp_path):
+    """The campaign's second stuck case: a worker interrupted once the chief had finished was refused with
+    exit 2 on every rerun; the same command now ends with nothing to do (exit 0), another run is refused."""
+    from model.config import ConfigError
+
+    cfg = _train_config(str(tmp_path / "data"), str(tmp_path / "run"))
+    rundir.prepare_model_dir(cfg, False, {})
+    fileio.write_bytes(os.path.join(cfg.model_dir, train.MODEL_FILE), b"model")  # finished: no backup dir
+    locks.release_all()
+    worker = rundir.worker_dir(cfg.model_dir, "worker-1")
+    with pytest.raises(rundir.AlreadyFinished, match="nothing to do"):
+        rundir.prepare_worker_dir(cfg, worker, overwrite=False)
+    locks.release_all()
+    other = dataclasses.replace(cfg, epochs=cfg.epochs + 1)
+    with pytest.raises(ConfigError, match="holds a finished run") as e:
+        rundir.prepare_worker_dir(other, worker, overwrite=False)
+    assert not isinstance(e.value, rundir.AlreadyFinished)
+    locks.release_all()
