@@ -53,18 +53,19 @@ def layers_of(model) -> list:
     return found
 
 
+def moving_variables(layers) -> list:
+    """The moving mean and variance variables of each layer, in order (mean, variance, mean, ...)."""
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
 def statistics(model) -> list[np.ndarray]:
     """The moving mean and variance of each of `layers_of(model)`, in that order (mean, variance, ...)."""
-    out = []
-    for layer in layers_of(model):
-        out += [np.array(keras.ops.convert_to_numpy(layer.moving_mean), np.float32)]
-        out += [np.array(keras.ops.convert_to_numpy(layer.moving_variance), np.float32)]
-    return out
+    return [np.array(keras.ops.convert_to_numpy(v), np.float32) for v in moving_variables(layers_of(model))]
 
 
 def set_statistics(model, values: list[np.ndarray]) -> None:
     """Assigns `statistics(model)`-ordered values to the moving means and variances."""
-    variables = [v for layer in layers_of(model) for v in (layer.moving_mean, layer.moving_variance)]
+    variables = moving_variables(layers_of(model))
     if len(variables) != len(values):
         raise ValueError(f"expected {len(variables)} arrays of BatchNorm statistics, got {len(values)}")
     for variable, value in zip(variables, values, strict=True):
@@ -86,7 +87,7 @@ class Recompute:
     def _batch_statistics(self, images, layers):
         """One training-mode pass; every layer's batch mean and variance (its moving ones), as one vector."""
         self.model(images, training=True)
-        parts = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+        parts = moving_variables(layers)
         return keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(v, "float32"), (-1,)) for v in parts])
 
     def __call__(self, batches: Iterable, say: Callable[[str], None] | None = None) -> int:

@@ -25,7 +25,7 @@ def moving_statistics(model: keras.Model) -> list:
     frozen one never updates them)."""
     from model import batchnorm
 
-    return [v for layer in batchnorm.layers_of(model) for v in (layer.moving_mean, layer.moving_variance)]
+    return batchnorm.moving_variables(batchnorm.layers_of(model))
 
 
 def averager(strategy, variables: list):
